@@ -1,0 +1,32 @@
+"""Hugging Face Trainer optimizer settings for PyTorch Lightning."""
+
+from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
+from lightning_optims.build import create_optimizer, create_scheduler
+from lightning_optims.mixin import OptimizerMixin
+from lightning_optims.optim_args import Arg, OptimizerSettingError
+from lightning_optims.registry import (
+    OptimizerAvailability,
+    OptimizerSpec,
+    available_optimizers,
+    get_spec,
+    register,
+    registered_names,
+)
+
+__all__ = [
+    "DEFAULT_OPTIM",
+    "Arg",
+    "OptimizerArguments",
+    "OptimizerAvailability",
+    "OptimizerMixin",
+    "OptimizerSettingError",
+    "OptimizerSpec",
+    "available_optimizers",
+    "create_optimizer",
+    "create_scheduler",
+    "get_spec",
+    "register",
+    "registered_names",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,26 @@
+"""GrokAdamW (grokadamw package)."""
+
+from __future__ import annotations
+
+from lightning_optims.optim_args import Arg
+from lightning_optims.registry import WEIGHT_DECAY, BuildContext, OptimizerSpec, register
+
+# transformers' defaults (trainer_optimizer._get_grokadamw); transformers passes neither betas nor eps
+GROKADAMW_ARGUMENTS = (
+    Arg("alpha_init", float, 0.98),
+    Arg("lamb", float, 2.0),
+    Arg("gamma", float, 0.1),
+    Arg("grokking_signal_decay_rate", float, 0.1),
+    Arg("gradient_clipping", float, 1.0),
+)
+
+
+def _grokadamw(ctx: BuildContext) -> dict:
+    return dict(ctx.optim_args)
+
+
+register(OptimizerSpec(
+    name="grokadamw", target="grokadamw:GrokAdamW", family="grokadamw", arguments=GROKADAMW_ARGUMENTS,
+    kwargs=_grokadamw, uses=WEIGHT_DECAY, packages=("grokadamw",),
+    description="GrokAdamW (grokadamw)",
+))

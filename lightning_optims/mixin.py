@@ -1,0 +1,145 @@
+"""``OptimizerMixin``: transformers' optimizer settings on a ``LightningModule``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
+from lightning_optims.build import create_optimizer, create_scheduler
+from lightning_optims.registry import OptimizerSpec, get_spec
+
+__all__ = ["OptimizerMixin"]
+
+# schedulers that step on a monitored metric after validation rather than every optimizer step
+_METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+
+class OptimizerMixin:
+    """Mix into a ``LightningModule`` (``class M(OptimizerMixin, L.LightningModule)``).
+
+    Takes every :class:`OptimizerArguments` field as a keyword argument (typed, so LightningCLI shows them in
+    ``--help`` and YAML) and passes the rest on to the next class. Implements ``configure_optimizers``: the optimizer
+    transformers' Trainer would build for this module, and ``transformers.get_scheduler`` stepped once per optimizer
+    step over ``trainer.estimated_stepping_batches``.
+
+    Gradient clipping: ``max_grad_norm`` (default 1.0, as in transformers) clips the global L2 norm of the gradients
+    before each optimizer step, through Lightning's precision plugin (gradients are unscaled first under 16-mixed).
+    ``Trainer(gradient_clip_val=...)`` is accepted only with ``max_grad_norm=0``: the two together are refused at
+    the start of ``fit`` so that nothing is clipped twice or ignored.
+
+    Parameters are taken from :meth:`optimized_module` (``self`` by default), so ``optim_target_modules`` and the
+    decay rules see the module names of this LightningModule (``model.layers.0.self_attn.q_proj`` if the network is
+    stored as ``self.model``). Override it to return ``self.model`` to match names exactly as transformers does.
+    """
+
+    optimizer_arguments: OptimizerArguments
+
+    def __init__(
+        self,
+        *args: Any,
+        optim: str = DEFAULT_OPTIM,
+        optim_args: str | dict[str, Any] | None = None,
+        optim_target_modules: str | list[str] | None = None,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_epsilon: float = 1e-8,
+        lr_scheduler_type: str = "linear",
+        lr_scheduler_kwargs: dict[str, Any] | str | None = None,
+        warmup_steps: float = 0,
+        max_grad_norm: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            optim: the optimizer name, as transformers' ``optim`` (see ``lightning_optims.available_optimizers()``).
+            optim_args: optimizer-specific settings: ``"rank=1,scale=128.0"`` or a mapping.
+            optim_target_modules: modules a low-rank optimizer projects: a regex, a list, or ``"all-linear"``.
+            learning_rate: the peak learning rate.
+            weight_decay: decoupled weight decay (not applied to bias and norm parameters).
+            adam_beta1: Adam beta1.
+            adam_beta2: Adam beta2.
+            adam_epsilon: Adam epsilon.
+            lr_scheduler_type: a transformers scheduler name (linear, cosine, constant, ...).
+            lr_scheduler_kwargs: extra arguments of that scheduler (a mapping or a JSON string).
+            warmup_steps: warmup as a number of steps (int) or a ratio of the training steps (float in [0, 1)).
+            max_grad_norm: clip the global gradient norm to this value before each step; 0 disables.
+        """
+        super().__init__(*args, **kwargs)
+        self.optimizer_arguments = OptimizerArguments(
+            optim=optim, optim_args=optim_args, optim_target_modules=optim_target_modules,
+            learning_rate=learning_rate, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+            adam_epsilon=adam_epsilon, lr_scheduler_type=lr_scheduler_type, lr_scheduler_kwargs=lr_scheduler_kwargs,
+            warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+        )
+
+    @property
+    def optimizer_spec(self) -> OptimizerSpec:
+        return get_spec(self.optimizer_arguments.optim)
+
+    def optimized_module(self) -> nn.Module:
+        """The module whose parameters are optimized and whose module names the settings refer to."""
+        return self  # type: ignore[return-value]
+
+    # -- Lightning hooks ------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        args = self.optimizer_arguments
+        self._check_trainer_settings()
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            if args.lr_scheduler_type not in ("constant", *_METRIC_SCHEDULERS):
+                raise MisconfigurationException(
+                    f"lr_scheduler_type={args.lr_scheduler_type!r} needs the number of training steps, and the "
+                    "Trainer cannot estimate it (an iterable dataset without a length?): set Trainer(max_steps=...)"
+                )
+            total_steps = None
+        else:
+            total_steps = int(total)
+        optimizer = create_optimizer(self.optimized_module(), args, num_training_steps=total_steps)
+        scheduler = create_scheduler(optimizer, args, total_steps or 0)
+        if args.lr_scheduler_type in _METRIC_SCHEDULERS:
+            config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val_loss", "frequency": 1}
+        else:
+            config = {"scheduler": scheduler, "interval": "step", "frequency": 1}
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if gradient_clip_val:
+            # Trainer(gradient_clip_val=...) with max_grad_norm=0 (anything else was refused at configure_optimizers)
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
+            return
+        max_norm = self.optimizer_arguments.max_grad_norm
+        if max_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")  # type: ignore[attr-defined]
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+
+    def _check_trainer_settings(self) -> None:
+        trainer = self.trainer  # type: ignore[attr-defined]
+        args = self.optimizer_arguments
+        if trainer.gradient_clip_val and args.max_grad_norm > 0:
+            raise MisconfigurationException(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) and max_grad_norm={args.max_grad_norm!r} "
+                "both ask for gradient clipping: keep max_grad_norm (transformers' setting, global L2 norm) and drop "
+                "gradient_clip_val, or set max_grad_norm=0 to let the Trainer clip"
+            )
+        spec = self.optimizer_spec
+        if spec.layerwise and trainer.accumulate_grad_batches != 1:
+            raise MisconfigurationException(
+                f"optim={spec.name!r} updates each parameter during backward and keeps no gradient: "
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot work; use 1"
+            )
+        if spec.layerwise and trainer.world_size > 1:
+            raise MisconfigurationException(
+                f"optim={spec.name!r} steps each parameter inside backward, before DDP averages its gradient "
+                f"(transformers refuses it under DDP too): strategy {type(trainer.strategy).__name__} with "
+                f"{trainer.world_size} processes is not supported; use the non-layerwise optimizer"
+            )

@@ -1,0 +1,79 @@
+"""Parameter groups with transformers' semantics: weight-decay exclusion and target-module matching."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from transformers.trainer_pt_utils import get_parameter_names
+from transformers.trainer_utils import check_target_module_exists
+
+from lightning_optims.optim_args import OptimizerSettingError
+
+log = logging.getLogger(__name__)
+
+# transformers.Trainer.get_decay_parameter_names
+NO_DECAY_NAME_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that get weight decay (not in ``nn.LayerNorm``, no bias / norm in the name)."""
+    return get_parameter_names(model, [nn.LayerNorm], list(NO_DECAY_NAME_PATTERNS))
+
+
+def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """``[decay params with weight_decay, the rest with 0.0]``, trainable parameters only (Trainer.create_optimizer)."""
+    decay = set(decay_parameter_names(model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+
+
+def is_all_linear(target_modules: Any) -> bool:
+    return isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
+
+
+def target_parameter_names(model: nn.Module, target_modules: str | list[str], optim: str) -> list[str]:
+    """Weights of the ``nn.Linear`` modules that ``target_modules`` selects, as transformers selects them.
+
+    A str is a full-match regex; a list tries exact name, then substring, then full-match regex per item;
+    ``"all-linear"`` (as a bare str) takes every ``nn.Linear``.
+    """
+    all_linear = is_all_linear(target_modules)
+    names = []
+    for module_name, module in model.named_modules():
+        found, is_regex = check_target_module_exists(target_modules, module_name, return_is_regex=True)
+        if not isinstance(module, nn.Linear):
+            if found and not is_regex:
+                log.warning("%s matched but ignored: %s only projects nn.Linear layers.", module_name, optim)
+            continue
+        if found or all_linear:
+            names.append(module_name + ".weight")
+    if not names:
+        raise OptimizerSettingError(
+            f"optim_target_modules={target_modules!r} selects no nn.Linear module of {type(model).__name__} "
+            f"for {optim}; module names look like {_sample_linear_names(model)}"
+        )
+    return names
+
+
+def _sample_linear_names(model: nn.Module) -> str:
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        return "(the model has no nn.Linear module)"
+    return ", ".join(repr(n) for n in linear[:3]) + (", ..." if len(linear) > 3 else "")
+
+
+def low_rank_param_groups(
+    model: nn.Module, target_modules: str | list[str], optim: str, target_group_kwargs: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """``[non-target params, target params + kwargs]`` (transformers' _setup_low_rank_optimizer)."""
+    targets = set(target_parameter_names(model, target_modules, optim))
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if n not in targets]},
+        {"params": [p for n, p in named if n in targets], **target_group_kwargs},
+    ]

@@ -1,0 +1,76 @@
+"""Tiny models and data shared by the tests (module level, so ddp_spawn can pickle them)."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
+
+from lightning_optims import OptimizerMixin
+
+VOCAB = 64
+SEQ = 8
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A 2-layer Llama with random weights built from a config (no download)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.train()
+    return model
+
+
+class TokenDataset(Dataset):
+    """Random token sequences; labels are the inputs (the model shifts them)."""
+
+    def __init__(self, n: int = 32, seed: int = 1) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+
+
+def loader(batch_size: int = 4, n: int = 32, seed: int = 1) -> DataLoader:
+    return DataLoader(TokenDataset(n, seed), batch_size=batch_size, shuffle=False, collate_fn=default_data_collator)
+
+
+class LlamaModule(OptimizerMixin, L.LightningModule):
+    """A user's module: the training_step returns the loss and nothing else."""
+
+    def __init__(self, model: torch.nn.Module | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model = model if model is not None else tiny_llama()
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("val_loss", loss)
+        return loss
+
+
+def lightning_trainer(max_steps: int, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def clone(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,210 @@
+"""Parity with transformers' real Trainer: the same optimizer, param groups, hyper-parameters, and training result."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import Trainer, TrainingArguments
+
+from lightning_optims import OptimizerArguments, available_optimizers, create_optimizer, create_scheduler, get_spec
+from lightning_optims.layerwise import LayerwiseOptimizer
+from tests.helpers import LlamaModule, TokenDataset, lightning_trainer, loader, tiny_llama
+
+USABLE = [r.name for r in available_optimizers() if r.usable]
+MISSING = [r for r in available_optimizers() if not r.usable]
+
+OPTIM_ARGS = {
+    "sgd": "momentum=0.9,dampening=0.1,nesterov=false",
+    "adagrad": "lr_decay=0.01,eps=1e-9",
+    "rmsprop": "momentum=0.5,alpha=0.9,eps=1e-7,centered=true",
+    "apollo": "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200",
+    "galore": "rank=4,update_proj_gap=50,scale=0.5,proj_type=std",
+    "grokadamw": "alpha_init=0.9,lamb=1.5,gamma=0.2,grokking_signal_decay_rate=0.2,gradient_clipping=0.5",
+    "schedule_free": "weight_lr_power=1.5,r=0.5",
+    "ademamix": "beta3=0.999,alpha=4.0,t_alpha=100",
+    "rmsprop_bnb": "alpha=0.9,momentum=0.5",
+    "torchao": "block_size=128",
+    "stable_adamw": "max_lr=0.01",
+}
+
+
+def settings_for(name: str) -> dict:
+    """Non-default values for every setting that reaches this optimizer in transformers."""
+    spec = get_spec(name)
+    settings: dict = {"learning_rate": 1e-3, "lr_scheduler_type": "linear", "warmup_steps": 2}
+    if "weight_decay" in spec.uses:
+        settings["weight_decay"] = 0.05
+    if "adam_beta1" in spec.uses:
+        settings.update(adam_beta1=0.85, adam_beta2=0.95)
+    if "adam_epsilon" in spec.uses:
+        settings["adam_epsilon"] = 1e-7
+    for key in (name, name.split("_")[0], spec.family):
+        if key in OPTIM_ARGS:
+            settings["optim_args"] = OPTIM_ARGS[key]
+            break
+    if name.startswith("rmsprop_bnb"):
+        settings.pop("optim_args", None)  # transformers passes them as strings and crashes: see the test below
+    if "ademamix" in name:
+        settings["optim_args"] = OPTIM_ARGS["ademamix"]
+    if spec.needs_target_modules:
+        settings["optim_target_modules"] = [".*.self_attn.*", ".*.mlp.*"]
+    if spec.layerwise:
+        settings["max_grad_norm"] = 0.0
+    return settings
+
+
+def training_arguments(tmp_path, name: str, **overrides) -> TrainingArguments:
+    settings = {**settings_for(name), **overrides}
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, optim=name, report_to=[], **settings)
+
+
+@contextlib.contextmanager
+def cuda_calls_neutralised():
+    """lomo_optim.AdaLomo calls .cuda() in __init__; on a CPU machine make that a no-op for the reference."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+
+def named_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple[list[str], dict]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        ([names[id(p)] for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
+        for g in optimizer.param_groups
+    ]
+
+
+def test_every_transformers_name_is_registered_or_explained():
+    from transformers.training_args import OptimizerNames
+
+    not_here = {"adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision"}
+    registered = {r.name for r in available_optimizers()}
+    for member in OptimizerNames:
+        assert member.value in registered or member.value in not_here, member.value
+
+
+def test_missing_packages_are_listed():
+    # not an assertion of parity: shows in the test output which names this machine cannot check
+    print("optimizers not usable here:", [(r.name, r.reason) for r in MISSING] or "none")
+
+
+@pytest.mark.parametrize("name", USABLE)
+def test_construction_matches_trainer(tmp_path, name):
+    ta = training_arguments(tmp_path, name)
+    spec = get_spec(name)
+    hf_model = tiny_llama()
+    if name == "galore_adafactor_layerwise":
+        # transformers omits relative_step=False here, and GaLore's Adafactor refuses the lr it is given
+        with pytest.raises(ValueError, match="relative_step"):
+            Trainer(model=hf_model, args=ta).create_optimizer()
+        ours = create_optimizer(tiny_llama(), OptimizerArguments.from_training_arguments(ta))
+        inner = next(iter(ours.optimizer_dict.values()))
+        assert inner.defaults["relative_step"] is False and inner.defaults["scale_parameter"] is False
+        ours.remove_hooks()
+        return
+    with cuda_calls_neutralised() if name == "adalomo" else contextlib.nullcontext():
+        hf_opt = Trainer(model=hf_model, args=ta).create_optimizer()
+        our_model = tiny_llama()
+        ours = create_optimizer(our_model, OptimizerArguments.from_training_arguments(ta), num_training_steps=10)
+
+    if spec.layerwise:
+        assert isinstance(ours, LayerwiseOptimizer) and type(hf_opt).__name__ == "LayerWiseDummyOptimizer"
+        hf_inner = {n: hf_opt.optimizer_dict[p] for n, p in hf_model.named_parameters()}
+        our_inner = {n: ours.optimizer_dict[p] for n, p in our_model.named_parameters()}
+        assert hf_inner.keys() == our_inner.keys()
+        for n in hf_inner:
+            assert type(hf_inner[n]) is type(our_inner[n])
+            hf_groups = [{k: v for k, v in g.items() if k != "params"} for g in hf_inner[n].param_groups]
+            our_groups = [{k: v for k, v in g.items() if k != "params"} for g in our_inner[n].param_groups]
+            assert hf_groups == our_groups, n
+        ours.remove_hooks()
+        return
+
+    assert type(ours) is type(hf_opt)
+    assert named_groups(ours, our_model) == named_groups(hf_opt, hf_model)
+    assert {k: v for k, v in ours.defaults.items()} == {k: v for k, v in hf_opt.defaults.items()}
+    # low-rank: the target group holds exactly the projected linear weights
+    if spec.needs_target_modules:
+        target_names = named_groups(ours, our_model)[1][0]
+        assert target_names and all(n.endswith("_proj.weight") for n in target_names)
+
+
+@pytest.mark.skipif("rmsprop_bnb" not in USABLE, reason="bitsandbytes not installed")
+def test_rmsprop_bnb_optim_args_are_typed(tmp_path):
+    ta = training_arguments(tmp_path, "rmsprop_bnb", optim_args=OPTIM_ARGS["rmsprop_bnb"])
+    with pytest.raises(TypeError):  # transformers hands "0.9" (a str) to bitsandbytes
+        Trainer(model=tiny_llama(), args=ta).create_optimizer()
+    ours = create_optimizer(tiny_llama(), OptimizerArguments.from_training_arguments(ta))
+    assert ours.defaults["betas"] == (0.9, 0.5)  # bitsandbytes keeps (alpha, momentum) as betas
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", "all_linear", r".*\.mlp\..*", ["q_proj", "down_proj"],
+                                            ["model.layers.0.self_attn.v_proj"], [r"model\.layers\.1\..*"]])
+def test_target_module_matching_matches_trainer(tmp_path, target_modules):
+    ta = training_arguments(tmp_path, "apollo_adamw", optim_target_modules=target_modules)
+    hf_model, our_model = tiny_llama(), tiny_llama()
+    hf_opt = Trainer(model=hf_model, args=ta).create_optimizer()
+    ours = create_optimizer(our_model, OptimizerArguments.from_training_arguments(ta))
+    assert named_groups(ours, our_model) == named_groups(hf_opt, hf_model)
+
+
+@pytest.mark.parametrize(
+    "scheduler, kwargs, warmup",
+    [("linear", None, 3), ("cosine", {"num_cycles": 0.25}, 0.2), ("constant", None, 0),
+     ("constant_with_warmup", None, 0.3), ("polynomial", {"power": 2.0, "lr_end": 1e-5}, 2),
+     ("cosine_with_min_lr", {"min_lr_rate": 0.1}, 0.1), ("inverse_sqrt", None, 2)],
+)
+def test_scheduler_matches_trainer(tmp_path, scheduler, kwargs, warmup):
+    ta = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, optim="adamw_torch", report_to=[],
+                           learning_rate=1e-2, lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs,
+                           warmup_steps=warmup)
+    steps = 20
+    hf = Trainer(model=tiny_llama(), args=ta)
+    hf.create_optimizer_and_scheduler(num_training_steps=steps)
+    args = OptimizerArguments.from_training_arguments(ta)
+    our_sched = create_scheduler(create_optimizer(tiny_llama(), args), args, steps)
+    hf_lrs, our_lrs = [], []
+    for _ in range(steps):
+        hf_lrs.append(hf.optimizer.param_groups[0]["lr"])
+        our_lrs.append(our_sched.optimizer.param_groups[0]["lr"])
+        hf.lr_scheduler.step()
+        our_sched.step()
+    assert our_lrs == hf_lrs
+
+
+class _SequentialTrainer(Trainer):
+    """The Trainer in batch order, as the Lightning DataLoader below (shuffle=False)."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+TRAINING_PARITY = ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "rmsprop", "apollo_adamw", "grokadamw",
+                   "galore_adamw", "stable_adamw", "lion_32bit"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in TRAINING_PARITY if n in USABLE])
+def test_training_matches_trainer(tmp_path, name):
+    """A few steps of a tiny Llama: transformers' Trainer and a Lightning module with the mixin end equal."""
+    steps, batch = 6, 4
+    ta = training_arguments(tmp_path, name, max_steps=steps, per_device_train_batch_size=batch, logging_steps=100,
+                            save_strategy="no", seed=0, dataloader_drop_last=False)
+    hf_model = tiny_llama()
+    _SequentialTrainer(model=hf_model, args=ta, train_dataset=TokenDataset()).train()
+
+    module = LlamaModule(model=tiny_llama(), **OptimizerArguments.from_training_arguments(ta).as_kwargs())
+    lightning_trainer(steps).fit(module, loader(batch))
+
+    ours = module.model.state_dict()
+    for key, value in hf_model.state_dict().items():
+        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+    # the run moved the weights: equal weights are not just the initial ones
+    assert not torch.allclose(tiny_llama().state_dict()["model.layers.0.mlp.up_proj.weight"],
+                              ours["model.layers.0.mlp.up_proj.weight"])
