@@ -88,6 +88,17 @@ class OptimizerMixin:
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        if "configure_optimizers" in vars(self):
+            # LightningCLI(--optimizer / --lr_scheduler) patches the instance and only warns; refuse it here
+            raise MisconfigurationException(
+                f"configure_optimizers of {type(self).__name__} was replaced (LightningCLI --optimizer or "
+                f"--lr_scheduler?), which would silently drop optim={self.optimizer_arguments.optim!r} and the other "
+                "optimizer settings: set the optimizer through the model's settings (--model.optim=..., "
+                "--model.learning_rate=..., --model.lr_scheduler_type=...) and remove --optimizer / --lr_scheduler"
+            )
+        super().setup(stage)  # type: ignore[misc]
+
     def configure_optimizers(self) -> dict[str, Any]:
         args = self.optimizer_arguments
         self._check_trainer_settings()
