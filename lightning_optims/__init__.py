@@ -1,6 +1,7 @@
 """Hugging Face Trainer optimizer settings for PyTorch Lightning."""
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
+from lightning_optims.callbacks import ScheduleFreeCallback
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.mixin import OptimizerMixin
 from lightning_optims.optim_args import Arg, OptimizerSettingError
@@ -21,6 +22,7 @@ __all__ = [
     "OptimizerMixin",
     "OptimizerSettingError",
     "OptimizerSpec",
+    "ScheduleFreeCallback",
     "available_optimizers",
     "create_optimizer",
     "create_scheduler",

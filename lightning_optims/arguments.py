@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,7 @@ class OptimizerArguments:
         self._check_target_modules(spec)
         self.parsed_optim_args = parse_optim_args(self.optim_args, spec.arguments, spec.name)
         self._check_used_by(spec)
+        self._warn_against_recommendations(spec)
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
@@ -192,6 +194,19 @@ class OptimizerArguments:
             raise OptimizerSettingError(
                 f"max_grad_norm={self.max_grad_norm!r} has no effect with optim={spec.name!r}: it updates each "
                 "parameter during backward, before any clipping could see the gradients; set max_grad_norm=0"
+            )
+
+    def _warn_against_recommendations(self, spec) -> None:
+        if spec.has_train_eval_modes and self.lr_scheduler_type != "constant":
+            warnings.warn(
+                f"optim={spec.name!r} with lr_scheduler_type={self.lr_scheduler_type!r}: schedule-free optimizers "
+                "replace the schedule; 'constant' is recommended, other schedules work against the method",
+                UserWarning, stacklevel=3,
+            )
+        if spec.has_train_eval_modes and self.warmup_steps and "warmup_steps" not in spec.uses:
+            warnings.warn(
+                f"optim={spec.name!r} needs no warmup, and warmup_steps={self.warmup_steps!r} applies a scheduler "
+                "warmup to it", UserWarning, stacklevel=3,
             )
 
     # -- conversions ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
+from lightning_optims.callbacks.schedule_free import ScheduleFreeCallback
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.registry import OptimizerSpec, get_spec
 
@@ -119,6 +120,15 @@ class OptimizerMixin:
         else:
             config = {"scheduler": scheduler, "interval": "step", "frequency": 1}
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def configure_callbacks(self) -> list[Any]:
+        callbacks: list[Any] = list(super().configure_callbacks() or [])  # type: ignore[misc]
+        present = [] if self._trainer is None else self.trainer.callbacks  # type: ignore[attr-defined]
+        if self.optimizer_spec.has_train_eval_modes and not any(
+            isinstance(c, ScheduleFreeCallback) for c in [*present, *callbacks]
+        ):
+            callbacks.append(ScheduleFreeCallback())
+        return callbacks
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None

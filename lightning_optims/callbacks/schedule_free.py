@@ -1,0 +1,230 @@
+"""Train / eval mode switching for schedule-free optimizers (``schedulefree``), in every phase and checkpoint."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+__all__ = ["ScheduleFreeCallback", "is_schedule_free"]
+
+
+def is_schedule_free(optimizer: Any) -> bool:
+    """An optimizer with ``train()`` / ``eval()`` modes: schedulefree's optimizers and ``ScheduleFreeWrapper``."""
+    if not (callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))):
+        return False
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    return "train_mode" in groups[0] or isinstance(getattr(optimizer, "train_mode", None), bool)
+
+
+def in_train_mode(optimizer: Any) -> bool:
+    if isinstance(getattr(optimizer, "train_mode", None), bool):  # ScheduleFreeWrapper
+        return optimizer.train_mode
+    return bool(optimizer.param_groups[0]["train_mode"])
+
+
+def _mark_train_mode(optimizer: Any) -> None:
+    """Set the mode flag without moving the weights (they were put back to the train point by copy)."""
+    if isinstance(getattr(optimizer, "train_mode", None), bool):
+        optimizer.train_mode = True
+    else:
+        for group in optimizer.param_groups:
+            group["train_mode"] = True
+
+
+def _averaged_params(optimizer: Any) -> list[torch.Tensor]:
+    """Parameters for which the optimizer holds a second sequence (``z``), i.e. whose train and eval points differ."""
+    return [p for g in optimizer.param_groups for p in g["params"] if "z" in optimizer.state.get(p, {})]
+
+
+class ScheduleFreeCallback(Callback):
+    """Keeps schedule-free optimizers in the right mode: train mode for training steps, eval mode (the averaged
+    weights) for the sanity check, validation, test, predict, every checkpoint and the end of ``fit``.
+
+    ``OptimizerMixin`` adds it for optimizers whose spec has ``has_train_eval_modes``, unless the Trainer already
+    has one; on its own it serves any module whose ``configure_optimizers`` returns a schedulefree optimizer or a
+    ``ScheduleFreeWrapper``.
+
+    Checkpoints are written with the averaged weights and the optimizer in eval mode, without moving the weights of
+    the run that saves them: the train-mode weights are copied, the optimizer's own ``eval()`` produces the averaged
+    ones for the checkpoint, and the copy is put back bit for bit. With ``exact_resume`` (default) the train-mode
+    weights of a checkpoint saved in train mode (a mid-epoch or epoch-end checkpoint without validation) are stored
+    in this callback's state, so that a resumed run continues from exactly the weights the uninterrupted run had
+    (re-deriving them from the averaged weights would differ by rounding). Checkpoints saved after validation are
+    already in eval mode and carry no extra weights.
+
+    Args:
+        bn_recalibration_batches: if > 0, before each validation and at the end of ``fit``, recompute the running
+            statistics of BatchNorm layers for the averaged weights from this many training batches (the
+            schedulefree authors' recipe: model in train mode, no gradient). 0 disables it; a model with BatchNorm
+            then gets a warning, since its running statistics belong to the training weights.
+        bn_forward: how a training batch is run for recalibration; by default ``training_step`` with logging muted.
+        exact_resume: store the train-mode weights in checkpoints saved in train mode (see above).
+    """
+
+    def __init__(
+        self,
+        bn_recalibration_batches: int = 0,
+        bn_forward: Callable[[L.LightningModule, Any, int], Any] | None = None,
+        exact_resume: bool = True,
+    ) -> None:
+        if isinstance(bn_recalibration_batches, bool) or not isinstance(bn_recalibration_batches, int) \
+                or bn_recalibration_batches < 0:
+            raise ValueError(f"bn_recalibration_batches={bn_recalibration_batches!r}: expected an int >= 0")
+        self.bn_recalibration_batches = bn_recalibration_batches
+        self.bn_forward = bn_forward
+        self.exact_resume = exact_resume
+        self._resume_weights: dict[str, torch.Tensor] | None = None
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _optimizers(trainer: L.Trainer) -> list[Any]:
+        return [opt for opt in trainer.optimizers if is_schedule_free(opt)]
+
+    def _to_eval(self, trainer: L.Trainer) -> None:
+        for opt in self._optimizers(trainer):
+            if in_train_mode(opt):
+                opt.eval()
+
+    def _to_train(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        optimizers = self._optimizers(trainer)
+        if self._resume_weights is not None:
+            self._restore_resume_weights(optimizers, pl_module)
+        for opt in optimizers:
+            if not in_train_mode(opt):
+                opt.train()
+
+    def _restore_resume_weights(self, optimizers: list[Any], pl_module: L.LightningModule) -> None:
+        weights, self._resume_weights = self._resume_weights, None
+        names = {p: n for n, p in pl_module.named_parameters()}
+        with torch.no_grad():
+            for opt in optimizers:
+                if in_train_mode(opt):
+                    continue
+                params = _averaged_params(opt)
+                if not all(names.get(p) in weights for p in params):
+                    continue  # not the checkpoint's parameters: let train() derive them
+                for p in params:
+                    p.copy_(weights[names[p]])
+                _mark_train_mode(opt)
+
+    # -- phases ---------------------------------------------------------------------------------------------------
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bn_recalibration_batches == 0 and _batch_norms(pl_module) and self._optimizers(trainer):
+            warnings.warn(
+                f"{type(pl_module).__name__} has BatchNorm layers and uses a schedule-free optimizer: their running "
+                "statistics are those of the training weights, not of the averaged weights used for evaluation. "
+                "Set ScheduleFreeCallback(bn_recalibration_batches=N) to recompute them before evaluation.",
+                UserWarning, stacklevel=2,
+            )
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._to_train(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        was_training = any(in_train_mode(opt) for opt in self._optimizers(trainer))
+        self._to_eval(trainer)
+        if was_training and not trainer.sanity_checking:
+            self._recalibrate_batch_norm(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._to_eval(trainer)
+
+    @override
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._to_eval(trainer)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        was_training = any(in_train_mode(opt) for opt in self._optimizers(trainer))
+        self._to_eval(trainer)
+        if was_training:
+            self._recalibrate_batch_norm(trainer, pl_module)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        training = [opt for opt in self._optimizers(trainer) if in_train_mode(opt)]
+        if not training:
+            return  # already in eval mode: what Lightning captured is the averaged point
+        names = {p: n for n, p in pl_module.named_parameters()}
+        params = [p for opt in training for p in _averaged_params(opt)]
+        with torch.no_grad():
+            train_point = [p.detach().clone() for p in params]
+            for opt in training:
+                opt.eval()
+            # what Lightning captured shares storage with the live parameters: replace it with copies
+            checkpoint["state_dict"] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                                        for k, v in trainer.strategy.lightning_module_state_dict().items()}
+            states = checkpoint.get("optimizer_states")
+            if states is not None:
+                for i, opt in enumerate(trainer.optimizers):
+                    if opt in training:
+                        states[i] = trainer.strategy.optimizer_state(opt)
+            for p, saved in zip(params, train_point):
+                p.copy_(saved)
+            for opt in training:
+                _mark_train_mode(opt)
+        if self.exact_resume:
+            own = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
+            own["train_weights"] = {names[p]: w for p, w in zip(params, train_point) if p in names}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"bn_recalibration_batches": self.bn_recalibration_batches}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_weights = state_dict.get("train_weights")
+
+    # -- BatchNorm ------------------------------------------------------------------------------------------------
+
+    def _recalibrate_batch_norm(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bn_recalibration_batches == 0:
+            return
+        norms = _batch_norms(pl_module)
+        loader = trainer.train_dataloader
+        if not norms or loader is None:
+            return
+        momenta = {m: m.momentum for m in norms}
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the recalibration batches
+        was_training = pl_module.training
+        pl_module.train()
+        forward = self.bn_forward or _training_step_without_logging
+        with torch.no_grad():
+            for i, batch in enumerate(itertools.islice(loader, self.bn_recalibration_batches)):
+                batch = trainer.strategy.batch_to_device(batch)
+                forward(pl_module, batch, i)
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        pl_module.train(was_training)
+
+
+def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _training_step_without_logging(pl_module: L.LightningModule, batch: Any, batch_idx: int) -> Any:
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        return pl_module.training_step(batch, batch_idx)
+    finally:
+        del pl_module.log, pl_module.log_dict
