@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.nn.parallel import DistributedDataParallel
 from torch import nn
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.callbacks.schedule_free import ScheduleFreeCallback
 from lightning_optims.build import create_optimizer, create_scheduler
+from lightning_optims.in_backward import InBackwardOptimizer
 from lightning_optims.registry import OptimizerSpec, get_spec
 
 __all__ = ["OptimizerMixin"]
@@ -114,6 +117,13 @@ class OptimizerMixin:
         else:
             total_steps = int(total)
         optimizer = create_optimizer(self.optimized_module(), args, num_training_steps=total_steps)
+        self._remove_gradient_hooks()  # of an earlier fit of this module
+        self._hooked_optimizer = optimizer if hasattr(optimizer, "remove_hooks") else None
+        if isinstance(optimizer, InBackwardOptimizer):
+            # the engine averages each gradient itself: DDP's reducer must not prepare a reduction it never sees
+            wrapped = self.trainer.strategy.model
+            if isinstance(wrapped, DistributedDataParallel):
+                wrapped.require_backward_grad_sync = False
         scheduler = create_scheduler(optimizer, args, total_steps or 0)
         if args.lr_scheduler_type in _METRIC_SCHEDULERS:
             config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val_loss", "frequency": 1}
@@ -130,9 +140,29 @@ class OptimizerMixin:
             callbacks.append(ScheduleFreeCallback())
         return callbacks
 
+    def backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
+        optimizer = getattr(self, "_hooked_optimizer", None)
+        if isinstance(optimizer, InBackwardOptimizer):
+            optimizer.fused_backward(loss)  # updates every parameter as its gradient arrives
+            return
+        super().backward(loss, *args, **kwargs)  # type: ignore[misc]
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._remove_gradient_hooks()
+        super().teardown(stage)  # type: ignore[misc]
+
+    def _remove_gradient_hooks(self) -> None:
+        optimizer = getattr(self, "_hooked_optimizer", None)
+        if optimizer is not None:
+            optimizer.remove_hooks()
+            self._hooked_optimizer = None
+
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
+        if self.optimizer_spec.updates_in_backward:
+            return  # no gradient is left after backward: clipping happened inside it (max_grad_norm)
         if gradient_clip_val:
             # Trainer(gradient_clip_val=...) with max_grad_norm=0 (anything else was refused at configure_optimizers)
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
@@ -153,10 +183,30 @@ class OptimizerMixin:
                 "gradient_clip_val, or set max_grad_norm=0 to let the Trainer clip"
             )
         spec = self.optimizer_spec
-        if spec.layerwise and trainer.accumulate_grad_batches != 1:
+        if spec.updates_in_backward and trainer.gradient_clip_val:
+            raise MisconfigurationException(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) cannot clip optim={spec.name!r}: it "
+                "updates each parameter during backward and leaves no gradient to clip. "
+                + ("Use max_grad_norm (LOMO's global-norm clipping) or optim_args clip_grad_value instead."
+                   if not spec.layerwise else "Remove gradient_clip_val.")
+            )
+        if spec.updates_in_backward and trainer.accumulate_grad_batches != 1:
             raise MisconfigurationException(
                 f"optim={spec.name!r} updates each parameter during backward and keeps no gradient: "
                 f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot work; use 1"
+            )
+        if spec.updates_in_backward and not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise MisconfigurationException(
+                f"optim={spec.name!r} updates parameters in gradient hooks, which strategy "
+                f"{type(trainer.strategy).__name__} does not support (it flattens, shards or owns the parameters and "
+                "their gradients): use a single device or DDP ('ddp', 'ddp_spawn', 'ddp_fork')"
+            )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if spec.updates_in_backward and scaler is not None:
+            raise MisconfigurationException(
+                f"precision={trainer.precision!r} (a GradScaler) cannot drive optim={spec.name!r}: the scaler checks "
+                "gradients after backward and none is left. Use precision='bf16-mixed', or '16-true' (fp16 weights, "
+                "LOMO's own dynamic loss scaling)"
             )
         if spec.layerwise and trainer.world_size > 1:
             raise MisconfigurationException(

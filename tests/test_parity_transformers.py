@@ -126,6 +126,15 @@ def test_construction_matches_trainer(tmp_path, name):
         ours.remove_hooks()
         return
 
+    if spec.family == "lomo":
+        # our engine (same update rule as lomo_optim: tests/test_lomo.py compares the weights step by step);
+        # transformers builds lomo_optim's class from the model and the lr alone
+        assert type(ours).__name__ == type(hf_opt).__name__
+        assert [n for g in named_groups(ours, our_model) for n in g[0]] == [n for n, _ in hf_model.named_parameters()]
+        assert ours.param_groups[0]["lr"] == hf_opt.defaults["lr"] == ta.learning_rate
+        assert ours.clip_grad_norm == ta.max_grad_norm and hf_opt.clip_grad_norm is None  # ours clips; theirs never
+        ours.remove_hooks()
+        return
     assert type(ours) is type(hf_opt)
     assert named_groups(ours, our_model) == named_groups(hf_opt, hf_model)
     assert {k: v for k, v in ours.defaults.items()} == {k: v for k, v in hf_opt.defaults.items()}

@@ -1,11 +1,40 @@
-"""LOMO and AdaLomo: parameters updated inside the backward pass (fused backward)."""
+"""LOMO and AdaLomo: parameters updated inside the backward pass, by this package's engine (in_backward.py).
+
+transformers builds ``lomo_optim.Lomo`` / ``AdaLomo`` from the model and the learning rate only. Here the same update
+rules run in :mod:`lightning_optims.in_backward`; ``max_grad_norm`` becomes LOMO's two-pass global-norm clipping
+(in transformers' Trainer it clips after the update, when no gradient is left, i.e. never), and the optimizers'
+own options are ``optim_args`` keys (defaults: lomo_optim's).
+"""
 
 from __future__ import annotations
 
-from lightning_optims.registry import OptimizerSpec, register
+from lightning_optims.optim_args import Arg
+from lightning_optims.registry import BuildContext, OptimizerSpec, register
 
-for _name, _cls in (("lomo", "Lomo"), ("adalomo", "AdaLomo")):
+_COMMON = (
+    Arg("weight_decay", float, 0.0, help="decoupled weight decay, applied to every parameter (as lomo_optim)"),
+    Arg("clip_grad_value", float, None, help="clamp each gradient element to [-v, v]"),
+)
+_ADALOMO = (
+    Arg("loss_scale", float, 2.0**10, help="the loss is multiplied by this, the gradients divided by it"),
+    Arg("clip_threshold", float, 1.0),
+    Arg("decay_rate", float, -0.8),
+    Arg("eps_sq", float, 1e-30, help="added to squared gradients (lomo_optim eps[0])"),
+    Arg("eps_scale", float, 1e-3, help="lower bound of the parameter-RMS lr scale (lomo_optim eps[1])"),
+)
+
+
+def _kwargs(ctx: BuildContext) -> dict:
+    kwargs = dict(ctx.optim_args)
+    if "eps_sq" in kwargs:
+        kwargs["eps"] = (kwargs.pop("eps_sq"), kwargs.pop("eps_scale"))
+    kwargs["clip_grad_norm"] = ctx.args.max_grad_norm if ctx.args.max_grad_norm > 0 else None
+    return kwargs
+
+
+for _name, _cls, _arguments in (("lomo", "Lomo", _COMMON), ("adalomo", "AdaLomo", _COMMON + _ADALOMO)):
     register(OptimizerSpec(
-        name=_name, target=f"lomo_optim:{_cls}", family="lomo", params="model", packages=("lomo_optim",),
-        updates_in_backward=True, description=f"{_cls} (fused backward)",
+        name=_name, target=f"lightning_optims.in_backward:{_cls}", family="lomo", params="model",
+        arguments=_arguments, kwargs=_kwargs, updates_in_backward=True,
+        description=f"{_cls} (fused backward; lomo_optim's update rule)",
     ))
