@@ -45,6 +45,33 @@ def loader(batch_size: int = 4, n: int = 32, seed: int = 1) -> DataLoader:
     return DataLoader(TokenDataset(n, seed), batch_size=batch_size, shuffle=False, collate_fn=default_data_collator)
 
 
+class RankInterleavedSampler(torch.utils.data.Sampler):
+    """Rank r of w takes samples r, r + w, r + 2w, ... in order (decided when iterated, i.e. inside the rank),
+    so that the ranks' batches of one step together are one process's batch of that step."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _rank_world(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._rank_world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        rank, world = self._rank_world()
+        return len(range(rank, self.n, world))
+
+
+def ddp_loader(batch_size: int, n: int = 32, seed: int = 1) -> DataLoader:
+    """For DDP comparisons: pair with Trainer(use_distributed_sampler=False)."""
+    return DataLoader(TokenDataset(n, seed), batch_size=batch_size, sampler=RankInterleavedSampler(n),
+                      collate_fn=default_data_collator)
+
+
 class LlamaModule(OptimizerMixin, L.LightningModule):
     """A user's module: the training_step returns the loss and nothing else."""
 
