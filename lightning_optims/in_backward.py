@@ -26,6 +26,10 @@ from torch import nn
 
 __all__ = ["AdaLomo", "InBackwardOptimizer", "Lomo", "NonFiniteGradientError"]
 
+#: gradients are handed over in buckets of about this size (like DDP's), updated together with foreach ops and
+#: freed; the gradient memory of a step is bounded by it, not by the model
+DEFAULT_BUCKET_BYTES = 8 * 2**20
+
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient had inf / NaN entries; the affected elements were not updated."""
@@ -39,8 +43,15 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     module's ``backward`` hook), so Lightning's step counters and callbacks work as for any optimizer.
     """
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], clip_grad_norm: float | None = None) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], clip_grad_norm: float | None = None,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         super().__init__(params, defaults)
+        if bucket_bytes < 0:
+            raise ValueError(f"bucket_bytes should be >= 0, got {bucket_bytes}")
+        self.bucket_bytes = bucket_bytes
+        self._pending: list[torch.Tensor] = []
+        self._pending_bytes = 0
+        self._world = 1
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}")
         self.clip_grad_norm = clip_grad_norm
@@ -49,9 +60,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._active = False
         self._norm_pass = False
         self._norms: list[torch.Tensor] = []
-        self._bad: torch.Tensor | None = None
+        self._bad = False
         # group *indices*: load_state_dict replaces the group dicts, and the lr a scheduler sets is in the new ones
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._nbytes = {p: p.numel() * p.element_size() for g in self.param_groups for p in g["params"]}
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook)
             for g in self.param_groups for p in g["params"] if p.requires_grad
@@ -70,26 +82,43 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         return bool(self._handles)
 
     def _hook(self, p: torch.Tensor) -> None:
-        if not self._active or p.grad is None:
-            return  # outside fused_backward gradients accumulate as usual
-        grad = p.grad
-        p.grad = None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # gloo has no AVG
-            grad.div_(dist.get_world_size())
-        grad_fp32 = grad.to(torch.float32)
+        # on the hot path: one call per parameter per backward, so only bookkeeping here
+        if self._active:  # outside fused_backward gradients accumulate as usual
+            self._pending.append(p)
+            self._pending_bytes += self._nbytes[p]
+            if self._pending_bytes >= self.bucket_bytes:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Average (across processes), unscale, then either measure or apply the pending gradients."""
+        if not self._pending:
+            return
+        params, self._pending, self._pending_bytes = self._pending, [], 0
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if self._world > 1:  # one collective per bucket; gloo has no AVG
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self._world)
+            grads = list(torch._utils._unflatten_dense_tensors(flat, grads))
+        grads = [g if g.dtype == torch.float32 else g.to(torch.float32) for g in grads]
         scale = self._grad_scale()
         if scale != 1.0:
-            grad_fp32.div_(scale)
+            torch._foreach_div_(grads, scale)
+        norms = list(torch._foreach_norm(grads, 2.0))
         if self._norm_pass:
-            self._norms.append(torch.norm(grad_fp32, 2.0))
+            self._norms.extend(norms)
             return
-        finite = torch.isfinite(grad_fp32)
-        bad = ~finite.all()
-        self._bad = bad if self._bad is None else self._bad | bad
-        grad_fp32 = torch.where(finite, grad_fp32, 0.0)
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            self._bad = True
+            grads = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]  # leave those elements unchanged
         with torch.no_grad():
-            self._update(p, grad_fp32, self.param_groups[self._group_index[p]])
+            self._update_bucket(params, grads)
+
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        for p, g in zip(params, grads):
+            self._update(p, g, self.param_groups[self._group_index[p]])
 
     # -- the step -------------------------------------------------------------------------------------------------
 
@@ -111,6 +140,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 group["lr"] = lr
         self.steps_taken += 1
+        self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._before_backward()
         scaled = loss * self._grad_scale() if self._grad_scale() != 1.0 else loss
         self.clip_coef = None
@@ -119,6 +149,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             if self.clip_grad_norm is not None:
                 self._norm_pass, self._norms = True, []
                 scaled.backward(retain_graph=True)
+                self._flush()
                 self._norm_pass = False
                 total = torch.norm(torch.stack(self._norms), 2.0) if self._norms else torch.tensor(0.0)
                 self._norms = []
@@ -126,12 +157,16 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                     self._on_non_finite_norm(total)
                     return
                 self.clip_coef = torch.clamp(float(self.clip_grad_norm) / (total + 1e-6), max=1.0)
-            self._bad = None
+            self._bad = False
             scaled.backward()
+            self._flush()
         finally:
             self._active = self._norm_pass = False
-        if self._bad is not None and bool(self._bad):
-            self._bad = None
+            for p in self._pending:  # an exception mid-backward: drop what was not applied
+                p.grad = None
+            self._pending, self._pending_bytes = [], 0
+        if self._bad:
+            self._bad = False
             raise NonFiniteGradientError(
                 f"non-finite gradient at fused step {self.steps_taken} of {type(self).__name__}: the affected "
                 "elements were left unchanged and training stops here (lower the learning rate, check the data, or "
@@ -171,20 +206,35 @@ class Lomo(InBackwardOptimizer):
     """LOMO: SGD fused into backward (``lomo_optim.Lomo``'s update rule, fp32 arithmetic)."""
 
     def __init__(self, model_or_params: nn.Module | Iterable[Any], lr: float = 1e-3, clip_grad_norm: float | None = None,
-                 clip_grad_value: float | None = None, weight_decay: float = 0.0) -> None:
+                 clip_grad_value: float | None = None, weight_decay: float = 0.0,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
         defaults = dict(lr=lr, clip_grad_value=clip_grad_value, weight_decay=weight_decay)
-        super().__init__(params, defaults, clip_grad_norm=clip_grad_norm)
+        super().__init__(params, defaults, clip_grad_norm=clip_grad_norm, bucket_bytes=bucket_bytes)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        _clip_and_scale(grad, group, self.clip_coef)
-        lr, wd = group["lr"], group["weight_decay"]
-        p_fp32 = p.detach().to(torch.float32)
-        if wd > 0.0:
-            p_fp32.mul_(1.0 - lr * wd)
-        p_fp32.add_(grad, alpha=-lr)
-        if p_fp32.data_ptr() != p.data_ptr():
-            p.detach().copy_(p_fp32)
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """lomo_optim's per-parameter update, for a bucket at once (foreach ops: same arithmetic, fewer calls)."""
+        by_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for p, g in zip(params, grads):
+            ps, gs = by_group.setdefault(self._group_index[p], ([], []))
+            ps.append(p)
+            gs.append(g)
+        for index, (ps, gs) in by_group.items():
+            group = self.param_groups[index]
+            value = group["clip_grad_value"]
+            if value is not None and value > 0:
+                torch._foreach_clamp_min_(gs, -value)
+                torch._foreach_clamp_max_(gs, value)
+            if self.clip_coef is not None:
+                torch._foreach_mul_(gs, self.clip_coef)
+            lr, wd = group["lr"], group["weight_decay"]
+            targets = [p.detach() if p.dtype == torch.float32 else p.detach().to(torch.float32) for p in ps]
+            if wd > 0.0:
+                torch._foreach_mul_(targets, 1.0 - lr * wd)
+            torch._foreach_add_(targets, gs, alpha=-lr)
+            for p, t in zip(ps, targets):
+                if p.dtype != torch.float32:
+                    p.detach().copy_(t)
 
 
 class AdaLomo(InBackwardOptimizer):
@@ -197,12 +247,12 @@ class AdaLomo(InBackwardOptimizer):
     def __init__(self, model_or_params: nn.Module | Iterable[Any], lr: float = 1e-3, loss_scale: float = 2**10,
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
                         clip_grad_value=clip_grad_value, weight_decay=weight_decay, step=0)
         self.loss_scale = loss_scale
-        super().__init__(params, defaults, clip_grad_norm=clip_grad_norm)
+        super().__init__(params, defaults, clip_grad_norm=clip_grad_norm, bucket_bytes=bucket_bytes)
 
     def _grad_scale(self) -> float:
         return float(self.loss_scale) if self.loss_scale else 1.0

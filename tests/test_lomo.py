@@ -63,11 +63,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("bucket_mb", [8.0, 0.0], ids=["bucketed", "per-parameter"])
 @pytest.mark.parametrize("name, lr", [("lomo", 1e-2), ("adalomo", 1e-2)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
-def test_same_weights_as_lomo_optim(name, lr, case):
+def test_same_weights_as_lomo_optim(name, lr, case, bucket_mb):
     reference = reference_run(name, lr, **case)
-    optim_args = {k: v for k, v in case.items() if k in ("weight_decay", "clip_grad_value")} or None
+    optim_args = {k: v for k, v in case.items() if k in ("weight_decay", "clip_grad_value")}
+    optim_args["bucket_mb"] = bucket_mb
     module = our_run(name, lr, max_grad_norm=case.get("clip_grad_norm", 0.0), optim_args=optim_args)
     assert_same_weights(module.model, reference)
     assert all(p.grad is None for p in module.parameters())  # no gradient held after the steps
@@ -241,3 +243,16 @@ def test_bf16_mixed_trains():
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert isinstance(module.trainer.optimizers[0], InBackwardOptimizer)
     assert sum(losses[-2:]) < sum(losses[:2])
+
+
+def test_per_parameter_mode_frees_each_gradient_during_backward():
+    """bucket_mb=0: when the last gradient arrives, every earlier one was already applied and freed."""
+    model = tiny_llama()
+    opt = Lomo(model, lr=1e-3, bucket_bytes=0)
+    held = []
+    params = list(model.parameters())
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda _: held.append(sum(q.grad is not None for q in params)))
+    opt.fused_backward(model(**next(iter(loader()))).loss)
+    opt.remove_hooks()
+    assert max(held) <= 1 and all(p.grad is None for p in params)

@@ -8,12 +8,13 @@ own options are ``optim_args`` keys (defaults: lomo_optim's).
 
 from __future__ import annotations
 
-from lightning_optims.optim_args import Arg
+from lightning_optims.optim_args import Arg, OptimizerSettingError
 from lightning_optims.registry import BuildContext, OptimizerSpec, register
 
 _COMMON = (
     Arg("weight_decay", float, 0.0, help="decoupled weight decay, applied to every parameter (as lomo_optim)"),
     Arg("clip_grad_value", float, None, help="clamp each gradient element to [-v, v]"),
+    Arg("bucket_mb", float, 8.0, help="gradients are applied and freed in buckets of this size; 0: one by one"),
 )
 _ADALOMO = (
     Arg("loss_scale", float, 2.0**10, help="the loss is multiplied by this, the gradients divided by it"),
@@ -28,6 +29,10 @@ def _kwargs(ctx: BuildContext) -> dict:
     kwargs = dict(ctx.optim_args)
     if "eps_sq" in kwargs:
         kwargs["eps"] = (kwargs.pop("eps_sq"), kwargs.pop("eps_scale"))
+    bucket_mb = kwargs.pop("bucket_mb")
+    if bucket_mb < 0:
+        raise OptimizerSettingError(f"optim_args: bucket_mb={bucket_mb!r} for {ctx.args.optim}: expected a number >= 0")
+    kwargs["bucket_bytes"] = int(bucket_mb * 2**20)
     kwargs["clip_grad_norm"] = ctx.args.max_grad_norm if ctx.args.max_grad_norm > 0 else None
     return kwargs
 
