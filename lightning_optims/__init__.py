@@ -1,7 +1,7 @@
 """Hugging Face Trainer optimizer settings for PyTorch Lightning."""
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
-from lightning_optims.callbacks import ScheduleFreeCallback
+from lightning_optims.callbacks import GrokkingSignalCallback, ScheduleFreeCallback
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.mixin import OptimizerMixin
 from lightning_optims.optim_args import Arg, OptimizerSettingError
@@ -16,6 +16,7 @@ from lightning_optims.registry import (
 
 __all__ = [
     "DEFAULT_OPTIM",
+    "GrokkingSignalCallback",
     "Arg",
     "OptimizerArguments",
     "OptimizerAvailability",

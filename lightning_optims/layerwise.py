@@ -6,21 +6,44 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 
 __all__ = ["LayerwiseOptimizer", "build_layerwise"]
 
 
-class LayerwiseOptimizer(LayerWiseDummyOptimizer):
-    """transformers' ``LayerWiseDummyOptimizer``, fit for Lightning's automatic loop.
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """transformers' layer-wise scheme (an optimizer per parameter, stepped in its post-accumulate-grad hook),
+    made to work under Lightning and to resume:
 
-    The updates happen in post-accumulate-grad hooks. Unlike transformers' dummy, :meth:`step` runs the closure it is
-    given (Lightning passes ``training_step`` + backward as the closure), and the hooks can be removed.
+    - :meth:`step` runs the closure it is given (transformers' ``LayerWiseDummyOptimizer.step`` ignores it, so under
+      Lightning's automatic loop ``training_step`` would never run);
+    - the learning rate is this optimizer's one param group's ``lr``, so an ordinary scheduler drives it (transformers
+      registers a scheduler hook per parameter instead, never removed, whose state no checkpoint holds); each inner
+      optimizer gets it just before it steps;
+    - ``state_dict()`` holds every inner optimizer's state; :meth:`remove_hooks` detaches the hooks.
     """
 
-    def __init__(self, optimizer_dict: dict[torch.Tensor, torch.optim.Optimizer], **kwargs: Any) -> None:
-        super().__init__(optimizer_dict=optimizer_dict, **kwargs)
+    def __init__(self, optimizer_dict: dict[torch.Tensor, torch.optim.Optimizer], lr: float) -> None:
+        self.optimizer_dict = optimizer_dict
+        super().__init__([torch.zeros(1, requires_grad=True)], {"lr": lr})
         self._hook_handles: list[Any] = []
+
+    def _step_one(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            inner = self.optimizer_dict[param]
+            for group in inner.param_groups:
+                group["lr"] = self.param_groups[0]["lr"]
+            inner.step()
+            inner.zero_grad(set_to_none=True)
+
+    def register_hooks(self) -> None:
+        for param in self.optimizer_dict:
+            if param.requires_grad:
+                self._hook_handles.append(param.register_post_accumulate_grad_hook(self._step_one))
+
+    def remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if closure is None:
@@ -28,10 +51,25 @@ class LayerwiseOptimizer(LayerWiseDummyOptimizer):
         with torch.enable_grad():
             return closure()
 
-    def remove_hooks(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for inner in self.optimizer_dict.values():
+            inner.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["inner"] = [inner.state_dict() for inner in self.optimizer_dict.values()]
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        inner_states = state_dict.get("inner")
+        if inner_states is None or len(inner_states) != len(self.optimizer_dict):
+            raise ValueError(
+                f"this checkpoint holds {0 if inner_states is None else len(inner_states)} layer-wise optimizer "
+                f"states, the model has {len(self.optimizer_dict)} parameters"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "inner"})
+        for inner, sd in zip(self.optimizer_dict.values(), inner_states):
+            inner.load_state_dict(sd)
 
 
 def build_layerwise(optimizer_cls: type, param_groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> LayerwiseOptimizer:
@@ -41,14 +79,6 @@ def build_layerwise(optimizer_cls: type, param_groups: list[dict[str, Any]], kwa
         options = {k: v for k, v in group.items() if k != "params"}
         for param in group["params"]:
             optimizer_dict[param] = optimizer_cls([{"params": [param], **options}], **kwargs)
-
-    def optimizer_hook(param: torch.Tensor) -> None:
-        if param.grad is not None:
-            optimizer_dict[param].step()
-            optimizer_dict[param].zero_grad()
-
-    optimizer = LayerwiseOptimizer(optimizer_dict=optimizer_dict, **kwargs)
-    for param in optimizer_dict:
-        if param.requires_grad:
-            optimizer._hook_handles.append(param.register_post_accumulate_grad_hook(optimizer_hook))
+    optimizer = LayerwiseOptimizer(optimizer_dict, lr=kwargs["lr"])
+    optimizer.register_hooks()
     return optimizer

@@ -11,7 +11,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch import nn
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
-from lightning_optims.callbacks.schedule_free import ScheduleFreeCallback
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.in_backward import InBackwardOptimizer
 from lightning_optims.registry import OptimizerSpec, get_spec
@@ -134,10 +133,9 @@ class OptimizerMixin:
     def configure_callbacks(self) -> list[Any]:
         callbacks: list[Any] = list(super().configure_callbacks() or [])  # type: ignore[misc]
         present = [] if self._trainer is None else self.trainer.callbacks  # type: ignore[attr-defined]
-        if self.optimizer_spec.has_train_eval_modes and not any(
-            isinstance(c, ScheduleFreeCallback) for c in [*present, *callbacks]
-        ):
-            callbacks.append(ScheduleFreeCallback())
+        for cls in self.optimizer_spec.callback_classes():  # what the spec says this optimizer needs at run time
+            if not any(isinstance(c, cls) for c in [*present, *callbacks]):
+                callbacks.append(cls())
         return callbacks
 
     def backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:

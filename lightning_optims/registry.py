@@ -77,6 +77,8 @@ class OptimizerSpec:
         updates_in_backward: parameters are updated inside backward and no gradient survives it (LOMO, layerwise).
         layerwise: one inner optimizer per parameter, stepped by a post-accumulate-grad hook.
         post_build: called with the new optimizer, for set-up transformers does after construction.
+        callbacks: ``"module:Class"`` of the Lightning callbacks this optimizer needs at run time (the mixin adds
+            each one unless the Trainer already has one of that class).
     """
 
     name: str
@@ -94,6 +96,7 @@ class OptimizerSpec:
     updates_in_backward: bool = False
     layerwise: bool = False
     post_build: Callable[[Any, BuildContext], None] | None = None
+    callbacks: tuple[str, ...] = ()
     description: str = ""
 
     @property
@@ -123,11 +126,18 @@ class OptimizerSpec:
 
     def load_class(self) -> Any:
         self.check_available()
-        module_name, _, attribute = self.target.partition(":")
-        obj: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _load(self.target)
+
+    def callback_classes(self) -> list[type]:
+        return [_load(target) for target in self.callbacks]
+
+
+def _load(target: str) -> Any:
+    module_name, _, attribute = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}

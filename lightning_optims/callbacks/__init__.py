@@ -1,3 +1,4 @@
+from lightning_optims.callbacks.grokking import GrokkingSignalCallback
 from lightning_optims.callbacks.schedule_free import ScheduleFreeCallback, is_schedule_free
 
-__all__ = ["ScheduleFreeCallback", "is_schedule_free"]
+__all__ = ["GrokkingSignalCallback", "ScheduleFreeCallback", "is_schedule_free"]

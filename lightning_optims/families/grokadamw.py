@@ -20,7 +20,8 @@ def _grokadamw(ctx: BuildContext) -> dict:
 
 
 register(OptimizerSpec(
-    name="grokadamw", target="grokadamw:GrokAdamW", family="grokadamw", arguments=GROKADAMW_ARGUMENTS,
+    name="grokadamw", target="lightning_optims.optimizers:GrokAdamW", family="grokadamw", arguments=GROKADAMW_ARGUMENTS,
     kwargs=_grokadamw, uses=WEIGHT_DECAY, packages=("grokadamw",),
-    description="GrokAdamW (grokadamw)",
+    callbacks=("lightning_optims.callbacks.grokking:GrokkingSignalCallback",),
+    description="GrokAdamW (grokadamw's update, state in optimizer.state)",
 ))

@@ -26,7 +26,7 @@ def _apollo_target_group(ctx: BuildContext) -> dict:
 
 for _name, _layerwise in (("apollo_adamw", False), ("apollo_adamw_layerwise", True)):
     register(OptimizerSpec(
-        name=_name, target="apollo_torch:APOLLOAdamW", family="apollo", arguments=APOLLO_ARGUMENTS,
+        name=_name, target="lightning_optims.optimizers:APOLLOAdamW", family="apollo", arguments=APOLLO_ARGUMENTS,
         params="low_rank", target_group_kwargs=_apollo_target_group, uses=ADAM, packages=("apollo_torch",),
         layerwise=_layerwise, updates_in_backward=_layerwise,
         description="APOLLO (apollo-torch); APOLLO-Mini with rank=1,scale_type=tensor,scale=128",
@@ -59,7 +59,7 @@ for _name, _cls in (
 ):
     _layerwise = _name.endswith("_layerwise")
     register(OptimizerSpec(
-        name=_name, target=f"galore_torch:{_cls}", family="galore", arguments=GALORE_ARGUMENTS,
+        name=_name, target=f"lightning_optims.optimizers:{_cls}", family="galore", arguments=GALORE_ARGUMENTS,
         params="low_rank", target_group_kwargs=_galore_target_group,
         # transformers adds scale_parameter / relative_step for galore_adafactor only; without them its layerwise
         # form raises "Cannot combine manual `lr` and `relative_step=True`", so here both get them

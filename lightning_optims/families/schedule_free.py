@@ -53,5 +53,6 @@ for _name, _cls, _adam, _warmup in (
         kwargs=_kwargs(_adam, _warmup),
         uses=(ADAM if _adam else frozenset()) | WEIGHT_DECAY | (WARMUP if _warmup else frozenset()),
         packages=("schedulefree",), has_train_eval_modes=True,
+        callbacks=("lightning_optims.callbacks.schedule_free:ScheduleFreeCallback",),
         description=f"schedulefree.{_cls}",
     ))

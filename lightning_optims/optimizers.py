@@ -1,0 +1,157 @@
+"""Fixed versions of upstream optimizers: same updates, state that survives a checkpoint.
+
+- :class:`GrokAdamW`: ``grokadamw.GrokAdamW``'s update (per-tensor clipping, per-index beta1 schedule, grokking EMA),
+  with its state in ``optimizer.state`` on the parameter's device (upstream keeps it in ``param_groups`` keyed by
+  Parameter objects, on the CPU, so ``state_dict()`` loses it and every step copies it to the CPU and back).
+- :class:`APOLLOAdamW` and the GaLore classes: ``state_dict()`` holds the gradient projectors as plain tensors and
+  numbers, so checkpoints load with ``torch.load(weights_only=True)``; ``load_state_dict`` rebuilds the projector
+  objects (only the known projector classes), so a resumed run continues with the same projections.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from apollo_torch import APOLLOAdamW as _UpstreamAPOLLOAdamW
+
+
+def _import_keeping_root_logger(name: str) -> Any:
+    """grokadamw runs ``logging.basicConfig(level=INFO)`` when imported, turning on INFO output for the whole
+    program; import it and put the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    module = importlib.import_module(name)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return module
+
+
+grokadamw = _import_keeping_root_logger("grokadamw")
+
+__all__ = ["APOLLOAdamW", "GrokAdamW", "ProjectorStateMixin", "grokking_signal"]
+
+
+def grokking_signal(train_loss: float | None, eval_loss: float | None) -> float:
+    """grokadamw's default signal: the relative gap ``max(0, eval - train) / max(eval, train)``; 0 without both."""
+    return grokadamw.GrokAdamW._default_grokking_signal(train_loss, eval_loss)
+
+
+class GrokAdamW(grokadamw.GrokAdamW):
+    """``grokadamw.GrokAdamW`` with its state where PyTorch keeps optimizer state (``self.state``, on the
+    parameter's device); the arithmetic of a step is upstream's, line for line."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            signal = self._compute_grokking_signal(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            beta1, beta2 = group["betas"]
+            for i, p in enumerate(params):  # i: index among the group's parameters with a gradient (upstream's)
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["grok_ema"] = torch.zeros_like(p)
+                exp_avg, exp_avg_sq, grok_ema = state["exp_avg"], state["exp_avg_sq"], state["grok_ema"]
+                state["step"] += 1
+                if group["gradient_clipping"] > 0:
+                    torch.nn.utils.clip_grad_norm_(p, group["gradient_clipping"])  # per tensor, in place
+                layer_beta1 = beta1 * (1 - group["gamma"]) ** i
+                alpha = group["alpha_init"]
+                if signal is not None:
+                    alpha = alpha * math.exp(-group["grokking_signal_decay_rate"] * signal)
+                grok_ema.mul_(alpha).add_(grad, alpha=1 - alpha)
+                grok_grad = grad + group["lamb"] * grok_ema
+                exp_avg.mul_(layer_beta1).add_(grok_grad, alpha=1 - layer_beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grok_grad, grok_grad, value=1 - beta2)
+                bias_correction1 = 1 - beta1 ** state["step"]
+                bias_correction2 = 1 - beta2 ** state["step"]
+                step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-step_size)
+        return loss
+
+
+# projector classes a checkpoint may name (nothing else is imported from a checkpoint)
+_PROJECTORS = {
+    "apollo_torch.random_projector:GradientProjector",
+    "apollo_torch.svd_projector:GaLoreProjector",
+    "galore_torch.galore_projector:GaLoreProjector",
+}
+_MARK = "__projector__"
+
+
+def _projector_to_state(projector: Any) -> dict[str, Any]:
+    cls = type(projector)
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if name not in _PROJECTORS:
+        raise TypeError(f"unknown projector class {name}: cannot store it in a weights-only checkpoint")
+    return {_MARK: name, **{k: v for k, v in vars(projector).items()}}
+
+
+def _projector_from_state(state: dict[str, Any]) -> Any:
+    name = state[_MARK]
+    if name not in _PROJECTORS:
+        raise ValueError(f"checkpoint names projector class {name!r}, which is not one of {sorted(_PROJECTORS)}")
+    module, _, qualname = name.partition(":")
+    projector = object.__new__(getattr(importlib.import_module(module), qualname))
+    projector.__dict__.update({k: v for k, v in state.items() if k != _MARK})
+    return projector
+
+
+class ProjectorStateMixin:
+    """``state_dict`` with projector objects as plain data; ``load_state_dict`` rebuilds them."""
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()  # type: ignore[misc]
+        state = {}
+        for index, entry in sd["state"].items():
+            if "projector" in entry:
+                entry = dict(entry)
+                entry["projector"] = _projector_to_state(entry["projector"])
+            state[index] = entry
+        return {**sd, "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # rebuild the projectors first: torch's load_state_dict turns str values inside state dicts into garbage
+        state = {}
+        for index, entry in state_dict["state"].items():
+            projector = entry.get("projector")
+            if isinstance(projector, dict) and _MARK in projector:
+                entry = {**entry, "projector": _projector_from_state(projector)}
+            state[index] = entry
+        super().load_state_dict({**state_dict, "state": state})  # type: ignore[misc]
+        for p, entry in self.state.items():  # type: ignore[attr-defined]
+            projector = entry.get("projector")
+            if projector is not None:  # its tensors follow the parameter (torch moves only the state's own tensors)
+                for key, value in vars(projector).items():
+                    if isinstance(value, torch.Tensor):
+                        setattr(projector, key, value.to(p.device))
+
+
+class APOLLOAdamW(ProjectorStateMixin, _UpstreamAPOLLOAdamW):
+    """``apollo_torch.APOLLOAdamW`` whose checkpoints load with ``weights_only=True`` and resume exactly."""
+
+
+def _galore(name: str) -> type:
+    upstream = getattr(importlib.import_module("galore_torch"), name)
+    return type(name, (ProjectorStateMixin, upstream), {"__module__": __name__, "__doc__": upstream.__doc__})
+
+
+def __getattr__(name: str) -> Any:  # GaLore classes, built only when galore_torch is installed and asked for
+    if name in ("GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"):
+        cls = _galore(name)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
