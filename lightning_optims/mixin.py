@@ -13,7 +13,7 @@ from torch import nn
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.in_backward import InBackwardOptimizer
-from lightning_optims.registry import OptimizerSpec, get_spec
+from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
 
 __all__ = ["OptimizerMixin"]
 
@@ -60,7 +60,7 @@ class OptimizerMixin:
     ) -> None:
         """
         Args:
-            optim: the optimizer name, as transformers' ``optim`` (see ``lightning_optims.available_optimizers()``).
+            optim: the optimizer name, as transformers' ``optim``; one of: {OPTIMIZER_NAMES}.
             optim_args: optimizer-specific settings: ``"rank=1,scale=128.0"`` or a mapping.
             optim_target_modules: modules a low-rank optimizer projects: a regex, a list, or ``"all-linear"``.
             learning_rate: the peak learning rate.
@@ -212,3 +212,9 @@ class OptimizerMixin:
                 f"(transformers refuses it under DDP too): strategy {type(trainer.strategy).__name__} with "
                 f"{trainer.world_size} processes is not supported; use the non-layerwise optimizer"
             )
+
+
+# --help (LightningCLI reads this docstring) lists the registered names
+OptimizerMixin.__init__.__doc__ = (OptimizerMixin.__init__.__doc__ or "").replace(
+    "{OPTIMIZER_NAMES}", ", ".join(registered_names())
+)
