@@ -106,3 +106,12 @@ def test_readme_main_job_command_works_as_written(tmp_path):
 def test_readme_test_command_is_what_ci_runs():
     assert readme_command("tests") in (ROOT / ".ci" / "run").read_text()
     assert readme_command("install").replace("pip install", "pip install -q") in (ROOT / ".ci" / "run").read_text()
+
+
+def test_migration_example():
+    from migrate import main as migrate
+
+    model = migrate(max_steps=2)
+    args = model.optimizer_arguments
+    assert args.optim == "apollo_adamw" and args.parsed_optim_args["rank"] == 1
+    assert model.trainer.global_step == 2
