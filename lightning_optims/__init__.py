@@ -3,6 +3,7 @@
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.callbacks import GrokkingSignalCallback, ScheduleFreeCallback
 from lightning_optims.build import create_optimizer, create_scheduler
+from lightning_optims.in_backward import NonFiniteGradientError, NonFiniteLossError
 from lightning_optims.mixin import OptimizerMixin
 from lightning_optims.optim_args import Arg, OptimizerSettingError
 from lightning_optims.registry import (
@@ -18,6 +19,8 @@ __all__ = [
     "DEFAULT_OPTIM",
     "GrokkingSignalCallback",
     "Arg",
+    "NonFiniteGradientError",
+    "NonFiniteLossError",
     "OptimizerArguments",
     "OptimizerAvailability",
     "OptimizerMixin",

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["AdaLomo", "InBackwardOptimizer", "Lomo", "NonFiniteGradientError"]
+__all__ = ["AdaLomo", "InBackwardOptimizer", "Lomo", "NonFiniteGradientError", "NonFiniteLossError"]
 
 #: gradients are handed over in buckets of about this size (like DDP's), updated together with foreach ops and
 #: freed; the gradient memory of a step is bounded by it, not by the model
@@ -33,6 +33,10 @@ DEFAULT_BUCKET_BYTES = 8 * 2**20
 
 class NonFiniteGradientError(FloatingPointError):
     """A gradient had inf / NaN entries; the affected elements were not updated."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss was inf / NaN; nothing was updated by that step."""
 
 
 class InBackwardOptimizer(torch.optim.Optimizer):

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from lightning_optims.in_backward import NonFiniteGradientError
+
 __all__ = ["LayerwiseOptimizer", "build_layerwise"]
 
 
@@ -29,6 +31,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _step_one(self, param: torch.Tensor) -> None:
         if param.grad is not None:
+            if not bool(torch.isfinite(param.grad).all()):
+                param.grad = None
+                raise NonFiniteGradientError(
+                    "non-finite gradient in a layer-wise optimizer: this parameter was not updated and training "
+                    "stops here (parameters whose gradients arrived earlier in this backward were updated)"
+                )
             inner = self.optimizer_dict[param]
             for group in inner.param_groups:
                 group["lr"] = self.param_groups[0]["lr"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn.parallel import DistributedDataParallel
@@ -12,11 +14,12 @@ from torch import nn
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
-from lightning_optims.in_backward import InBackwardOptimizer
+from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
 
 __all__ = ["OptimizerMixin"]
 
+_CHECKPOINT_KEY = "lightning_optims"
 # schedulers that step on a monitored metric after validation rather than every optimizer step
 _METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 
@@ -116,8 +119,6 @@ class OptimizerMixin:
         else:
             total_steps = int(total)
         optimizer = create_optimizer(self.optimized_module(), args, num_training_steps=total_steps)
-        self._remove_gradient_hooks()  # of an earlier fit of this module
-        self._hooked_optimizer = optimizer if hasattr(optimizer, "remove_hooks") else None
         if isinstance(optimizer, InBackwardOptimizer):
             # the engine averages each gradient itself: DDP's reducer must not prepare a reduction it never sees
             wrapped = self.trainer.strategy.model
@@ -139,22 +140,18 @@ class OptimizerMixin:
         return callbacks
 
     def backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
-        optimizer = getattr(self, "_hooked_optimizer", None)
+        trainer = self.trainer  # type: ignore[attr-defined]
+        if getattr(trainer.precision_plugin, "scaler", None) is None and not bool(torch.isfinite(loss.detach()).all()):
+            # (with a GradScaler an overflowing step is the scaler's to skip)
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.detach().float().mean().item()}) at global step {self.global_step} "  # type: ignore[attr-defined]
+                "(before backward: no weight was changed by this step); training stops here"
+            )
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if isinstance(optimizer, InBackwardOptimizer):
             optimizer.fused_backward(loss)  # updates every parameter as its gradient arrives
             return
         super().backward(loss, *args, **kwargs)  # type: ignore[misc]
-
-    def teardown(self, stage: str) -> None:
-        if stage == "fit":
-            self._remove_gradient_hooks()
-        super().teardown(stage)  # type: ignore[misc]
-
-    def _remove_gradient_hooks(self) -> None:
-        optimizer = getattr(self, "_hooked_optimizer", None)
-        if optimizer is not None:
-            optimizer.remove_hooks()
-            self._hooked_optimizer = None
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -166,8 +163,67 @@ class OptimizerMixin:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
             return
         max_norm = self.optimizer_arguments.max_grad_norm
-        if max_norm > 0:
+        if max_norm <= 0:
+            return
+        trainer = self.trainer  # type: ignore[attr-defined]
+        if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)) and \
+                getattr(trainer.precision_plugin, "scaler", None) is None:
+            # what Lightning's clip_gradients does here (torch's clip_grad_norm_ over the optimizer's parameters),
+            # keeping the total norm to refuse a non-finite one before the optimizer writes it into the weights
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if not bool(torch.isfinite(total)):
+                raise NonFiniteGradientError(
+                    f"non-finite gradient norm ({total.item()}) at global step {self.global_step}: the optimizer "  # type: ignore[attr-defined]
+                    "step was not taken and training stops here"
+                )
+        else:  # sharded strategies and GradScaler: Lightning's precision plugin knows how to clip there
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")  # type: ignore[attr-defined]
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[_CHECKPOINT_KEY] = {"settings": self.optimizer_arguments.as_kwargs()}
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        saved = checkpoint.get(_CHECKPOINT_KEY, {}).get("settings")
+        trainer = self._trainer  # type: ignore[attr-defined]
+        if saved is None or trainer is None or trainer.state.fn != "fit":
+            return  # loading weights (load_from_checkpoint, validate, test...) does not load optimizer state
+        current = self.optimizer_arguments.as_kwargs()
+        if saved.get("optim") != current["optim"]:
+            raise MisconfigurationException(
+                f"this checkpoint was written with optim={saved.get('optim')!r}, and {type(self).__name__} is "
+                f"configured with optim={current['optim']!r}: that optimizer's state cannot be loaded into this "
+                f"one. Resume with optim={saved.get('optim')!r}, or start a new fit from the weights only "
+                "(load_from_checkpoint, or Trainer.fit without ckpt_path)"
+            )
+        changed = [k for k in current if k != "learning_rate" and saved.get(k) != current[k]]
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise MisconfigurationException(
+                f"resuming changes optimizer settings that the checkpoint's optimizer state would silently "
+                f"override ({details}); only learning_rate may change on resume"
+            )
+        self._resume_lr_ratio = current["learning_rate"] / saved["learning_rate"] if saved["learning_rate"] else 1.0
+
+    def on_train_start(self) -> None:
+        # after the optimizer and scheduler states were restored: apply a learning_rate changed on resume
+        ratio = getattr(self, "_resume_lr_ratio", 1.0)
+        self._resume_lr_ratio = 1.0
+        if ratio != 1.0:
+            trainer = self.trainer  # type: ignore[attr-defined]
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+            for config in trainer.lr_scheduler_configs:
+                if hasattr(config.scheduler, "base_lrs"):
+                    config.scheduler.base_lrs = [lr * ratio for lr in config.scheduler.base_lrs]
+        super().on_train_start()  # type: ignore[misc]
 
     # -- checks ---------------------------------------------------------------------------------------------------
 

@@ -197,11 +197,13 @@ def test_refused_at_setup(trainer_kwargs, message):
 
 
 class Poisoned(LlamaModule):
-    """The third batch has an inf loss."""
+    """The third batch has a finite loss and a NaN gradient (d/dw sqrt(0 * w) * 0 = inf * 0)."""
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        return loss * float("inf") if batch_idx == 2 else loss
+        if batch_idx == 2:
+            loss = loss + 0.0 * torch.sqrt(0.0 * self.model.lm_head.weight[0, 0])
+        return loss
 
 
 @pytest.mark.parametrize("name, max_grad_norm", [("lomo", 0.0), ("adalomo", 0.0), ("lomo", 1.0)])

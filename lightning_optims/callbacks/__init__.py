@@ -1,4 +1,5 @@
 from lightning_optims.callbacks.grokking import GrokkingSignalCallback
+from lightning_optims.callbacks.hooks import GradientHookCleanup
 from lightning_optims.callbacks.schedule_free import ScheduleFreeCallback, is_schedule_free
 
-__all__ = ["GrokkingSignalCallback", "ScheduleFreeCallback", "is_schedule_free"]
+__all__ = ["GradientHookCleanup", "GrokkingSignalCallback", "ScheduleFreeCallback", "is_schedule_free"]

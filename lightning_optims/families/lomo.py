@@ -41,5 +41,6 @@ for _name, _cls, _arguments in (("lomo", "Lomo", _COMMON), ("adalomo", "AdaLomo"
     register(OptimizerSpec(
         name=_name, target=f"lightning_optims.in_backward:{_cls}", family="lomo", params="model",
         arguments=_arguments, kwargs=_kwargs, updates_in_backward=True,
+        callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",),
         description=f"{_cls} (fused backward; lomo_optim's update rule)",
     ))

@@ -29,6 +29,7 @@ for _name, _layerwise in (("apollo_adamw", False), ("apollo_adamw_layerwise", Tr
         name=_name, target="lightning_optims.optimizers:APOLLOAdamW", family="apollo", arguments=APOLLO_ARGUMENTS,
         params="low_rank", target_group_kwargs=_apollo_target_group, uses=ADAM, packages=("apollo_torch",),
         layerwise=_layerwise, updates_in_backward=_layerwise,
+        callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",) if _layerwise else (),
         description="APOLLO (apollo-torch); APOLLO-Mini with rank=1,scale_type=tensor,scale=128",
     ))
 
@@ -66,5 +67,6 @@ for _name, _cls in (
         kwargs=_galore_adafactor if "adafactor" in _name else (lambda ctx: {}),
         packages=("galore_torch", "bitsandbytes") if "8bit" in _name else ("galore_torch",), extra="galore",
         layerwise=_layerwise, updates_in_backward=_layerwise,
+        callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",) if _layerwise else (),
         description=f"galore_torch.{_cls}",
     ))
