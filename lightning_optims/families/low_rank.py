@@ -66,6 +66,7 @@ for _name, _cls in (
         # form raises "Cannot combine manual `lr` and `relative_step=True`", so here both get them
         kwargs=_galore_adafactor if "adafactor" in _name else (lambda ctx: {}),
         packages=("galore_torch", "bitsandbytes") if "8bit" in _name else ("galore_torch",), extra="galore",
+        device="cuda" if "8bit" in _name else None,  # galore_torch's 8-bit AdamW calls CUDA kernels
         layerwise=_layerwise, updates_in_backward=_layerwise,
         callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",) if _layerwise else (),
         description=f"galore_torch.{_cls}",
