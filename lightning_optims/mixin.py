@@ -7,7 +7,13 @@ from typing import Any
 
 import torch
 
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn.parallel import DistributedDataParallel
 from torch import nn
@@ -20,8 +26,15 @@ from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
 __all__ = ["OptimizerMixin"]
 
 _CHECKPOINT_KEY = "lightning_optims"
+# strategies that shard or flatten parameters (DeepSpeed needs its package to be instantiated, not to be named)
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 # schedulers that step on a monitored metric after validation rather than every optimizer step
 _METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+
+def _plain_data_parallel(strategy: Any) -> bool:
+    """One device, or DDP with whole parameters on every process (DeepSpeed subclasses DDPStrategy: not it)."""
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, SHARDED_STRATEGIES)
 
 
 class OptimizerMixin:
@@ -166,8 +179,7 @@ class OptimizerMixin:
         if max_norm <= 0:
             return
         trainer = self.trainer  # type: ignore[attr-defined]
-        if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)) and \
-                getattr(trainer.precision_plugin, "scaler", None) is None:
+        if _plain_data_parallel(trainer.strategy) and getattr(trainer.precision_plugin, "scaler", None) is None:
             # what Lightning's clip_gradients does here (torch's clip_grad_norm_ over the optimizer's parameters),
             # keeping the total norm to refuse a non-finite one before the optimizer writes it into the weights
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -227,8 +239,9 @@ class OptimizerMixin:
 
     # -- checks ---------------------------------------------------------------------------------------------------
 
-    def _check_trainer_settings(self) -> None:
-        trainer = self.trainer  # type: ignore[attr-defined]
+    def _check_trainer_settings(self, trainer: Any = None) -> None:
+        """Refuse, before any step, Trainer settings this optimizer cannot honour (called by configure_optimizers)."""
+        trainer = trainer if trainer is not None else self.trainer  # type: ignore[attr-defined]
         args = self.optimizer_arguments
         if trainer.gradient_clip_val and args.max_grad_norm > 0:
             raise MisconfigurationException(
@@ -249,11 +262,20 @@ class OptimizerMixin:
                 f"optim={spec.name!r} updates each parameter during backward and keeps no gradient: "
                 f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot work; use 1"
             )
-        if spec.updates_in_backward and not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        if spec.updates_in_backward and not _plain_data_parallel(trainer.strategy):
             raise MisconfigurationException(
                 f"optim={spec.name!r} updates parameters in gradient hooks, which strategy "
                 f"{type(trainer.strategy).__name__} does not support (it flattens, shards or owns the parameters and "
                 "their gradients): use a single device or DDP ('ddp', 'ddp_spawn', 'ddp_fork')"
+            )
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES) and not spec.elementwise:
+            allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise)
+            raise MisconfigurationException(
+                f"optim={spec.name!r} is not supported under {type(trainer.strategy).__name__}: it shards or flattens "
+                "the parameters, and this optimizer's update depends on whole tensors (a per-tensor norm, a "
+                "factorisation, a projection, a parameter's index, or a hook on each parameter), so it would "
+                f"silently compute something else. Use DDP for {spec.name!r}, or an elementwise optimizer here: "
+                f"{allowed}"
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if spec.updates_in_backward and scaler is not None:

@@ -76,6 +76,9 @@ class OptimizerSpec:
         has_train_eval_modes: the optimizer has ``train()`` / ``eval()`` (schedule-free).
         updates_in_backward: parameters are updated inside backward and no gradient survives it (LOMO, layerwise).
         layerwise: one inner optimizer per parameter, stepped by a post-accumulate-grad hook.
+        elementwise: the update of each element depends on that element alone (no per-tensor norm, factorisation,
+            projection or index), so it is the same on a shard or a flattened parameter: such an optimizer may run
+            under FSDP, DeepSpeed and ModelParallel; the others are refused there.
         post_build: called with the new optimizer, for set-up transformers does after construction.
         callbacks: ``"module:Class"`` of the Lightning callbacks this optimizer needs at run time (the mixin adds
             each one unless the Trainer already has one of that class).
@@ -95,6 +98,7 @@ class OptimizerSpec:
     has_train_eval_modes: bool = False
     updates_in_backward: bool = False
     layerwise: bool = False
+    elementwise: bool = False
     post_build: Callable[[Any, BuildContext], None] | None = None
     callbacks: tuple[str, ...] = ()
     description: str = ""

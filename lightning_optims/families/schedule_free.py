@@ -52,7 +52,7 @@ for _name, _cls, _adam, _warmup in (
         name=_name, target=f"schedulefree:{_cls}", family="schedule_free", arguments=SCHEDULE_FREE_ARGUMENTS,
         kwargs=_kwargs(_adam, _warmup),
         uses=(ADAM if _adam else frozenset()) | WEIGHT_DECAY | (WARMUP if _warmup else frozenset()),
-        packages=("schedulefree",), has_train_eval_modes=True,
+        packages=("schedulefree",), has_train_eval_modes=True, elementwise=True,
         callbacks=("lightning_optims.callbacks.schedule_free:ScheduleFreeCallback",),
         description=f"schedulefree.{_cls}",
     ))

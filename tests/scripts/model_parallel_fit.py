@@ -1,0 +1,80 @@
+"""Run by tests/test_strategies.py (Lightning's launcher re-executes this script for the second process):
+
+    python tests/scripts/model_parallel_fit.py OPTIM OUT_FILE {sharded,single}
+
+Fits a small MLP for 3 steps, sharded with FSDP2 (``fully_shard``) under ``ModelParallelStrategy`` on 2 CPU processes
+(gloo), or on one process with the combined batches; rank 0 writes the full weights to OUT_FILE.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_optims import OptimizerMixin  # noqa: E402
+from tests.helpers import RankInterleavedSampler  # noqa: E402
+
+
+class ShardedMLP(OptimizerMixin, L.LightningModule):
+    def __init__(self, shard: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 32), nn.Tanh(),
+                                 nn.Linear(32, 1))
+        self.shard = shard
+
+    def configure_model(self) -> None:
+        if self.shard:
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+class SaveFullWeights(Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+                for k, v in pl_module.state_dict().items()}
+        if trainer.is_global_zero:
+            torch.save(full, self.path)
+
+
+def main(optim: str, out: str, mode: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 8, generator=g)
+    data = TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
+    sharded = mode == "sharded"
+    per_process = 2 if sharded else 4
+    loader = DataLoader(data, batch_size=per_process, sampler=RankInterleavedSampler(len(data)))
+    extra = {"lr_scheduler_type": "constant"} if optim.startswith("schedule_free") else {}
+    module = ShardedMLP(sharded, optim=optim, learning_rate=1e-2, weight_decay=0.01, **extra)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2 if sharded else 1,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, callbacks=[SaveFullWeights(out)],
+    )
+    trainer.fit(module, loader)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,101 @@
+"""Strategies and precision: ModelParallel (FSDP2) on two CPU processes for the families that support sharded
+parameters, refusals for the rest (FSDP, DeepSpeed, ModelParallel), bf16-mixed for every family."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_optims import available_optimizers, get_spec
+from tests.helpers import LlamaModule, lightning_trainer, loader, tiny_llama
+from tests.test_reliability import settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "model_parallel_fit.py"
+USABLE = [r.name for r in available_optimizers() if r.usable]
+ELEMENTWISE = [n for n in USABLE if get_spec(n).elementwise]
+NOT_ELEMENTWISE = [n for n in USABLE if not get_spec(n).elementwise]
+
+
+def run_script(optim: str, out: Path, mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), optim, str(out), mode], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw_torch", "sgd", "schedule_free_adamw"])  # the torch and schedule-free families
+def test_model_parallel_two_cpu_processes_equal_one(tmp_path, name):
+    sharded, single = tmp_path / "sharded.pt", tmp_path / "single.pt"
+    for out, mode in ((sharded, "sharded"), (single, "single")):
+        proc = run_script(name, out, mode)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(sharded, weights_only=True), torch.load(single, weights_only=True)
+    assert a.keys() == b.keys()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+
+
+@pytest.mark.slow
+def test_model_parallel_refuses_a_non_elementwise_optimizer_end_to_end(tmp_path):
+    proc = run_script("grokadamw", tmp_path / "x.pt", "sharded")
+    assert proc.returncode != 0
+    assert "optim='grokadamw' is not supported under ModelParallelStrategy" in proc.stderr + proc.stdout
+
+
+def stand_in_trainer(strategy) -> SimpleNamespace:
+    """What _check_trainer_settings reads of a Trainer (FSDP and DeepSpeed cannot be set up without CUDA here)."""
+    return SimpleNamespace(strategy=strategy, gradient_clip_val=None, accumulate_grad_batches=1, world_size=2,
+                           precision_plugin=SimpleNamespace())
+
+
+STRATEGIES = {
+    "FSDPStrategy": lambda: FSDPStrategy(),
+    "DeepSpeedStrategy": lambda: DeepSpeedStrategy.__new__(DeepSpeedStrategy),  # its __init__ needs deepspeed
+    "ModelParallelStrategy": lambda: ModelParallelStrategy(),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("name", NOT_ELEMENTWISE)
+def test_sharded_strategies_refuse_whole_tensor_optimizers(strategy, name):
+    module = LlamaModule(model=tiny_llama(), **settings(name))
+    with pytest.raises(MisconfigurationException) as info:
+        module._check_trainer_settings(stand_in_trainer(STRATEGIES[strategy]()))
+    message = str(info.value)
+    assert f"optim={name!r}" in message and strategy in message  # the optimizer and the strategy
+    assert "adamw_torch" in message or "DDP" in message  # and the alternative
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_sharded_strategies_accept_elementwise_optimizers(strategy, name):
+    module = LlamaModule(model=tiny_llama(), **settings(name))
+    module._check_trainer_settings(stand_in_trainer(STRATEGIES[strategy]()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", USABLE)
+def test_bf16_mixed_every_family(name):
+    module = LlamaModule(model=tiny_llama(), **settings(name))
+    # 6 steps: schedule-free RAdam makes no update in its first steps (until RAdam's rectification is defined)
+    trainer = lightning_trainer(6, precision="bf16-mixed")
+    trainer.fit(module, loader())
+    assert trainer.global_step == 6
+    weights = module.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not torch.equal(weights["lm_head.weight"], tiny_llama().state_dict()["lm_head.weight"])
+
+
+def test_16_mixed_on_cpu_is_bf16():
+    """Lightning runs precision='16-mixed' on the CPU as bf16 (no GradScaler): the in-backward optimizers work."""
+    trainer = lightning_trainer(2, precision="16-mixed")
+    module = LlamaModule(model=tiny_llama(), **settings("lomo"))
+    trainer.fit(module, loader())
+    assert getattr(trainer.precision_plugin, "scaler", None) is None and trainer.global_step == 2
