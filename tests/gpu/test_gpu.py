@@ -1,0 +1,88 @@
+"""CUDA-only checks: ``python -m pytest -m gpu tests/gpu -q`` on a machine with a CUDA device (skipped elsewhere).
+
+fused AdamW on CUDA against transformers' Trainer, LOMO/AdaLomo under bf16-mixed on CUDA (state on the device),
+the GradScaler refusal, FSDP with an elementwise optimizer and its refusal of APOLLO, schedule-free resume on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from transformers import TrainingArguments
+
+from lightning_optims import OptimizerArguments
+from tests.helpers import LlamaModule, TokenDataset, loader, tiny_llama
+from tests.test_parity_transformers import _SequentialTrainer
+
+pytestmark = pytest.mark.gpu
+
+
+def cuda_trainer(max_steps: int, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cuda", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def test_fused_adamw_on_cuda_matches_trainer(tmp_path):
+    ta = TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch_fused", learning_rate=1e-3, max_steps=6,
+                           per_device_train_batch_size=4, warmup_steps=2, weight_decay=0.05, report_to=[],
+                           save_strategy="no")
+    hf = tiny_llama()
+    _SequentialTrainer(model=hf, args=ta, train_dataset=TokenDataset()).train()
+    module = LlamaModule(model=tiny_llama(), **OptimizerArguments.from_training_arguments(ta).as_kwargs())
+    cuda_trainer(6).fit(module, loader(4))
+    assert module.trainer.optimizers[0].defaults["fused"] is True
+    for key, value in hf.state_dict().items():
+        torch.testing.assert_close(module.model.state_dict()[key].cpu(), value.cpu(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["lomo", "adalomo"])
+def test_in_backward_bf16_on_cuda(name):
+    module = LlamaModule(model=tiny_llama(), optim=name, learning_rate=1e-2, max_grad_norm=1.0)
+    cuda_trainer(4, precision="bf16-mixed").fit(module, loader())
+    opt = module.trainer.optimizers[0]
+    assert all(t.device.type == "cuda" for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_in_backward_refuses_grad_scaler():
+    module = LlamaModule(model=tiny_llama(), optim="lomo", max_grad_norm=0.0)
+    with pytest.raises(MisconfigurationException, match="GradScaler"):
+        cuda_trainer(2, precision="16-mixed").fit(module, loader())
+
+
+def test_fsdp_elementwise_runs_and_whole_tensor_is_refused():
+    module = LlamaModule(model=tiny_llama(), optim="adamw_torch")
+    cuda_trainer(3, strategy="fsdp").fit(module, loader())
+    refused = LlamaModule(model=tiny_llama(), optim="apollo_adamw", optim_target_modules="all-linear")
+    with pytest.raises(MisconfigurationException, match="not supported under FSDPStrategy"):
+        cuda_trainer(3, strategy="fsdp").fit(refused, loader())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_refuses_lomo():
+    module = LlamaModule(model=tiny_llama(), optim="lomo", max_grad_norm=0.0)
+    with pytest.raises(MisconfigurationException, match="DeepSpeedStrategy"):
+        cuda_trainer(2, strategy="deepspeed_stage_2").fit(module, loader())
+
+
+def test_schedule_free_resume_on_cuda(tmp_path):
+    def run(ckpt_path=None):
+        module = LlamaModule(model=tiny_llama(), optim="schedule_free_adamw", lr_scheduler_type="constant",
+                             learning_rate=1e-2)
+        cuda_trainer(-1, max_epochs=3, enable_checkpointing=True, default_root_dir=str(tmp_path),
+                     callbacks=[ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")]).fit(
+            module, loader(n=16), ckpt_path=ckpt_path)
+        return module
+
+    full = run()
+    resumed = run(str(tmp_path / "epoch=0.ckpt"))
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
