@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ def create_optimizer(
     elif spec.params == "low_rank":
         assert spec.target_group_kwargs is not None  # register() guarantees it
         params = low_rank_param_groups(model, args.optim_target_modules, spec.name, spec.target_group_kwargs(ctx))
+        _warn_if_rank_too_large(params[1], spec.name)
     else:
         params = model
     if spec.layerwise:
@@ -45,6 +47,21 @@ def create_optimizer(
     if spec.post_build is not None:
         spec.post_build(optimizer, ctx)
     return optimizer
+
+
+def _warn_if_rank_too_large(target_group: dict[str, Any], optim: str) -> None:
+    rank = target_group.get("rank")
+    if rank is None:
+        return
+    too_small = [tuple(p.shape) for p in target_group["params"] if p.dim() == 2 and rank >= min(p.shape)]
+    if too_small:
+        warnings.warn(
+            f"optim_args rank={rank} for {optim} is not below the smaller dimension of {len(too_small)} target "
+            f"matrices (e.g. {too_small[0]}): their projected optimizer state is no smaller than the matrix, so the "
+            "low-rank method saves nothing there (benchmarks/optimizer_state.py: 4.6x AdamW's state for rank 256 on "
+            "the 64-wide example model). Use a smaller rank or fewer target modules.",
+            UserWarning, stacklevel=3,
+        )
 
 
 def num_warmup_steps(args: OptimizerArguments, num_training_steps: int) -> int:

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -15,8 +14,8 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.nn.parallel import DistributedDataParallel
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
@@ -46,9 +45,12 @@ class OptimizerMixin:
     step over ``trainer.estimated_stepping_batches``.
 
     Gradient clipping: ``max_grad_norm`` (default 1.0, as in transformers) clips the global L2 norm of the gradients
-    before each optimizer step, through Lightning's precision plugin (gradients are unscaled first under 16-mixed).
-    ``Trainer(gradient_clip_val=...)`` is accepted only with ``max_grad_norm=0``: the two together are refused at
-    the start of ``fit`` so that nothing is clipped twice or ignored.
+    before each optimizer step, after the precision plugin has unscaled them. On one device and under DDP this is
+    torch's ``clip_grad_norm_`` over the optimizer's parameters (what Lightning's clipping calls there), and a
+    non-finite total norm stops training before the step; under sharded strategies Lightning's precision plugin
+    clips. In-backward optimizers clip inside their backward (LOMO's two-pass norm). ``Trainer(gradient_clip_val=...)``
+    is accepted only with ``max_grad_norm=0``: the two together are refused at the start of ``fit``, so nothing is
+    clipped twice or ignored.
 
     Parameters are taken from :meth:`optimized_module` (``self`` by default), so ``optim_target_modules`` and the
     decay rules see the module names of this LightningModule (``model.layers.0.self_attn.q_proj`` if the network is

@@ -192,3 +192,9 @@ def test_trainer_gradient_clip_val_alone_clips(monkeypatch):
     calls.clear()
     lightning_trainer(2).fit(LlamaModule(optim="adamw_torch", max_grad_norm=0.0), loader())
     assert calls == []
+
+
+def test_rank_not_below_the_matrix_size_warns():
+    args = OptimizerArguments(optim="apollo_adamw", optim_target_modules="all-linear", optim_args="rank=64")
+    with pytest.warns(UserWarning, match=r"rank=64 for apollo_adamw is not below the smaller dimension"):
+        create_optimizer(tiny_llama(), args)  # hidden size 16: rank 64 is larger than every target matrix

@@ -1,0 +1,163 @@
+"""Run every benchmark and write benchmarks/RESULTS.md and benchmarks/results.png.
+
+    python benchmarks/run_all.py            # about 15 minutes on 2 CPU cores
+    python benchmarks/run_all.py --quick    # a smoke run (numbers not meaningful)
+
+Every figure is a ratio measured side by side in one run (interleaved repeats, medians), never an absolute time
+alone; the absolute medians are listed beside them for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(script: str, out: Path, quick: bool) -> dict:
+    cmd = [sys.executable, str(HERE / script), "--out", str(out)] + (["--quick"] if quick else [])
+    print("running:", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def versions() -> str:
+    import lightning
+    import torch
+    import transformers
+
+    return (f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(HERE))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    integration = run("integration.py", out / "integration.json", args.quick)
+    lomo = run("lomo.py", out / "lomo.json", args.quick)
+    state = run("optimizer_state.py", out / "optimizer_state.json", args.quick)
+
+    ov, vs, cons, mem = integration["overhead"], integration["vs_trainer"], integration["construction"], integration["memory"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
+        f"{datetime.date.today().isoformat()}: {os.cpu_count()} CPU cores, {platform.machine()}, {versions()}.",
+        "A shared, noisy machine: every figure is a ratio of two things measured side by side in the same run "
+        f"(interleaved, median of {integration['settings']['repeats']} repeats of {integration['settings']['steps']} "
+        "steps; Lightning step = `on_train_batch_start` to `on_train_batch_end`, Trainer step = `on_step_begin` to "
+        "`on_step_end`).",
+        "",
+        "## 1. Integration overhead: OptimizerMixin / the same optimizer written by hand (goal <= 1.02x)",
+        "",
+        "| family | mixin step | by-hand step | ratio | goal |",
+        "|---|---|---|---|---|",
+    ]
+    for family, row in ov.items():
+        lines.append(f"| {family} | {row['mixin_s'] * 1e3:.1f} ms | {row['by_hand_s'] * 1e3:.1f} ms | "
+                     f"{row['ratio']:.3f}x | {'met' if row['ratio'] <= 1.02 else 'not met'} |")
+    lines += [
+        "",
+        "By hand: `configure_optimizers` returning the same optimizer and scheduler, clipping by "
+        "`Trainer(gradient_clip_val)`, schedule-free `train()`/`eval()` in `on_train_start`/`on_train_end`, LOMO by "
+        "manual optimization (`LightningOptimizer.step(closure=fused_backward)`).",
+        "",
+        "## 2. Against transformers' Trainer (same model, data, settings, steps)",
+        "",
+        "| family | Lightning + mixin step | Trainer step | ratio | eval loss after (ours / Trainer) |",
+        "|---|---|---|---|---|",
+    ]
+    for family, row in vs.items():
+        lines.append(f"| {family} | {row['ours_s'] * 1e3:.1f} ms | {row['trainer_s'] * 1e3:.1f} ms | {row['ratio']:.2f}x | "
+                     f"{row['final_loss_ours']:.4f} / {row['final_loss_trainer']:.4f} |")
+    lines += [
+        "",
+        "Trainer's `lomo` is `lomo_optim.Lomo`, whose hook scans every parameter for each gradient (O(P^2)).",
+        "",
+        f"## 3. Construction: optimizer + scheduler for {cons['parameter_tensors']} parameter tensors",
+        "",
+        "| optim | ours | Trainer.create_optimizer_and_scheduler | ratio |",
+        "|---|---|---|---|",
+    ]
+    for name in ("adamw_torch", "apollo_adamw"):
+        row = cons[name]
+        lines.append(f"| {name} | {row['ours_s'] * 1e3:.1f} ms | {row['trainer_s'] * 1e3:.1f} ms | {row['ratio']:.2f}x |")
+    lines += [
+        "",
+        "## 4. Peak memory growth of 4 training steps over the weights (one process per family)",
+        "",
+        "| family | growth | / adamw_torch |",
+        "|---|---|---|",
+    ]
+    for family, row in mem.items():
+        lines.append(f"| {family} | {row['growth'] / 2**20:.0f} MiB | {row['growth'] / mem['adamw_torch']['growth']:.2f}x |")
+    lines += [
+        "",
+        f"The model here is small ({mem['adamw_torch']['parameters'] / 1e6:.1f}M parameters): the growth is mostly "
+        "activations and allocator slack. The two size-specific benchmarks follow.",
+        "",
+        f"## 5. LOMO (`benchmarks/lomo.py`): {lomo['step_time']['parameter_tensors']} parameter tensors, "
+        f"median of {lomo['step_time']['repeats']} repeats",
+        "",
+        "| ratio | value | goal |",
+        "|---|---|---|",
+    ]
+    goals = {"lomo / adamw_torch_fused": 1.0}
+    for k, v in lomo["step_time"]["ratios"].items():
+        goal = goals.get(k)
+        verdict = "" if goal is None else (f"<= {goal}x: {'met' if v <= goal else 'not met'}")
+        lines.append(f"| step time {k} | {v:.2f}x | {verdict} |")
+    for k, v in lomo["memory"]["ratios"].items():
+        verdict = f"<= 0.35x: {'met' if v <= 0.35 else 'not met'}" if k.startswith("lomo ") else ""
+        lines.append(f"| peak memory growth {k} ({lomo['memory']['parameters'] / 1e6:.0f}M parameters) | {v:.2f}x | {verdict} |")
+    lines += [
+        "",
+        "## 6. Optimizer state (`benchmarks/optimizer_state.py`), targets all-linear, ratio to AdamW",
+        "",
+        "| model | parameters | APOLLO (rank 256) | APOLLO-Mini | GrokAdamW |",
+        "|---|---|---|---|---|",
+    ]
+    for shape, row in state.items():
+        r = row["ratio_to_adamw"]
+        lines.append(f"| {shape} | {row['parameters'] / 1e6:,.1f}M | {r['apollo (rank 256, channel)']:.3f}x | "
+                     f"{r['apollo-mini (rank 1, tensor)']:.3f}x | {r['grokadamw']:.2f}x |")
+    lines += ["", "![results](results.png)", ""]
+    (out / "RESULTS.md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fams = list(ov)
+    axes[0].bar(fams, [ov[f]["ratio"] for f in fams], color="tab:blue")
+    axes[0].axhline(1.02, color="red", linestyle="--", label="goal 1.02x")
+    axes[0].axhline(1.0, color="gray", linewidth=0.8)
+    axes[0].set_ylim(0.8, max(1.2, max(ov[f]["ratio"] for f in fams) + 0.05))
+    axes[0].set_title("step time: OptimizerMixin / by hand")
+    axes[0].legend()
+    axes[1].bar(list(vs), [vs[f]["ratio"] for f in vs], color="tab:orange")
+    axes[1].axhline(1.0, color="gray", linewidth=0.8)
+    axes[1].set_yscale("log")
+    axes[1].set_title("step time: Lightning + mixin / transformers Trainer (log)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=110)
+    print((out / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
