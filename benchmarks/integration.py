@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
@@ -238,17 +237,14 @@ def construction(repeats: int) -> dict:
     return out
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_child(family: str) -> None:
+    import _memory
+
     module = WithMixin(learning_rate=1e-3, **FAMILIES[family])
-    base = _rss()
+    lightning_fit(WithMixin(learning_rate=1e-3, **FAMILIES[family]), 2, None)  # Lightning's one-off set-up costs
+    base = _memory.start()
     lightning_fit(module, 4, None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"growth": max(0, peak - base),
+    print(json.dumps({"growth": _memory.growth_since(base),
                       "parameters": sum(p.numel() for p in module.parameters())}))
 
 
@@ -270,7 +266,8 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child)
         return
-    repeats, steps = (2, 8) if args.quick else (5, 30)
+    torch.set_num_threads(1)  # steadier timings on a shared 2-core machine (the same for both sides of each ratio)
+    repeats, steps = (2, 8) if args.quick else (7, 30)
     result = {"overhead": overhead(repeats, steps), "vs_trainer": vs_trainer(max(1, repeats // 2), steps),
               "construction": construction(repeats), "memory": memory(),
               "settings": {"repeats": repeats, "steps": steps, "batch": BATCH, "seq": SEQ}}

@@ -4,7 +4,7 @@
     our LOMO / our AdamW, our LOMO / lomo_optim's LOMO (the upstream O(P^2) hook), and AdaLomo likewise.
     The variants are interleaved (one step of each in turn) and the median over the repeats is reported.
 (b) peak memory growth of a training step over the weights alone, LOMO vs AdamW, on a Llama of >= 50M parameters,
-    each measured in a fresh process (peak resident memory, ru_maxrss).
+    each measured in a fresh process (peak resident memory above the weights: VmHWM reset before the steps).
 
     python benchmarks/lomo.py            # prints both tables, writes benchmarks/lomo.json
     python benchmarks/lomo.py --quick    # fewer repeats, smaller memory model (for tests)
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -115,11 +115,6 @@ def step_times(repeats: int, steps_per_repeat: int) -> dict:
             "median_seconds": median, "ratios": ratios}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_child(name: str, quick: bool) -> None:
     """In a fresh process: weights, then two training steps; print the peak growth over the weights."""
     shape = dict(layers=4, hidden=384, vocab=32000, intermediate=1024) if quick else \
@@ -128,13 +123,12 @@ def memory_child(name: str, quick: bool) -> None:
     params = sum(p.numel() for p in model.parameters())
     batch = torch.randint(0, 32000, (2, 64), generator=torch.Generator().manual_seed(0))
     variant = Variant(name, model)
-    base = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import _memory
+
+    base = _memory.start()  # weights (and nothing else of training) are resident here
     for _ in range(2):
         variant.step(batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"name": name, "parameters": params, "weights_rss": base,
-                      "growth": peak - max(base, peak_before) if peak > peak_before else 0}))
+    print(json.dumps({"name": name, "parameters": params, "weights_rss": base, "growth": _memory.growth_since(base)}))
 
 
 def memory(quick: bool) -> dict:

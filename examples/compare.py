@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,16 @@ RUNS = {
 }
 
 
-def _rss() -> int:
-    import os
+def _reset_peak() -> int:
+    """Reset the kernel's peak-RSS mark (Linux); return the resident bytes now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
 
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def run_one(name: str, steps: int) -> dict:
@@ -64,9 +68,9 @@ def run_one(name: str, steps: int) -> dict:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
                         val_check_interval=min(100, steps), limit_val_batches=20, num_sanity_val_steps=0)
-    base = _rss()
+    base = _reset_peak()
     trainer.fit(model, data)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_kib("VmHWM") * 1024
     return {"name": name, "losses": record.losses, "step_time": statistics.median(record.times[5:] or record.times),
             "val_loss": float(trainer.callback_metrics["val_loss"]), "peak_growth": max(0, peak - base),
             "settings": RUNS[name]}

@@ -17,6 +17,7 @@ process updated with its own local gradient. Here:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -207,16 +208,73 @@ def _clip_and_scale(grad: torch.Tensor, group: dict[str, Any], clip_coef: torch.
 
 
 class Lomo(InBackwardOptimizer):
-    """LOMO: SGD fused into backward (``lomo_optim.Lomo``'s update rule, fp32 arithmetic)."""
+    """LOMO: SGD fused into backward (``lomo_optim.Lomo``'s update rule, fp32 arithmetic).
+
+    With fp16 weights (``precision="16-true"``) or an fp16 loss it switches on LOMO's dynamic loss scaling, as
+    lomo_optim does for an fp16 loss: the loss is multiplied by the scale, the gradients divided by it, the two-pass norm is forced on
+    (clip at 1.0 when no ``clip_grad_norm`` was set) so that an overflow is seen before anything is written, and an
+    overflowed step is skipped with a warning while the scale halves. Unlike lomo_optim, whose scale only ever
+    shrinks, the scale grows back after ``scale_window`` steps without overflow. Its state is in the param groups.
+    """
 
     def __init__(self, model_or_params: nn.Module | Iterable[Any], lr: float = 1e-3, clip_grad_norm: float | None = None,
                  clip_grad_value: float | None = None, weight_decay: float = 0.0,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, init_loss_scale: float = 2.0**32,
+                 scale_window: int = 1000) -> None:
         params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
         defaults = dict(lr=lr, clip_grad_value=clip_grad_value, weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm=clip_grad_norm, bucket_bytes=bucket_bytes)
+        self.init_loss_scale, self.scale_window = float(init_loss_scale), int(scale_window)
 
-    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    # -- fp16: dynamic loss scaling (state in param_groups[0], so it is in state_dict) ------------------------------
+
+    @property
+    def _scaler(self) -> dict[str, Any] | None:
+        return self.param_groups[0].get("loss_scaler")
+
+    def _grad_scale(self) -> float:
+        scaler = self._scaler
+        return scaler["scale"] if scaler else 1.0
+
+    def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> None:
+        # lomo_optim switches on when the loss is fp16; a transformers model computes its loss in fp32 from fp16
+        # weights (the logits are upcast), and the gradients are fp16 all the same: look at the parameters too
+        if self._scaler is None and (loss.dtype == torch.float16 or any(
+                p.dtype == torch.float16 for g in self.param_groups for p in g["params"] if p.requires_grad)):
+            self.param_groups[0]["loss_scaler"] = {"scale": self.init_loss_scale, "iter": 0, "last_overflow": -1}
+        if self._scaler is not None and self.clip_grad_norm is None:
+            warnings.warn("fp16 loss scaling needs the two-pass norm to see overflows before any update: clipping "
+                          "the gradient norm at 1.0 (as lomo_optim does); set max_grad_norm to choose the value",
+                          UserWarning, stacklevel=2)
+            self.clip_grad_norm = 1.0
+        overflowed_before = self._skipped
+        super().fused_backward(loss, lr)
+        scaler = self._scaler
+        if scaler is not None and self._skipped == overflowed_before:  # a step without overflow
+            scaler["iter"] += 1
+            if (scaler["iter"] - scaler["last_overflow"]) % self.scale_window == 0:
+                scaler["scale"] *= 2.0
+
+    _skipped = 0
+
+    def _on_non_finite_norm(self, total: torch.Tensor) -> None:
+        scaler = self._scaler
+        if scaler is None:
+            super()._on_non_finite_norm(total)
+            return
+        if scaler["scale"] <= 1.0:
+            raise NonFiniteGradientError(
+                f"gradient overflow at fused step {self.steps_taken} with the loss scale already at 1: fp16 cannot "
+                "represent these gradients; training stops here"
+            )
+        warnings.warn(f"[LOMO] gradient overflow at fused step {self.steps_taken}: step skipped, loss scale "
+                      f"{scaler['scale']:g} -> {scaler['scale'] / 2:g}", UserWarning, stacklevel=2)
+        scaler["scale"] /= 2.0
+        scaler["last_overflow"] = scaler["iter"]
+        scaler["iter"] += 1
+        self._skipped += 1
+
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:  # noqa: D401
         """lomo_optim's per-parameter update, for a bucket at once (foreach ops: same arithmetic, fewer calls)."""
         by_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for p, g in zip(params, grads):

@@ -283,8 +283,8 @@ class OptimizerMixin:
         if spec.updates_in_backward and scaler is not None:
             raise MisconfigurationException(
                 f"precision={trainer.precision!r} (a GradScaler) cannot drive optim={spec.name!r}: the scaler checks "
-                "gradients after backward and none is left. Use precision='bf16-mixed', or '16-true' (fp16 weights, "
-                "LOMO's own dynamic loss scaling)"
+                "gradients after backward and none is left. Use precision='bf16-mixed', or '16-true' (fp16 weights; "
+                "lomo then applies LOMO's own dynamic loss scaling)"
             )
         if spec.layerwise and trainer.world_size > 1:
             raise MisconfigurationException(

@@ -90,6 +90,18 @@ class LlamaModule(OptimizerMixin, L.LightningModule):
         return loss
 
 
+class NanGradient(LlamaModule):
+    """A finite loss whose gradient is NaN at batch ``poison_batch`` (d/dw [0 * sqrt(0 * w)] = 0 * inf)."""
+
+    poison_batch = 1
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == self.poison_batch:
+            loss = loss + 0.0 * torch.sqrt(0.0 * self.model.lm_head.weight[0, 0])
+        return loss
+
+
 def lightning_trainer(max_steps: int, **kwargs) -> L.Trainer:
     defaults = dict(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,

@@ -15,7 +15,7 @@ from transformers import get_scheduler
 
 from lightning_optims import OptimizerMixin
 from lightning_optims.in_backward import AdaLomo, InBackwardOptimizer, Lomo, NonFiniteGradientError
-from tests.helpers import LlamaModule, lightning_trainer, loader, tiny_llama
+from tests.helpers import LlamaModule, NanGradient, lightning_trainer, loader, tiny_llama
 from tests.test_parity_transformers import cuda_calls_neutralised
 
 STEPS, BATCH = 6, 4
@@ -196,14 +196,8 @@ def test_refused_at_setup(trainer_kwargs, message):
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
-class Poisoned(LlamaModule):
-    """The third batch has a finite loss and a NaN gradient (d/dw sqrt(0 * w) * 0 = inf * 0)."""
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if batch_idx == 2:
-            loss = loss + 0.0 * torch.sqrt(0.0 * self.model.lm_head.weight[0, 0])
-        return loss
+class Poisoned(NanGradient):
+    poison_batch = 2  # the third step
 
 
 @pytest.mark.parametrize("name, max_grad_norm", [("lomo", 0.0), ("adalomo", 0.0), ("lomo", 1.0)])
@@ -258,3 +252,19 @@ def test_per_parameter_mode_frees_each_gradient_during_backward():
     opt.fused_backward(model(**next(iter(loader()))).loss)
     opt.remove_hooks()
     assert max(held) <= 1 and all(p.grad is None for p in params)
+
+
+def test_fp16_dynamic_loss_scaling_skips_overflowed_steps():
+    """16-true: fp16 weights and gradients. The first scales overflow the fp16 gradients: those steps are skipped
+    with a warning and the scale halves, then training proceeds; the scaler's state is in the state_dict."""
+    module = LlamaModule(model=tiny_llama(), optim="lomo", learning_rate=1e-2, max_grad_norm=1.0,
+                         optim_args={"init_loss_scale": 2.0**24})
+    before = {k: v.clone().half() for k, v in module.model.state_dict().items()}
+    with pytest.warns(UserWarning, match="gradient overflow at fused step 1: step skipped, loss scale 1.67772e"):
+        lightning_trainer(16, precision="16-true").fit(module, loader(n=64))
+    opt = module.trainer.optimizers[0]
+    scaler = opt.state_dict()["param_groups"][0]["loss_scaler"]
+    assert 1.0 < scaler["scale"] < 2.0**24 and 1 <= opt._skipped < 16 and scaler["iter"] == 16
+    weights = module.model.state_dict()
+    assert all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in weights.values())
+    assert not torch.equal(weights["lm_head.weight"], before["lm_head.weight"])

@@ -16,6 +16,9 @@ _COMMON = (
     Arg("clip_grad_value", float, None, help="clamp each gradient element to [-v, v]"),
     Arg("bucket_mb", float, 8.0, help="gradients are applied and freed in buckets of this size; 0: one by one"),
 )
+_LOMO = (
+    Arg("init_loss_scale", float, 2.0**32, help="fp16 (16-true) only: the first dynamic loss scale (lomo_optim's)"),
+)
 _ADALOMO = (
     Arg("loss_scale", float, 2.0**10, help="the loss is multiplied by this, the gradients divided by it"),
     Arg("clip_threshold", float, 1.0),
@@ -37,7 +40,7 @@ def _kwargs(ctx: BuildContext) -> dict:
     return kwargs
 
 
-for _name, _cls, _arguments in (("lomo", "Lomo", _COMMON), ("adalomo", "AdaLomo", _COMMON + _ADALOMO)):
+for _name, _cls, _arguments in (("lomo", "Lomo", _COMMON + _LOMO), ("adalomo", "AdaLomo", _COMMON + _ADALOMO)):
     register(OptimizerSpec(
         name=_name, target=f"lightning_optims.in_backward:{_cls}", family="lomo", params="model",
         arguments=_arguments, kwargs=_kwargs, updates_in_backward=True,
