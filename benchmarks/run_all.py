@@ -54,10 +54,11 @@ def main() -> None:
         "",
         f"Produced by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
         f"{datetime.date.today().isoformat()}: {os.cpu_count()} CPU cores, {platform.machine()}, {versions()}.",
-        "A shared, noisy machine: every figure is a ratio of two things measured side by side in the same run "
-        f"(interleaved, median of {integration['settings']['repeats']} repeats of {integration['settings']['steps']} "
-        "steps; Lightning step = `on_train_batch_start` to `on_train_batch_end`, Trainer step = `on_step_begin` to "
-        "`on_step_end`).",
+        "A shared, noisy machine: every figure is a ratio of two things measured side by side in the same run. "
+        f"Sections 1-2: median over {integration['settings']['repeats']} interleaved repeats (order alternated) of the "
+        f"median step of a {integration['settings']['steps']}-step fit, in CPU time of the process with one torch "
+        "thread (wall time on this machine varies by +-10% between identical runs); Lightning step = "
+        "`on_train_batch_start` to `on_train_batch_end`, Trainer step = `on_step_begin` to `on_step_end`.",
         "",
         "## 1. Integration overhead: OptimizerMixin / the same optimizer written by hand (goal <= 1.02x)",
         "",

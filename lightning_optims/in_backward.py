@@ -82,10 +82,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             handle.remove()
         self._handles.clear()
 
-    @property
-    def has_hooks(self) -> bool:
-        return bool(self._handles)
-
     def _hook(self, p: torch.Tensor) -> None:
         # on the hot path: one call per parameter per backward, so only bookkeeping here
         if self._active:  # outside fused_backward gradients accumulate as usual
@@ -274,7 +270,7 @@ class Lomo(InBackwardOptimizer):
         scaler["iter"] += 1
         self._skipped += 1
 
-    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:  # noqa: D401
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """lomo_optim's per-parameter update, for a bucket at once (foreach ops: same arithmetic, fewer calls)."""
         by_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for p, g in zip(params, grads):

@@ -53,6 +53,7 @@ def settings_for(name: str) -> dict:
         settings["optim_target_modules"] = [".*.self_attn.*", ".*.mlp.*"]
     if spec.layerwise or spec.family == "lomo":
         # layer-wise: refused otherwise; LOMO: the Trainer's clipping runs after the fused update and never acts
+        # (ours would clip: tests/test_lomo.py compares that with lomo_optim's two-pass clipping)
         settings["max_grad_norm"] = 0.0
     return settings
 
@@ -134,7 +135,7 @@ def test_construction_matches_trainer(tmp_path, name):
         assert type(ours).__name__ == type(hf_opt).__name__
         assert [n for g in named_groups(ours, our_model) for n in g[0]] == [n for n, _ in hf_model.named_parameters()]
         assert ours.param_groups[0]["lr"] == hf_opt.defaults["lr"] == ta.learning_rate
-        assert ours.clip_grad_norm == ta.max_grad_norm and hf_opt.clip_grad_norm is None  # ours clips; theirs never
+        assert ours.clip_grad_norm == (ta.max_grad_norm or None) and hf_opt.clip_grad_norm is None
         ours.remove_hooks()
         return
     # the same class, or (GrokAdamW, APOLLO, GaLore) a subclass with the same update whose state survives checkpoints
@@ -242,3 +243,11 @@ def test_training_matches_trainer(tmp_path, name):
     # the run moved the weights: equal weights are not just the initial ones
     assert not torch.allclose(tiny_llama().state_dict()["model.layers.0.mlp.up_proj.weight"],
                               ours["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_lomo_max_grad_norm_takes_effect_here_not_in_the_trainer(tmp_path):
+    ta = training_arguments(tmp_path, "lomo", max_grad_norm=0.5)
+    hf_opt = Trainer(model=tiny_llama(), args=ta).create_optimizer()
+    ours = create_optimizer(tiny_llama(), OptimizerArguments.from_training_arguments(ta))
+    assert hf_opt.clip_grad_norm is None and ours.clip_grad_norm == 0.5
+    ours.remove_hooks()

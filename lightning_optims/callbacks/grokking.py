@@ -36,8 +36,8 @@ class GrokkingSignalCallback(Callback):
         self.log_name = log_name
         self.last_signal: float | None = None
 
-    def _metric(self, trainer: L.Trainer, name: str) -> float | None:
-        value = trainer.callback_metrics.get(name)
+    def _metric(self, trainer: L.Trainer, name: str, metrics: dict | None = None) -> float | None:
+        value = (trainer.callback_metrics if metrics is None else metrics).get(name)
         if value is None:
             return None
         value = torch.as_tensor(value, dtype=torch.float32, device=trainer.strategy.root_device)
@@ -67,7 +67,8 @@ class GrokkingSignalCallback(Callback):
             values = [v for v in (fn() for fn in self.signal_fns) if v is not None]
             signal = sum(values) / len(values) if values else None
         else:
-            train, val = self._metric(trainer, self.train_metric), self._metric(trainer, self.val_metric)
+            metrics = trainer.callback_metrics  # a property that builds a dict: read it once per step
+            train, val = self._metric(trainer, self.train_metric, metrics), self._metric(trainer, self.val_metric, metrics)
             for group in groups:
                 group["grokking_signal_fns"] = None
                 # keep the last value until a new one is logged: the groups travel in the optimizer's state_dict,
