@@ -164,6 +164,17 @@ def overhead(repeats: int, steps: int) -> dict:
     return out
 
 
+def noise_floor(repeats: int, steps: int) -> dict:
+    """An A/A control: the same hand-written AdamW module against itself, in the same interleaved protocol. Its
+    distance from 1.0 is what this machine's noise alone does to one of the ratios above."""
+    settings = {"learning_rate": 1e-3, "optim": "adamw_torch", "max_grad_norm": 0.0}
+    a, b = [], []
+    for _ in range(repeats):
+        for times in (a, b):
+            times.append(statistics.median(lightning_fit(ByHand(settings, steps), steps, 1.0).times[3:]))
+    return {"a_s": statistics.median(a), "b_s": statistics.median(b), "ratio": statistics.median(a) / statistics.median(b)}
+
+
 class _Sequential(Trainer):
     def _get_train_sampler(self, *args, **kwargs):
         return SequentialSampler(self.train_dataset)
@@ -272,7 +283,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)  # steadier timings on a shared 2-core machine (the same for both sides of each ratio)
     repeats, steps = (2, 8) if args.quick else (8, 40)
-    result = {"overhead": overhead(repeats, steps), "vs_trainer": vs_trainer(max(1, repeats // 2), steps),
+    result = {"overhead": overhead(repeats, steps), "noise_floor": noise_floor(repeats, steps),
+              "vs_trainer": vs_trainer(max(1, repeats // 2), steps),
               "construction": construction(repeats), "memory": memory(),
               "settings": {"repeats": repeats, "steps": steps, "batch": BATCH, "seq": SEQ}}
     Path(args.out).write_text(json.dumps(result, indent=2))
