@@ -107,11 +107,11 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         scale = self._grad_scale()
         if scale != 1.0:
             torch._foreach_div_(grads, scale)
-        norms = list(torch._foreach_norm(grads, 2.0))
         if self._norm_pass:
-            self._norms.extend(norms)
+            self._norms.extend(torch._foreach_norm(grads, 2.0))
             return
-        if not bool(torch.isfinite(torch.stack(norms)).all()):
+        # after a norm pass every gradient was already seen finite; otherwise check this bucket before writing it
+        if self.clip_coef is None and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, 2.0))).all()):
             self._bad = True
             grads = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]  # leave those elements unchanged
         with torch.no_grad():
@@ -143,7 +143,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self.steps_taken += 1
         self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._before_backward()
-        scaled = loss * self._grad_scale() if self._grad_scale() != 1.0 else loss
+        scale = self._grad_scale()
+        scaled = loss * scale if scale != 1.0 else loss
         self.clip_coef = None
         self._active = True
         try:
