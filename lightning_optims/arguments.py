@@ -140,11 +140,30 @@ class OptimizerArguments:
                             f"lr_scheduler_kwargs: unknown key {key!r} for lr_scheduler_type={name!r}"
                             f"{closest(str(key), accepted)} (accepted: {', '.join(accepted) or 'none'})"
                         )
+        self._check_scheduler_builds(name, dict(kwargs))
         if self.warmup_steps and name in _NO_WARMUP_SCHEDULERS and "warmup_steps" not in spec.uses:
             raise OptimizerSettingError(
                 f"warmup_steps={self.warmup_steps!r} has no effect with lr_scheduler_type={name!r}; "
                 "use 'constant_with_warmup' or another schedule with warmup, or set warmup_steps=0"
             )
+
+    @staticmethod
+    def _check_scheduler_builds(name: str, kwargs: dict[str, Any]) -> None:
+        """Build the schedule once on a throw-away optimizer, so that what ``get_scheduler`` would refuse when
+        ``fit`` starts (``cosine_with_min_lr`` without ``min_lr`` / ``min_lr_rate``, ``warmup_stable_decay`` without
+        ``num_decay_steps``, a bad value) is refused now, naming the setting."""
+        import torch
+        from transformers import get_scheduler
+
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        try:
+            get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=1000,
+                          scheduler_specific_kwargs=kwargs or None)
+        except (TypeError, ValueError) as err:
+            raise OptimizerSettingError(
+                f"lr_scheduler_type={name!r} with lr_scheduler_kwargs={kwargs or None!r}: transformers' get_scheduler "
+                f"refuses it ({err})"
+            ) from None
 
     def _check_target_modules(self, spec) -> None:
         targets = self.optim_target_modules

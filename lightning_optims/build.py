@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import get_scheduler
+from transformers.optimization import GreedyLR
 
 from lightning_optims.arguments import OptimizerArguments
 from lightning_optims.layerwise import build_layerwise
-from lightning_optims.param_groups import decay_param_groups, low_rank_param_groups
+from lightning_optims.param_groups import decay_param_groups, low_rank_param_groups, target_parameter_names
 from lightning_optims.registry import BuildContext, get_spec
 
-__all__ = ["create_optimizer", "create_scheduler", "num_warmup_steps"]
+__all__ = ["GreedyLRScheduler", "ScheduledGroupsLambdaLR", "create_optimizer", "create_scheduler", "num_warmup_steps"]
 
 
 def create_optimizer(
@@ -37,13 +38,21 @@ def create_optimizer(
         params = decay_param_groups(model, args.weight_decay)
     elif spec.params == "low_rank":
         assert spec.target_group_kwargs is not None  # register() guarantees it
-        params = low_rank_param_groups(model, args.optim_target_modules, spec.name, spec.target_group_kwargs(ctx))
+        target_kwargs = spec.target_group_kwargs(ctx)
+        names = target_parameter_names(model, args.optim_target_modules, spec.name)
+        params = low_rank_param_groups(model, args.optim_target_modules, spec.name, target_kwargs, names)
         _warn_if_rank_too_large(params[1], spec.name)
+        # frozen targets too: a group added during training (BaseFinetuning unfreezing them) projects them as well
+        wanted = set(names)
+        low_rank_targets = ([p for n, p in model.named_parameters() if n in wanted], target_kwargs)
     else:
-        params = model
+        params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters are in no group
     if spec.layerwise:
-        return build_layerwise(optimizer_cls, params, kwargs)
-    optimizer = optimizer_cls(params, **kwargs)
+        optimizer = build_layerwise(optimizer_cls, params, kwargs)
+    else:
+        optimizer = optimizer_cls(params, **kwargs)
+    if spec.params == "low_rank":
+        optimizer.low_rank_targets = low_rank_targets
     if spec.post_build is not None:
         spec.post_build(optimizer, ctx)
     return optimizer
@@ -70,14 +79,47 @@ def num_warmup_steps(args: OptimizerArguments, num_training_steps: int) -> int:
     return int(w) if w >= 1 else math.ceil(num_training_steps * w)
 
 
+class ScheduledGroupsLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """transformers' ``LambdaLR`` schedules, tolerant of param groups added during training.
+
+    torch's ``LambdaLR`` has one factor per group and raises (``zip() argument 2 is shorter than argument 1``) once a
+    group is added, as Lightning's ``BaseFinetuning`` / ``BackboneFinetuning`` do when they unfreeze a backbone. Here
+    the groups the optimizer was built with follow the schedule, and a group added later keeps the learning rate
+    given to it by whoever added it (``BackboneFinetuning`` sets its backbone group's lr every epoch).
+    """
+
+    def scheduled_lrs(self) -> list[float]:
+        """The learning rates of the groups built with, at the current step."""
+        return [base_lr * factor(self.last_epoch) for factor, base_lr in zip(self.lr_lambdas, self.base_lrs)]
+
+    def get_lr(self) -> list[Any]:
+        scheduled = self.scheduled_lrs()
+        return scheduled + [group["lr"] for group in self.optimizer.param_groups[len(scheduled):]]
+
+
+class GreedyLRScheduler(GreedyLR, torch.optim.lr_scheduler.LRScheduler):
+    """transformers' ``GreedyLR`` as a Lightning-compatible scheduler (Lightning accepts only ``LRScheduler`` and
+    ``ReduceLROnPlateau`` instances); the behaviour is ``GreedyLR``'s. Stepped with the monitored metric after each
+    validation, as the Trainer steps it after each evaluation."""
+
+
 def create_scheduler(
     optimizer: torch.optim.Optimizer, args: OptimizerArguments, num_training_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """``transformers.get_scheduler`` with the Trainer's warmup rule and ``lr_scheduler_kwargs``."""
-    return get_scheduler(
+    """``transformers.get_scheduler`` with the Trainer's warmup rule and ``lr_scheduler_kwargs``.
+
+    The schedules built on ``LambdaLR`` become :class:`ScheduledGroupsLambdaLR` (same learning rates; a param group
+    added later keeps its own), ``greedy`` a :class:`GreedyLRScheduler`.
+    """
+    if args.lr_scheduler_type == "greedy":
+        return GreedyLRScheduler(optimizer, **(args.lr_scheduler_kwargs or {}))
+    scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,
         num_warmup_steps=num_warmup_steps(args, num_training_steps),
         num_training_steps=num_training_steps,
         scheduler_specific_kwargs=args.lr_scheduler_kwargs,
     )
+    if type(scheduler) is torch.optim.lr_scheduler.LambdaLR:
+        scheduler.__class__ = ScheduledGroupsLambdaLR  # same state; only get_lr differs, for added groups
+    return scheduler

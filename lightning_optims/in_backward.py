@@ -66,13 +66,30 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._norm_pass = False
         self._norms: list[torch.Tensor] = []
         self._bad = False
+        self._handles: list[Any] = []
+        self._hooked: set[torch.Tensor] = set()
+        self._sync_params()
+
+    def _sync_params(self) -> None:
+        """Index the parameters of ``param_groups`` and hook every trainable one not hooked yet.
+
+        Runs at construction, when a group is added (``BaseFinetuning`` unfreezing a backbone) and before each fused
+        backward if the groups were replaced (``BaseFinetuning`` restoring its groups on resume assigns
+        ``param_groups``), so every parameter in a group is updated: none is left without its hook.
+        """
         # group *indices*: load_state_dict replaces the group dicts, and the lr a scheduler sets is in the new ones
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        self._nbytes = {p: p.numel() * p.element_size() for g in self.param_groups for p in g["params"]}
-        self._handles = [
-            p.register_post_accumulate_grad_hook(self._hook)
-            for g in self.param_groups for p in g["params"] if p.requires_grad
-        ]
+        self._nbytes = {p: p.numel() * p.element_size() for p in self._group_index}
+        for p in self._group_index:
+            if p.requires_grad and p not in self._hooked:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+                self._hooked.add(p)
+        self._layout = [len(g["params"]) for g in self.param_groups]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_hooked"):  # (torch's __init__ adds the first groups before the hooks exist)
+            self._sync_params()
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
@@ -81,6 +98,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooked.clear()
 
     def _hook(self, p: torch.Tensor) -> None:
         # on the hot path: one call per parameter per backward, so only bookkeeping here
@@ -141,6 +159,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 group["lr"] = lr
         self.steps_taken += 1
+        if [len(g["params"]) for g in self.param_groups] != self._layout:
+            self._sync_params()
         self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._before_backward()
         scale = self._grad_scale()
@@ -182,11 +202,24 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Run ``closure`` (forward + :meth:`fused_backward`); the updates happen inside it."""
+        """Run ``closure`` (forward + :meth:`fused_backward`); the updates happen inside it.
+
+        A closure whose backward did not go through :meth:`fused_backward` (a module's ``backward`` override that
+        calls ``loss.backward()`` instead of ``super().backward(loss)``) leaves gradients and updates nothing: that
+        is refused here, before any later step."""
         if closure is None:
             return None
+        before = self.steps_taken
         with torch.enable_grad():
-            return closure()
+            loss = closure()
+        if self.steps_taken == before and any(p.grad is not None for p in self._group_index):
+            self.zero_grad()
+            raise RuntimeError(
+                f"{type(self).__name__}: backward ran outside fused_backward, so no parameter was updated by this "
+                "step (its gradients were dropped). With OptimizerMixin the module's backward hook runs the fused "
+                "backward: an override of backward must call super().backward(loss)"
+            )
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # gradients are consumed in the hooks; clear any that accumulated outside fused_backward
@@ -194,6 +227,13 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def _trainable(model_or_params: nn.Module | Iterable[Any]) -> Iterable[Any]:
+    """A model's trainable parameters (a frozen one is in no group; unfreezing adds it with ``add_param_group``)."""
+    if isinstance(model_or_params, nn.Module):
+        return [p for p in model_or_params.parameters() if p.requires_grad]
+    return model_or_params
 
 
 def _clip_and_scale(grad: torch.Tensor, group: dict[str, Any], clip_coef: torch.Tensor | None) -> None:
@@ -218,7 +258,7 @@ class Lomo(InBackwardOptimizer):
                  clip_grad_value: float | None = None, weight_decay: float = 0.0,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, init_loss_scale: float = 2.0**32,
                  scale_window: int = 1000) -> None:
-        params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+        params = _trainable(model_or_params)
         defaults = dict(lr=lr, clip_grad_value=clip_grad_value, weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm=clip_grad_norm, bucket_bytes=bucket_bytes)
         self.init_loss_scale, self.scale_window = float(init_loss_scale), int(scale_window)
@@ -307,7 +347,7 @@ class AdaLomo(InBackwardOptimizer):
                  eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
                  clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
                  weight_decay: float = 0.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-        params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+        params = _trainable(model_or_params)
         defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
                         clip_grad_value=clip_grad_value, weight_decay=weight_decay, step=0)
         self.loss_scale = loss_scale

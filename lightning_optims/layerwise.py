@@ -24,10 +24,39 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     - ``state_dict()`` holds every inner optimizer's state; :meth:`remove_hooks` detaches the hooks.
     """
 
-    def __init__(self, optimizer_dict: dict[torch.Tensor, torch.optim.Optimizer], lr: float) -> None:
+    low_rank_targets: Any = None  # (target parameters, target group options), set by create_optimizer
+
+    def __init__(self, optimizer_dict: dict[torch.Tensor, torch.optim.Optimizer], lr: float,
+                 inner_factory: Callable[[dict[str, Any]], torch.optim.Optimizer] | None = None) -> None:
         self.optimizer_dict = optimizer_dict
-        super().__init__([torch.zeros(1, requires_grad=True)], {"lr": lr})
+        self._inner_factory = inner_factory
+        self._group_of: dict[torch.Tensor, int] = {}  # params of groups added later; the rest use group 0's lr
+        # group 0 holds the parameters built with (their lr is its lr); Lightning's BaseFinetuning maps every
+        # parameter of the groups to a module name, so no placeholder tensor may stand here
+        super().__init__(list(optimizer_dict) or [torch.zeros(1, requires_grad=True)], {"lr": lr})
         self._hook_handles: list[Any] = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """A group added during training (``BaseFinetuning``): an inner optimizer per parameter, with the group's
+        options (and the target options for parameters ``optim_target_modules`` selects), stepped in its hook with
+        this group's learning rate."""
+        if not hasattr(self, "_hook_handles"):  # group 0, from __init__
+            super().add_param_group(param_group)
+            return
+        if self._inner_factory is None:
+            raise TypeError("this LayerwiseOptimizer was built without an inner_factory: it cannot add param groups")
+        from lightning_optims.optimizers import split_added_group
+
+        for part in split_added_group(param_group, self.low_rank_targets):
+            part.pop("follows_group", None)  # each parameter has its own inner optimizer: one group per lr is enough
+            super().add_param_group({"params": part["params"], "lr": part.get("lr", self.param_groups[0]["lr"])})
+            index = len(self.param_groups) - 1
+            options = {k: v for k, v in part.items() if k not in ("params", "lr")}
+            for param in self.param_groups[index]["params"]:
+                self.optimizer_dict[param] = self._inner_factory({"params": [param], **options})
+                self._group_of[param] = index
+                if param.requires_grad:
+                    self._hook_handles.append(param.register_post_accumulate_grad_hook(self._step_one))
 
     def _step_one(self, param: torch.Tensor) -> None:
         if param.grad is not None:
@@ -38,8 +67,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     "stops here (parameters whose gradients arrived earlier in this backward were updated)"
                 )
             inner = self.optimizer_dict[param]
+            lr = self.param_groups[self._group_of.get(param, 0)]["lr"]
             for group in inner.param_groups:
-                group["lr"] = self.param_groups[0]["lr"]
+                group["lr"] = lr
             inner.step()
             inner.zero_grad(set_to_none=True)
 
@@ -87,6 +117,7 @@ def build_layerwise(optimizer_cls: type, param_groups: list[dict[str, Any]], kwa
         options = {k: v for k, v in group.items() if k != "params"}
         for param in group["params"]:
             optimizer_dict[param] = optimizer_cls([{"params": [param], **options}], **kwargs)
-    optimizer = LayerwiseOptimizer(optimizer_dict, lr=kwargs["lr"])
+    optimizer = LayerwiseOptimizer(optimizer_dict, lr=kwargs["lr"],
+                                   inner_factory=lambda group: optimizer_cls([group], **kwargs))
     optimizer.register_hooks()
     return optimizer

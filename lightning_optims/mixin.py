@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import (
+    GradientAccumulationScheduler,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -18,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
-from lightning_optims.build import create_optimizer, create_scheduler
+from lightning_optims.build import ScheduledGroupsLambdaLR, create_optimizer, create_scheduler
 from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
 
@@ -29,11 +36,65 @@ _CHECKPOINT_KEY = "lightning_optims"
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 # schedulers that step on a monitored metric after validation rather than every optimizer step
 _METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+#: the metric those schedulers step on (transformers' Trainer uses the evaluation loss)
+METRIC_SCHEDULER_MONITOR = "val_loss"
+#: the Lightning hooks the mixin implements: an override must call ``super()``, or the mixin's work is skipped
+MIXIN_HOOKS = (
+    "configure_optimizers", "configure_callbacks", "configure_gradient_clipping", "backward", "setup",
+    "on_save_checkpoint", "on_load_checkpoint", "on_train_start",
+)
+_HOOK_ROLES = {
+    "configure_optimizers": "building the optimizer and scheduler from the settings",
+    "configure_callbacks": "adding the callbacks this optimizer needs at run time",
+    "configure_gradient_clipping": "clipping at max_grad_norm",
+    "backward": "the finite-loss check and, for LOMO / AdaLomo, the fused update of every parameter",
+    "setup": "the check that LightningCLI's --optimizer did not replace configure_optimizers",
+    "on_save_checkpoint": "recording the settings in the checkpoint",
+    "on_load_checkpoint": "the resume checks (same optim and settings; a changed learning_rate applied)",
+    "on_train_start": "applying a learning_rate changed on resume or by the learning-rate finder",
+}
+SETTINGS = tuple(f.name for f in dataclasses.fields(OptimizerArguments) if f.init)
+
+
+def _calls_super(function: Any, hook: str) -> bool:
+    """Whether ``function``'s code (or a function nested in it) names ``super`` or ``OptimizerMixin`` and ``hook``:
+    the mark of ``super().hook(...)`` / ``OptimizerMixin.hook(self, ...)``. A function without both cannot call the
+    mixin's hook."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return True  # not plain Python (a C function, a partial...): nothing to read, assume it does
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        names = set(c.co_names) | set(c.co_freevars)
+        if hook in names and ("super" in names or "OptimizerMixin" in names or "__class__" in c.co_freevars):
+            return True
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return False
+
+
+def _setting(name: str) -> property:
+    def fget(self: Any) -> Any:
+        return getattr(self.optimizer_arguments, name)
+
+    def fset(self: Any, value: Any) -> None:
+        self._set_settings(**{name: value})
+
+    return property(fget, fset, doc=f"The ``{name}`` setting (validated when set; see OptimizerArguments).")
 
 
 def _plain_data_parallel(strategy: Any) -> bool:
     """One device, or DDP with whole parameters on every process (DeepSpeed subclasses DDPStrategy: not it)."""
     return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, SHARDED_STRATEGIES)
+
+
+def _runs_validation(trainer: Any, module: Any) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if not is_overridden("validation_step", module) or trainer.limit_val_batches == 0:
+        return False
+    source = getattr(getattr(trainer.fit_loop.epoch_loop, "val_loop", None), "_data_source", None)
+    return source is None or source.is_defined()
 
 
 class OptimizerMixin:
@@ -92,6 +153,7 @@ class OptimizerMixin:
             max_grad_norm: clip the global gradient norm to this value before each step; 0 disables.
         """
         super().__init__(*args, **kwargs)
+        self._built_optimizer: Any = None
         self.optimizer_arguments = OptimizerArguments(
             optim=optim, optim_args=optim_args, optim_target_modules=optim_target_modules,
             learning_rate=learning_rate, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
@@ -102,6 +164,59 @@ class OptimizerMixin:
     @property
     def optimizer_spec(self) -> OptimizerSpec:
         return get_spec(self.optimizer_arguments.optim)
+
+    def _set_settings(self, **changes: Any) -> None:
+        """Change settings (``model.learning_rate = 3e-4``; Lightning's tuner does it through ``lightning_setattr``):
+        validated as the constructor validates them, recorded in ``hparams`` where ``save_hyperparameters()`` put
+        them, and, while a fit has its optimizer, applied to it (a new ``learning_rate`` rescales the learning rates
+        of the schedule from the current step on; another setting cannot change under a running optimizer)."""
+        old = self.optimizer_arguments
+        new = OptimizerArguments(**{**old.as_kwargs(), **changes})
+        trainer = getattr(self, "_trainer", None)
+        optimizers = trainer.optimizers if trainer is not None else []
+        if optimizers and self._built_optimizer is not None and self._built_optimizer in optimizers:
+            fixed = [k for k in changes if k != "learning_rate" and getattr(new, k) != getattr(old, k)]
+            if fixed:
+                raise MisconfigurationException(
+                    f"{', '.join(f'{k}={getattr(new, k)!r}' for k in fixed)}: this setting cannot change while a fit "
+                    f"has built its optimizer (optim={old.optim!r}); set it before Trainer.fit"
+                )
+            if old.learning_rate and new.learning_rate != old.learning_rate:
+                self._scale_learning_rate(new.learning_rate / old.learning_rate)
+        self.optimizer_arguments = new
+        hparams = self.__dict__.get("_hparams")
+        if hparams is not None:
+            for key in changes:
+                if key in hparams:
+                    hparams[key] = getattr(new, key)
+
+    def _scale_learning_rate(self, ratio: float) -> None:
+        """Multiply the learning rate of the running fit: the optimizer's groups and the scheduler's base rates."""
+        trainer = self.trainer  # type: ignore[attr-defined]
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] *= ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] *= ratio
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [lr * ratio for lr in config.scheduler.base_lrs]
+
+    def _check_hook_overrides(self) -> None:
+        """Refuse, when ``fit`` starts, an override of one of the mixin's hooks that does not call ``super()``: the
+        mixin's work there (LOMO's fused backward, clipping at ``max_grad_norm``, the resume checks, its callbacks)
+        would be skipped without a word."""
+        for hook in MIXIN_HOOKS:
+            for cls in type(self).__mro__:
+                if cls is OptimizerMixin:
+                    break
+                function = vars(cls).get(hook)
+                if function is not None and not _calls_super(function, hook):
+                    raise MisconfigurationException(
+                        f"{cls.__name__}.{hook} overrides a hook that OptimizerMixin implements, without calling "
+                        f"super().{hook}(...): {_HOOK_ROLES[hook]} would silently not happen. Call "
+                        f"super().{hook}(...) in it (as in any cooperative mixin)"
+                    )
 
     def optimized_module(self) -> nn.Module:
         """The module whose parameters are optimized and whose module names the settings refer to."""
@@ -122,6 +237,7 @@ class OptimizerMixin:
 
     def configure_optimizers(self) -> dict[str, Any]:
         args = self.optimizer_arguments
+        self._check_hook_overrides()
         self._check_trainer_settings()
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
@@ -139,17 +255,32 @@ class OptimizerMixin:
             wrapped = self.trainer.strategy.model
             if isinstance(wrapped, DistributedDataParallel):
                 wrapped.require_backward_grad_sync = False
+        if self.optimizer_spec.has_train_eval_modes:
+            # train mode from the start (no weight moves: there is no second sequence yet), so that steps taken
+            # without ScheduleFreeCallback (the learning-rate finder's trial run replaces all callbacks) work
+            optimizer.train()
         scheduler = create_scheduler(optimizer, args, total_steps or 0)
+        self._built_optimizer = optimizer
+        self._built_total_steps = total_steps
         if args.lr_scheduler_type in _METRIC_SCHEDULERS:
-            config = {"scheduler": scheduler, "interval": "epoch", "monitor": "val_loss", "frequency": 1}
+            config = {"scheduler": scheduler, "interval": "epoch", "monitor": METRIC_SCHEDULER_MONITOR,
+                      "frequency": 1, "reduce_on_plateau": True}
         else:
             config = {"scheduler": scheduler, "interval": "step", "frequency": 1}
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def configure_callbacks(self) -> list[Any]:
         callbacks: list[Any] = list(super().configure_callbacks() or [])  # type: ignore[misc]
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # type: ignore[attr-defined]
+            self._check_hook_overrides()
         present = [] if self._trainer is None else self.trainer.callbacks  # type: ignore[attr-defined]
-        for cls in self.optimizer_spec.callback_classes():  # what the spec says this optimizer needs at run time
+        needed = self.optimizer_spec.callback_classes()  # what the spec says this optimizer needs at run time
+        if not getattr(self, "automatic_optimization", True) and self.optimizer_arguments.lr_scheduler_type not in (
+                "constant", *_METRIC_SCHEDULERS):
+            from lightning_optims.callbacks.manual import ManualSchedulerCheck
+
+            needed.append(ManualSchedulerCheck)
+        for cls in needed:
             if not any(isinstance(c, cls) for c in [*present, *callbacks]):
                 callbacks.append(cls())
         return callbacks
@@ -228,36 +359,102 @@ class OptimizerMixin:
         ratio = getattr(self, "_resume_lr_ratio", 1.0)
         self._resume_lr_ratio = 1.0
         if ratio != 1.0:
-            trainer = self.trainer  # type: ignore[attr-defined]
-            for optimizer in trainer.optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] *= ratio
-                    if "initial_lr" in group:
-                        group["initial_lr"] *= ratio
-            for config in trainer.lr_scheduler_configs:
-                if hasattr(config.scheduler, "base_lrs"):
-                    config.scheduler.base_lrs = [lr * ratio for lr in config.scheduler.base_lrs]
+            self._scale_learning_rate(ratio)
+        self._resync_schedule()
         super().on_train_start()  # type: ignore[misc]
 
+    def _resync_schedule(self) -> None:
+        """Before the first step of a fit, make the schedule agree with what happened since configure_optimizers:
+
+        - ``BatchSizeFinder`` changed the batch size, and with it the number of training steps the schedule spans:
+          it is rebuilt over the new count (nothing has been trained yet: the finder restores the weights);
+        - ``LearningRateFinder`` wrote its suggestion into every group's lr (warmup included): the groups get the
+          scheduled lr of the current step again, now from the new base rate.
+        """
+        trainer = self.trainer  # type: ignore[attr-defined]
+        if self._built_optimizer is None or self._built_optimizer not in trainer.optimizers:
+            return
+        configs = [c for c in trainer.lr_scheduler_configs if getattr(c.scheduler, "optimizer", None)
+                   is self._built_optimizer]
+        if not configs:
+            return
+        config = configs[0]
+        if trainer.global_step == 0 and self._built_total_steps is not None:
+            total = trainer.estimated_stepping_batches
+            if math.isfinite(total) and int(total) != self._built_total_steps:
+                self._built_total_steps = int(total)
+                initial = [g.get("initial_lr", g["lr"]) for g in self._built_optimizer.param_groups]
+                for group, lr in zip(self._built_optimizer.param_groups, initial):
+                    group["lr"] = lr
+                config.scheduler = create_scheduler(self._built_optimizer, self.optimizer_arguments, int(total))
+        scheduler = config.scheduler
+        if isinstance(scheduler, ScheduledGroupsLambdaLR):
+            for group, lr in zip(self._built_optimizer.param_groups, scheduler.scheduled_lrs()):
+                group["lr"] = lr
+
     # -- checks ---------------------------------------------------------------------------------------------------
+
+    def _check_callbacks(self, trainer: Any) -> None:
+        """Lightning callbacks that change what trains, where this optimizer cannot honour them."""
+        spec = self.optimizer_spec
+        for callback in getattr(trainer, "callbacks", []):
+            name = type(callback).__name__
+            if spec.updates_in_backward and isinstance(callback, GradientAccumulationScheduler):
+                factors = {k: v for k, v in callback.scheduling.items() if v != 1}
+                if factors:
+                    raise MisconfigurationException(
+                        f"{name}(scheduling={factors}) cannot work with optim={spec.name!r}: it updates "
+                        "each parameter during backward and keeps no gradient to accumulate. Remove the callback "
+                        "(or use a non-in-backward optimizer, e.g. adamw_torch or adafactor, to accumulate)"
+                    )
+            if spec.has_train_eval_modes and isinstance(callback, (StochasticWeightAveraging, WeightAveraging)):
+                raise MisconfigurationException(
+                    f"{name} cannot be combined with optim={spec.name!r}: a schedule-free optimizer already averages "
+                    "its iterates (its eval-mode weights are the average), and the weights that callback averages "
+                    "switch between the train and eval sequences (after each validation), while the optimizer's "
+                    "eval() at the end would move the averaged weights again. Remove the callback, or use a "
+                    "scheduled optimizer (e.g. adamw_torch) with it"
+                )
 
     def _check_trainer_settings(self, trainer: Any = None) -> None:
         """Refuse, before any step, Trainer settings this optimizer cannot honour (called by configure_optimizers)."""
         trainer = trainer if trainer is not None else self.trainer  # type: ignore[attr-defined]
         args = self.optimizer_arguments
+        spec = self.optimizer_spec
+        if spec.updates_in_backward and trainer.gradient_clip_val:
+            if spec.layerwise:
+                advice = "remove gradient_clip_val (nothing can clip a layer-wise optimizer: each parameter is " \
+                         "stepped as soon as its gradient exists)"
+            elif args.max_grad_norm > 0:
+                advice = f"remove gradient_clip_val: max_grad_norm={args.max_grad_norm!r} already clips the global " \
+                         "gradient norm inside the fused backward"
+            else:
+                advice = f"remove gradient_clip_val and set max_grad_norm={trainer.gradient_clip_val!r} (LOMO's " \
+                         "global-norm clipping, inside the fused backward)"
+            raise MisconfigurationException(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) cannot clip optim={spec.name!r}: it "
+                f"updates each parameter during backward and leaves no gradient for the Trainer to clip; {advice}"
+            )
         if trainer.gradient_clip_val and args.max_grad_norm > 0:
             raise MisconfigurationException(
                 f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) and max_grad_norm={args.max_grad_norm!r} "
                 "both ask for gradient clipping: keep max_grad_norm (transformers' setting, global L2 norm) and drop "
                 "gradient_clip_val, or set max_grad_norm=0 to let the Trainer clip"
             )
-        spec = self.optimizer_spec
-        if spec.updates_in_backward and trainer.gradient_clip_val:
+        self._check_callbacks(trainer)
+        if not getattr(self, "automatic_optimization", True) and args.max_grad_norm > 0 and not spec.updates_in_backward:
             raise MisconfigurationException(
-                f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) cannot clip optim={spec.name!r}: it "
-                "updates each parameter during backward and leaves no gradient to clip. "
-                + ("Use max_grad_norm (LOMO's global-norm clipping) or optim_args clip_grad_value instead."
-                   if not spec.layerwise else "Remove gradient_clip_val.")
+                f"max_grad_norm={args.max_grad_norm!r} with manual optimization (automatic_optimization=False): "
+                "Lightning does not clip in manual optimization, so it would silently not apply. Set "
+                "max_grad_norm=0 and clip in training_step before opt.step(): "
+                f"self.clip_gradients(opt, gradient_clip_val={args.max_grad_norm!r}, gradient_clip_algorithm='norm')"
+            )
+        if args.lr_scheduler_type in _METRIC_SCHEDULERS and not _runs_validation(trainer, self):
+            raise MisconfigurationException(
+                f"lr_scheduler_type={args.lr_scheduler_type!r} steps on the logged {METRIC_SCHEDULER_MONITOR!r} after "
+                f"each validation, and this fit runs no validation (no validation_step, no val dataloader, or "
+                "limit_val_batches=0): give it validation that logs 'val_loss', or choose a schedule over steps "
+                "(linear, cosine, constant, ...)"
             )
         if spec.updates_in_backward and trainer.accumulate_grad_batches != 1:
             raise MisconfigurationException(
@@ -293,6 +490,9 @@ class OptimizerMixin:
                 f"{trainer.world_size} processes is not supported; use the non-layerwise optimizer"
             )
 
+
+for _name in SETTINGS:  # model.learning_rate, model.optim, ...: read and set through the validated settings
+    setattr(OptimizerMixin, _name, _setting(_name))
 
 # --help (LightningCLI reads this docstring) lists the registered names
 OptimizerMixin.__init__.__doc__ = (OptimizerMixin.__init__.__doc__ or "").replace(

@@ -110,8 +110,65 @@ def _projector_from_state(state: dict[str, Any]) -> Any:
     return projector
 
 
+def split_added_group(group: dict[str, Any], low_rank_targets: Any) -> list[dict[str, Any]]:
+    """A param group added during training, as the build would have grouped it: its parameters that
+    ``optim_target_modules`` selects get the target group's options (projection), the others none.
+
+    ``low_rank_targets`` is ``(target parameters, target group options)`` (set by ``create_optimizer``). With both
+    kinds present the result is ``[others, targets]``; the first has ``follows_group`` pointing at the second, whose
+    learning rate it takes before every step (callbacks such as ``BackboneFinetuning`` set the lr of the group they
+    added, the last one).
+    """
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    if low_rank_targets is None or "rank" in group:
+        return [{**group, "params": params}]
+    targets, options = low_rank_targets
+    target_ids = {id(p) for p in targets}
+    chosen = [p for p in params if id(p) in target_ids]
+    if not chosen:
+        return [{**group, "params": params}]
+    projected = {**group, **options, "params": chosen}
+    if len(chosen) == len(params):
+        return [projected]
+    return [{**group, "params": [p for p in params if id(p) not in target_ids], "follows_group": None}, projected]
+
+
+def follow_leader_lrs(param_groups: list[dict[str, Any]]) -> None:
+    """Give each group split off an added group the learning rate of the part it was split from."""
+    for group in param_groups:
+        leader = group.get("follows_group")
+        if leader is not None:
+            group["lr"] = param_groups[leader]["lr"]
+
+
 class ProjectorStateMixin:
-    """``state_dict`` with projector objects as plain data; ``load_state_dict`` rebuilds them."""
+    """``state_dict`` with projector objects as plain data; ``load_state_dict`` rebuilds them.
+
+    A param group added during training (``BaseFinetuning``) is split as the build splits the model: target modules
+    projected, the rest not (see :func:`split_added_group`), and APOLLO's random projections get their seeds.
+    """
+
+    low_rank_targets: Any = None
+    _seeded_projections = False  # APOLLO seeds each random projection with the parameter's position
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        parts = split_added_group(param_group, self.low_rank_targets)
+        for part in parts:
+            if "follows_group" in part:
+                part["follows_group"] = len(self.param_groups) + 1  # the part added right after it
+            super().add_param_group(part)  # type: ignore[misc]
+        if self._seeded_projections:
+            position = 0  # as APOLLOAdamW.__init__: 1-based position among all parameters, trainable ones seeded
+            for group in self.param_groups:  # type: ignore[attr-defined]
+                for p in group["params"]:
+                    position += 1
+                    if p.requires_grad and "seed" not in self.state[p]:  # type: ignore[attr-defined]
+                        self.state[p]["seed"] = position  # type: ignore[attr-defined]
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        follow_leader_lrs(self.param_groups)  # type: ignore[attr-defined]
+        return super().step(closure)  # type: ignore[misc]
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()  # type: ignore[misc]
@@ -142,6 +199,8 @@ class ProjectorStateMixin:
 
 class APOLLOAdamW(ProjectorStateMixin, _UpstreamAPOLLOAdamW):
     """``apollo_torch.APOLLOAdamW`` whose checkpoints load with ``weights_only=True`` and resume exactly."""
+
+    _seeded_projections = True
 
 
 def _galore(name: str) -> type:

@@ -68,11 +68,13 @@ def _sample_linear_names(model: nn.Module) -> str:
 
 
 def low_rank_param_groups(
-    model: nn.Module, target_modules: str | list[str], optim: str, target_group_kwargs: dict[str, Any]
+    model: nn.Module, target_modules: str | list[str], optim: str, target_group_kwargs: dict[str, Any],
+    target_names: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """``[non-target params, target params + kwargs]`` (transformers' _setup_low_rank_optimizer)."""
-    targets = set(target_parameter_names(model, target_modules, optim))
-    named = list(model.named_parameters())
+    """``[non-target params, target params + kwargs]`` (transformers' _setup_low_rank_optimizer), trainable
+    parameters only (transformers also puts frozen ones in these groups)."""
+    targets = set(target_names if target_names is not None else target_parameter_names(model, target_modules, optim))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
         {"params": [p for n, p in named if n not in targets]},
         {"params": [p for n, p in named if n in targets], **target_group_kwargs},

@@ -39,6 +39,20 @@ def _mark_train_mode(optimizer: Any) -> None:
             group["train_mode"] = True
 
 
+def _sync_added_groups(optimizer: Any) -> None:
+    """A param group added during training (``BaseFinetuning``) gets the optimizer's defaults, ``train_mode=False``
+    among them, while the others may be in train mode: schedulefree's ``step`` reads only the first group's flag, and
+    ``eval()`` / ``train()`` would then move the new group's weights the wrong way. A group whose parameters have no
+    second sequence yet (nothing to move) takes the first group's mode."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    if not groups or "train_mode" not in groups[0]:
+        return
+    mode = groups[0]["train_mode"]
+    for group in groups[1:]:
+        if group.get("train_mode") != mode and not any("z" in optimizer.state.get(p, {}) for p in group["params"]):
+            group["train_mode"] = mode
+
+
 def _averaged_params(optimizer: Any) -> list[torch.Tensor]:
     """Parameters for which the optimizer holds a second sequence (``z``), i.e. whose train and eval points differ."""
     return [p for g in optimizer.param_groups for p in g["params"] if "z" in optimizer.state.get(p, {})]
@@ -99,6 +113,7 @@ class ScheduleFreeCallback(Callback):
         if self._resume_weights is not None:
             self._restore_resume_weights(optimizers, pl_module)
         for opt in optimizers:
+            _sync_added_groups(opt)
             if not in_train_mode(opt):
                 opt.train()
 
