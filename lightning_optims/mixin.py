@@ -154,6 +154,7 @@ class OptimizerMixin:
         """
         super().__init__(*args, **kwargs)
         self._built_optimizer: Any = None
+        self._built_scheduler: Any = None
         self.optimizer_arguments = OptimizerArguments(
             optim=optim, optim_args=optim_args, optim_target_modules=optim_target_modules,
             learning_rate=learning_rate, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
@@ -260,8 +261,7 @@ class OptimizerMixin:
             # without ScheduleFreeCallback (the learning-rate finder's trial run replaces all callbacks) work
             optimizer.train()
         scheduler = create_scheduler(optimizer, args, total_steps or 0)
-        self._built_optimizer = optimizer
-        self._built_total_steps = total_steps
+        self._built_optimizer, self._built_scheduler, self._built_total_steps = optimizer, scheduler, total_steps
         if args.lr_scheduler_type in _METRIC_SCHEDULERS:
             config = {"scheduler": scheduler, "interval": "epoch", "monitor": METRIC_SCHEDULER_MONITOR,
                       "frequency": 1, "reduce_on_plateau": True}
@@ -374,10 +374,9 @@ class OptimizerMixin:
         trainer = self.trainer  # type: ignore[attr-defined]
         if self._built_optimizer is None or self._built_optimizer not in trainer.optimizers:
             return
-        configs = [c for c in trainer.lr_scheduler_configs if getattr(c.scheduler, "optimizer", None)
-                   is self._built_optimizer]
+        configs = [c for c in trainer.lr_scheduler_configs if c.scheduler is self._built_scheduler]
         if not configs:
-            return
+            return  # not our schedule (the learning-rate finder's trial run has its own)
         config = configs[0]
         if trainer.global_step == 0 and self._built_total_steps is not None:
             total = trainer.estimated_stepping_batches
@@ -387,6 +386,7 @@ class OptimizerMixin:
                 for group, lr in zip(self._built_optimizer.param_groups, initial):
                     group["lr"] = lr
                 config.scheduler = create_scheduler(self._built_optimizer, self.optimizer_arguments, int(total))
+                self._built_scheduler = config.scheduler
         scheduler = config.scheduler
         if isinstance(scheduler, ScheduledGroupsLambdaLR):
             for group, lr in zip(self._built_optimizer.param_groups, scheduler.scheduled_lrs()):
