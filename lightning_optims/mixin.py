@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import (
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -174,8 +175,8 @@ class OptimizerMixin:
         old = self.optimizer_arguments
         new = OptimizerArguments(**{**old.as_kwargs(), **changes})
         trainer = getattr(self, "_trainer", None)
-        optimizers = trainer.optimizers if trainer is not None else []
-        if optimizers and self._built_optimizer is not None and self._built_optimizer in optimizers:
+        running = trainer is not None and trainer.state.status == TrainerStatus.RUNNING
+        if running and self._built_optimizer is not None and self._built_optimizer in trainer.optimizers:
             fixed = [k for k in changes if k != "learning_rate" and getattr(new, k) != getattr(old, k)]
             if fixed:
                 raise MisconfigurationException(
