@@ -85,6 +85,30 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
                 self._hooked.add(p)
         self._layout = [len(g["params"]) for g in self.param_groups]
+        self._plan_buckets()
+
+    def _plan_buckets(self) -> None:
+        """Fixed buckets for multi-process runs: the trainable parameters in reverse order (the order backward
+        usually produces their gradients, as DDP assumes), cut every ``bucket_bytes``. Every process reduces the same
+        buckets in the same order, whatever its graph: a parameter that got no gradient on a process (an unused
+        branch, an expert no token was routed to) contributes zeros there, so the collectives always line up."""
+        buckets: list[list[torch.Tensor]] = []
+        current: list[torch.Tensor] = []
+        size = 0
+        for p in reversed(list(self._group_index)):
+            if not p.requires_grad:
+                continue
+            current.append(p)
+            size += self._nbytes[p]
+            if size >= self.bucket_bytes:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        self._buckets = buckets
+        self._bucket_of = {p: k for k, bucket in enumerate(buckets) for p in bucket}
+        self._arrived = [0] * len(buckets)
+        self._next_bucket = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -102,25 +126,66 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     def _hook(self, p: torch.Tensor) -> None:
         # on the hot path: one call per parameter per backward, so only bookkeeping here
-        if self._active:  # outside fused_backward gradients accumulate as usual
-            self._pending.append(p)
-            self._pending_bytes += self._nbytes[p]
-            if self._pending_bytes >= self.bucket_bytes:
-                self._flush()
+        if not self._active:  # outside fused_backward gradients accumulate as usual
+            return
+        if self._world > 1:  # fixed buckets, reduced in order as soon as each is complete
+            k = self._bucket_of[p]
+            self._arrived[k] += 1
+            while self._next_bucket < len(self._buckets) and \
+                    self._arrived[self._next_bucket] == len(self._buckets[self._next_bucket]):
+                self._reduce_bucket(self._next_bucket)
+                self._next_bucket += 1
+            return
+        self._pending.append(p)
+        self._pending_bytes += self._nbytes[p]
+        if self._pending_bytes >= self.bucket_bytes:
+            self._flush()
+
+    def _start_pass(self) -> None:
+        self._arrived = [0] * len(self._buckets)
+        self._next_bucket = 0
+
+    def _finish_pass(self) -> None:
+        """After a backward pass: hand over what is left (multi-process: every remaining bucket, in order)."""
+        if self._world > 1:
+            while self._next_bucket < len(self._buckets):
+                self._reduce_bucket(self._next_bucket)
+                self._next_bucket += 1
+        else:
+            self._flush()
 
     def _flush(self) -> None:
-        """Average (across processes), unscale, then either measure or apply the pending gradients."""
+        """One process: unscale, then either measure or apply the pending gradients."""
         if not self._pending:
             return
         params, self._pending, self._pending_bytes = self._pending, [], 0
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None
-        if self._world > 1:  # one collective per bucket; gloo has no AVG
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat.div_(self._world)
-            grads = list(torch._utils._unflatten_dense_tensors(flat, grads))
+        self._consume(params, grads)
+
+    def _reduce_bucket(self, k: int) -> None:
+        """Average bucket ``k`` across processes (one collective; gloo has no AVG) with a used-flag per parameter:
+        a parameter no process computed a gradient for is left alone, as one process would leave it; one that some
+        processes computed gets the average with zeros from the others, which is one process's gradient on the
+        combined batch."""
+        params = self._buckets[k]
+        present = [p.grad is not None for p in params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
+            p.grad = None
+        flags = torch.tensor(present, dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch._utils._flatten_dense_tensors([*grads, flags])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        *grads, flags = torch._utils._unflatten_dense_tensors(flat, [*grads, flags])
+        used = [i for i, f in enumerate(flags.tolist()) if f > 0]
+        if not used:
+            return
+        grads = [grads[i].div_(self._world) for i in used]
+        self._consume([params[i] for i in used], grads)
+
+    def _consume(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Unscale, then either measure (norm pass) or apply the gradients of ``params``."""
         grads = [g if g.dtype == torch.float32 else g.to(torch.float32) for g in grads]
         scale = self._grad_scale()
         if scale != 1.0:
@@ -170,8 +235,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         try:
             if self.clip_grad_norm is not None:
                 self._norm_pass, self._norms = True, []
+                self._start_pass()
                 scaled.backward(retain_graph=True)
-                self._flush()
+                self._finish_pass()
                 self._norm_pass = False
                 total = torch.norm(torch.stack(self._norms), 2.0) if self._norms else torch.tensor(0.0)
                 self._norms = []
@@ -180,12 +246,17 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                     return
                 self.clip_coef = torch.clamp(float(self.clip_grad_norm) / (total + 1e-6), max=1.0)
             self._bad = False
+            self._start_pass()
             scaled.backward()
-            self._flush()
+            self._finish_pass()
         finally:
             self._active = self._norm_pass = False
             for p in self._pending:  # an exception mid-backward: drop what was not applied
                 p.grad = None
+            if self._world > 1:
+                for bucket in self._buckets[self._next_bucket:]:
+                    for p in bucket:
+                        p.grad = None
             self._pending, self._pending_bytes = [], 0
         if self._bad:
             self._bad = False

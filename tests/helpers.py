@@ -102,6 +102,43 @@ class NanGradient(LlamaModule):
         return loss
 
 
+class FlaggedTokenDataset(TokenDataset):
+    """Token sequences with an ``aux`` flag: 1.0 for the samples in ``flagged``, else 0.0."""
+
+    def __init__(self, n: int = 32, seed: int = 1, flagged: tuple[int, ...] = (0, 5)) -> None:
+        super().__init__(n, seed)
+        self.flagged = set(flagged)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**super().__getitem__(i), "aux": torch.tensor(1.0 if i in self.flagged else 0.0)}
+
+
+class AuxHeadLlama(LlamaModule):
+    """A head used only for flagged samples: in a step where a process has none, it gets no gradient there (a
+    mixture-of-experts route, a conditional branch). Its loss term is a sum over samples divided by the batch size,
+    so two processes' averaged gradients equal one process's on the combined batch."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        torch.manual_seed(3)
+        self.aux = torch.nn.Linear(16, 4)
+
+    def training_step(self, batch, batch_idx):
+        flags = batch.pop("aux")
+        out = self.model(**batch, output_hidden_states=True)
+        loss = out.loss
+        mask = flags > 0
+        if bool(mask.any()):
+            hidden = out.hidden_states[-1][mask].mean(dim=1)
+            loss = loss + self.aux(hidden).pow(2).sum() / len(flags)
+        return loss
+
+
+def flagged_ddp_loader(batch_size: int, n: int = 16) -> DataLoader:
+    return DataLoader(FlaggedTokenDataset(n), batch_size=batch_size, sampler=RankInterleavedSampler(n),
+                      collate_fn=default_data_collator)
+
+
 def lightning_trainer(max_steps: int, **kwargs) -> L.Trainer:
     defaults = dict(
         accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
