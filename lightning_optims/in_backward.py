@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 __all__ = ["AdaLomo", "InBackwardOptimizer", "Lomo", "NonFiniteGradientError", "NonFiniteLossError"]
 
@@ -57,6 +58,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._pending: list[torch.Tensor] = []
         self._pending_bytes = 0
         self._world = 1
+        self._reduce_grads = False  # DDP: average each bucket here; FSDP2 reduce-scatters before the hooks run
+        self._shard_group: Any = None  # FSDP2: the process group over which each parameter is sharded
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}")
         self.clip_grad_norm = clip_grad_norm
@@ -79,11 +82,14 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         """
         # group *indices*: load_state_dict replaces the group dicts, and the lr a scheduler sets is in the new ones
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        self._nbytes = {p: p.numel() * p.element_size() for p in self._group_index}
+        self._nbytes = {p: _local(p).numel() * p.element_size() for p in self._group_index}
+        self._shard_group = _shard_group(list(self._group_index))
         for p in self._group_index:
             if p.requires_grad and p not in self._hooked:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
                 self._hooked.add(p)
+            if p.requires_grad:
+                self._init_state(p)
         self._layout = [len(g["params"]) for g in self.param_groups]
         self._plan_buckets()
 
@@ -128,7 +134,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         # on the hot path: one call per parameter per backward, so only bookkeeping here
         if not self._active:  # outside fused_backward gradients accumulate as usual
             return
-        if self._world > 1:  # fixed buckets, reduced in order as soon as each is complete
+        if self._reduce_grads:  # fixed buckets, reduced in order as soon as each is complete
             k = self._bucket_of[p]
             self._arrived[k] += 1
             while self._next_bucket < len(self._buckets) and \
@@ -147,7 +153,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     def _finish_pass(self) -> None:
         """After a backward pass: hand over what is left (multi-process: every remaining bucket, in order)."""
-        if self._world > 1:
+        if self._reduce_grads:
             while self._next_bucket < len(self._buckets):
                 self._reduce_bucket(self._next_bucket)
                 self._next_bucket += 1
@@ -159,7 +165,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         if not self._pending:
             return
         params, self._pending, self._pending_bytes = self._pending, [], 0
-        grads = [p.grad for p in params]
+        grads = [_local(p.grad) for p in params]  # FSDP2: this process's shard of the reduced gradient
         for p in params:
             p.grad = None
         self._consume(params, grads)
@@ -204,6 +210,17 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         for p, g in zip(params, grads):
             self._update(p, g, self.param_groups[self._group_index[p]])
 
+    def _init_state(self, p: torch.Tensor) -> None:
+        """Create ``p``'s optimizer state, if it has any, when it joins the optimizer (not at its first update): a
+        checkpoint loader that shapes what it loads after the optimizer's current state (torch's distributed
+        checkpoint, which Lightning uses under ModelParallelStrategy) then finds every entry."""
+
+    def _all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the processes that shard the parameters (FSDP2); unchanged otherwise."""
+        if self._shard_group is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._shard_group)
+        return tensor
+
     # -- the step -------------------------------------------------------------------------------------------------
 
     def _grad_scale(self) -> float:
@@ -227,6 +244,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         if [len(g["params"]) for g in self.param_groups] != self._layout:
             self._sync_params()
         self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self._reduce_grads = self._world > 1 and self._shard_group is None
         self._before_backward()
         scale = self._grad_scale()
         scaled = loss * scale if scale != 1.0 else loss
@@ -240,6 +258,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 self._finish_pass()
                 self._norm_pass = False
                 total = torch.norm(torch.stack(self._norms), 2.0) if self._norms else torch.tensor(0.0)
+                if self._shard_group is not None:  # the norm over every shard of every parameter
+                    total = self._all_sum(total.square()).sqrt()
                 self._norms = []
                 if not torch.isfinite(total):
                     self._on_non_finite_norm(total)
@@ -253,11 +273,13 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             self._active = self._norm_pass = False
             for p in self._pending:  # an exception mid-backward: drop what was not applied
                 p.grad = None
-            if self._world > 1:
+            if self._reduce_grads:
                 for bucket in self._buckets[self._next_bucket:]:
                     for p in bucket:
                         p.grad = None
             self._pending, self._pending_bytes = [], 0
+        if self._shard_group is not None:  # every process stops, or none (a lone error would hang the others)
+            self._bad = bool(self._all_sum(torch.tensor(float(self._bad))) > 0)
         if self._bad:
             self._bad = False
             raise NonFiniteGradientError(
@@ -298,6 +320,42 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def _local(tensor: Any) -> Any:
+    """This process's part of a ``DTensor`` (FSDP2's sharded parameters and gradients); a plain tensor as it is. In
+    place writes to it write the parameter."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_group(params: list[torch.Tensor]) -> Any:
+    """The process group of FSDP2's dim-0 sharding, if the parameters are ``DTensor`` s; ``None`` otherwise."""
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if not sharded:
+        return None
+    mesh = sharded[0].device_mesh
+    for p in sharded:
+        if p.device_mesh != mesh or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                "in-backward optimizers support parameters sharded by FSDP2 on dim 0 over one mesh dimension "
+                f"(fully_shard on a 1-D mesh); got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+            )
+    if len(sharded) != len(params):
+        raise ValueError("in-backward optimizers need every parameter sharded by FSDP2, or none")
+    return mesh.get_group()
+
+
+def _state_like(p: torch.Tensor, shape: tuple[int, ...], local_size: int, sharded: bool) -> torch.Tensor:
+    """A zero fp32 state vector for ``p``. For an FSDP2 parameter it is a ``DTensor`` on the parameter's mesh:
+    sharded on dim 0 like the parameter's rows (``sharded``), or replicated, so that Lightning's distributed
+    checkpoint saves every process's part and a resume (on any number of processes) gets it back."""
+    local = _local(p)
+    zeros = torch.zeros(local_size, dtype=torch.float32, device=local.device)
+    if not isinstance(p, DTensor):
+        return zeros
+    placements = [Shard(0)] if sharded else [Replicate()]
+    return DTensor.from_local(zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=(1,))
 
 
 def _trainable(model_or_params: nn.Module | Iterable[Any]) -> Iterable[Any]:
@@ -398,13 +456,14 @@ class Lomo(InBackwardOptimizer):
             if self.clip_coef is not None:
                 torch._foreach_mul_(gs, self.clip_coef)
             lr, wd = group["lr"], group["weight_decay"]
-            targets = [p.detach() if p.dtype == torch.float32 else p.detach().to(torch.float32) for p in ps]
+            locals_ = [_local(p).detach() for p in ps]
+            targets = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
             if wd > 0.0:
                 torch._foreach_mul_(targets, 1.0 - lr * wd)
             torch._foreach_add_(targets, gs, alpha=-lr)
-            for p, t in zip(ps, targets):
-                if p.dtype != torch.float32:
-                    p.detach().copy_(t)
+            for local, t in zip(locals_, targets):
+                if local.dtype != torch.float32:
+                    local.copy_(t)
 
 
 class AdaLomo(InBackwardOptimizer):
@@ -431,7 +490,21 @@ class AdaLomo(InBackwardOptimizer):
         for group in self.param_groups:
             group["step"] += 1
 
+    def _init_state(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        if p.dim() > 1:
+            if "exp_avg_sq_row" not in state:
+                state["exp_avg_sq_row"] = _state_like(p, (p.shape[0],), _local(p).shape[0], sharded=True)
+                state["exp_avg_sq_col"] = _state_like(p, (p.shape[1],), p.shape[1], sharded=False)
+        elif "exp_avg_sq" not in state:
+            rows = p.shape[0] if p.dim() else 1
+            state["exp_avg_sq"] = _state_like(p, (rows,), _local(p).shape[0] if p.dim() else 1, sharded=p.dim() == 1)
+
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        """lomo_optim's AdaLomo update of one parameter. Under FSDP2 ``p`` is sharded on dim 0 and ``grad`` is this
+        process's rows: the row statistics are local, the column means, the mean of the row statistics, the update's
+        RMS and the parameter's RMS are completed over the shards (``_all_sum``), so every shard gets the update of
+        the whole tensor."""
         _clip_and_scale(grad, group, self.clip_coef)
         step, decay_rate = group["step"], group["decay_rate"]
         if step == 0 and decay_rate < 0:  # as upstream (never true there either: the count is incremented first)
@@ -440,29 +513,29 @@ class AdaLomo(InBackwardOptimizer):
         eps_sq, eps_scale = group["eps"]
         update = (grad**2) + eps_sq
         state = self.state[p]
+        rows, numel = (p.shape[0] if p.dim() else 1), p.numel()  # of the whole tensor (a DTensor's are global)
+        local = _local(p)
+        self._init_state(p)
         if p.dim() > 1:
-            if "exp_avg_sq_row" not in state:
-                state["exp_avg_sq_row"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-                state["exp_avg_sq_col"] = torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row, col = _local(state["exp_avg_sq_row"]), _local(state["exp_avg_sq_col"])
             row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-            r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            col.mul_(beta2t).add_(self._all_sum(update.sum(dim=-2)).div_(rows), alpha=1.0 - beta2t)
+            row_mean = self._all_sum(row.sum(dim=-1, keepdim=True)).div_(rows)
+            r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
             c_factor = col.unsqueeze(-2).rsqrt()
             update = torch.mul(r_factor, c_factor)
             update.mul_(grad)
         else:
-            if "exp_avg_sq" not in state:
-                state["exp_avg_sq"] = torch.zeros(p.shape[0] if p.dim() else 1, dtype=torch.float32, device=p.device)
-            sq = state["exp_avg_sq"]
+            sq = _local(state["exp_avg_sq"])
             sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
             update = sq.rsqrt().mul_(grad)
-        update.div_((update.norm(2) / (update.numel() ** 0.5) / group["clip_threshold"]).clamp_(min=1.0))
-        p_fp32 = p.detach().to(torch.float32)
-        p_rms = torch.norm(p_fp32, 2.0) / math.sqrt(p.numel())
+        update_rms = self._all_sum(update.square().sum()).sqrt() / (numel ** 0.5)
+        update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0))
+        p_fp32 = local.detach().to(torch.float32)
+        p_rms = float(self._all_sum(p_fp32.square().sum()).sqrt()) / math.sqrt(numel)
         lr = group["lr"] * max(eps_scale, p_rms)
         if group["weight_decay"] > 0.0:
             p_fp32.mul_(1.0 - lr * group["weight_decay"])
         p_fp32.add_(update, alpha=-lr)
-        if p_fp32.data_ptr() != p.data_ptr():
-            p.detach().copy_(p_fp32)
+        if p_fp32.data_ptr() != local.data_ptr():
+            local.detach().copy_(p_fp32)

@@ -462,20 +462,24 @@ class OptimizerMixin:
                 f"optim={spec.name!r} updates each parameter during backward and keeps no gradient: "
                 f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot work; use 1"
             )
-        if spec.updates_in_backward and not _plain_data_parallel(trainer.strategy):
+        sharded_here = isinstance(trainer.strategy, ModelParallelStrategy) and spec.shards_in_backward
+        if spec.updates_in_backward and not _plain_data_parallel(trainer.strategy) and not sharded_here:
+            where = ("ModelParallelStrategy (FSDP2, fully_shard in configure_model), " if spec.shards_in_backward
+                     else "")
             raise MisconfigurationException(
                 f"optim={spec.name!r} updates parameters in gradient hooks, which strategy "
-                f"{type(trainer.strategy).__name__} does not support (it flattens, shards or owns the parameters and "
-                "their gradients): use a single device or DDP ('ddp', 'ddp_spawn', 'ddp_fork')"
+                f"{type(trainer.strategy).__name__} does not support (it flattens or owns the parameters and their "
+                f"gradients): use {where}a single device or DDP ('ddp', 'ddp_spawn', 'ddp_fork')"
             )
-        if isinstance(trainer.strategy, SHARDED_STRATEGIES) and not spec.elementwise:
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES) and not spec.elementwise and not sharded_here:
             allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise)
+            sharded = ", ".join(n for n in registered_names() if get_spec(n).shards_in_backward)
             raise MisconfigurationException(
                 f"optim={spec.name!r} is not supported under {type(trainer.strategy).__name__}: it shards or flattens "
                 "the parameters, and this optimizer's update depends on whole tensors (a per-tensor norm, a "
                 "factorisation, a projection, a parameter's index, or a hook on each parameter), so it would "
                 f"silently compute something else. Use DDP for {spec.name!r}, or an elementwise optimizer here: "
-                f"{allowed}"
+                f"{allowed}; under ModelParallelStrategy (FSDP2) also {sharded}"
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if spec.updates_in_backward and scaler is not None:

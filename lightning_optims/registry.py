@@ -79,6 +79,9 @@ class OptimizerSpec:
         elementwise: the update of each element depends on that element alone (no per-tensor norm, factorisation,
             projection or index), so it is the same on a shard or a flattened parameter: such an optimizer may run
             under FSDP, DeepSpeed and ModelParallel; the others are refused there.
+        shards_in_backward: its in-backward update runs on FSDP2's dim-0 shards, in the hooks FSDP2 runs after its
+            reduce-scatter, completing every whole-tensor statistic (global norm, row / column means, RMS) with
+            collectives: it may run under ModelParallelStrategy with the numbers of one device.
         post_build: called with the new optimizer, for set-up transformers does after construction.
         callbacks: ``"module:Class"`` of the Lightning callbacks this optimizer needs at run time (the mixin adds
             each one unless the Trainer already has one of that class).
@@ -99,6 +102,7 @@ class OptimizerSpec:
     updates_in_backward: bool = False
     layerwise: bool = False
     elementwise: bool = False
+    shards_in_backward: bool = False
     post_build: Callable[[Any, BuildContext], None] | None = None
     callbacks: tuple[str, ...] = ()
     description: str = ""

@@ -22,6 +22,7 @@ SCRIPT = ROOT / "tests" / "scripts" / "model_parallel_fit.py"
 USABLE = [r.name for r in available_optimizers() if r.usable]
 ELEMENTWISE = [n for n in USABLE if get_spec(n).elementwise]
 NOT_ELEMENTWISE = [n for n in USABLE if not get_spec(n).elementwise]
+SHARDS_IN_BACKWARD = [n for n in USABLE if get_spec(n).shards_in_backward]
 
 
 def run_script(optim: str, out: Path, mode: str) -> subprocess.CompletedProcess:
@@ -62,8 +63,11 @@ STRATEGIES = {
 }
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-@pytest.mark.parametrize("name", NOT_ELEMENTWISE)
+REFUSED = [(strategy, name) for strategy in STRATEGIES for name in NOT_ELEMENTWISE
+           if not (strategy == "ModelParallelStrategy" and name in SHARDS_IN_BACKWARD)]  # those run: test_sharded.py
+
+
+@pytest.mark.parametrize(("strategy", "name"), REFUSED)
 def test_sharded_strategies_refuse_whole_tensor_optimizers(strategy, name):
     module = LlamaModule(model=tiny_llama(), **settings(name))
     with pytest.raises(MisconfigurationException) as info:
@@ -99,3 +103,12 @@ def test_16_mixed_on_cpu_is_bf16():
     module = LlamaModule(model=tiny_llama(), **settings("lomo"))
     trainer.fit(module, loader())
     assert getattr(trainer.precision_plugin, "scaler", None) is None and trainer.global_step == 2
+
+
+@pytest.mark.parametrize("name", SHARDS_IN_BACKWARD)
+def test_in_backward_optimizers_are_accepted_under_model_parallel_and_point_there_from_fsdp1(name):
+    module = LlamaModule(model=tiny_llama(), **settings(name))
+    module._check_trainer_settings(stand_in_trainer(ModelParallelStrategy()))
+    for strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
+        with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
+            module._check_trainer_settings(stand_in_trainer(STRATEGIES[strategy]()))
