@@ -54,3 +54,15 @@ def test_fsdp2_resume_from_epoch_boundary_equals_uninterrupted(tmp_path, optim):
     full, resumed = full_weights(tmp_path / "full.pt"), full_weights(tmp_path / "resumed.pt")
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optim", "max_grad_norm"), [("lomo", "1.0"), ("adalomo", "0")])
+def test_shard_local_statistics_would_differ(tmp_path, optim, max_grad_norm):
+    """The control: the same run with each process's statistics left shard-local (LOMO's clipping norm, AdaLomo's
+    column means and RMS) ends measurably away from one process, so the equality tests above can fail."""
+    run(optim, max_grad_norm, tmp_path / "local.pt", "sharded_local_stats")
+    run(optim, max_grad_norm, tmp_path / "single.pt", "single")
+    local, single = full_weights(tmp_path / "local.pt"), full_weights(tmp_path / "single.pt")
+    worst = max(float((local[k] - single[k]).abs().max()) for k in single)
+    assert worst > 1e-4

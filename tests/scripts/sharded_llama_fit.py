@@ -1,6 +1,8 @@
 """Run by tests/test_sharded.py (Lightning's launcher re-executes this script for the second process):
 
-    python tests/scripts/sharded_llama_fit.py OPTIM MAX_GRAD_NORM OUT_FILE {sharded,single} [CKPT_DIR [RESUME_CKPT]]
+    python tests/scripts/sharded_llama_fit.py OPTIM MAX_GRAD_NORM OUT_FILE MODE [CKPT_DIR [RESUME_CKPT]]
+
+MODE: sharded, single, or sharded_local_stats (a control: statistics not completed over the shards).
 
 Fits the tiny Llama of the tests for 4 steps (2 epochs of 2), either under ``ModelParallelStrategy`` on 2 CPU
 processes (gloo) with every decoder layer and the model ``fully_shard``-ed (FSDP2, DTensor parameters sharded on
@@ -53,6 +55,11 @@ class SaveFullWeights(Callback):
 
 
 def main(optim: str, max_grad_norm: str, out: str, mode: str, ckpt_dir: str = "", resume: str = "") -> None:
+    if mode == "sharded_local_stats":  # the negative control: each process uses its shard's statistics only
+        from lightning_optims.in_backward import InBackwardOptimizer
+
+        InBackwardOptimizer._all_sum = lambda self, tensor: tensor
+        mode = "sharded"
     sharded = mode == "sharded"
     module = ShardedLlama(sharded, optim=optim, learning_rate=1e-2, max_grad_norm=float(max_grad_norm),
                           optim_args="weight_decay=0.01")
