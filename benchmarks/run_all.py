@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(HERE))
-    parser.add_argument("--reuse", nargs="*", default=[], choices=["integration", "lomo", "optimizer_state"],
+    parser.add_argument("--reuse", nargs="*", default=[], choices=["integration", "lomo", "optimizer_state", "sharded"],
                         help="rebuild the report from these benchmarks' existing JSON instead of running them")
     args = parser.parse_args()
     out = Path(args.out)
@@ -52,13 +52,16 @@ def main() -> None:
     integration = run("integration.py", out / "integration.json", args.quick, "integration" in args.reuse)
     lomo = run("lomo.py", out / "lomo.json", args.quick, "lomo" in args.reuse)
     state = run("optimizer_state.py", out / "optimizer_state.json", args.quick, "optimizer_state" in args.reuse)
+    sharded = run("sharded.py", out / "sharded.json", args.quick, "sharded" in args.reuse)
 
     ov, vs, cons, mem = integration["overhead"], integration["vs_trainer"], integration["construction"], integration["memory"]
     lines = [
         "# Benchmark results",
         "",
         f"Produced by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
-        f"{datetime.date.today().isoformat()}: {os.cpu_count()} CPU cores, {platform.machine()}, {versions()}.",
+        f"{datetime.date.today().isoformat()}: {os.cpu_count()} CPU cores, {platform.machine()}, {versions()}."
+        + (f" Sections from {', '.join(args.reuse)} reuse the JSON of an earlier run of the same scripts (section 7 "
+           "states its own date)." if args.reuse else ""),
         "A shared, noisy machine: every figure is a ratio of two things measured side by side in the same run. "
         f"Sections 1-2: median over {integration['settings']['repeats']} interleaved repeats (order alternated) of the "
         f"median step of a {integration['settings']['steps']}-step fit, in CPU time of the process with one torch "
@@ -142,6 +145,30 @@ def main() -> None:
         r = row["ratio_to_adamw"]
         lines.append(f"| {shape} | {row['parameters'] / 1e6:,.1f}M | {r['apollo (rank 256, channel)']:.3f}x | "
                      f"{r['apollo-mini (rank 1, tensor)']:.3f}x | {r['grokadamw']:.2f}x |")
+    m = sharded["meta"]
+    lines += [
+        "",
+        f"## 7. Sharded training (`benchmarks/sharded.py`): FSDP2 (ModelParallelStrategy), {m['processes']} CPU "
+        f"processes (gloo), measured {m['date']}",
+        "",
+        f"Llama {m['model']} (memory: {m['memory_model']}), every decoder layer and the model `fully_shard`-ed; "
+        f"medians of {m['repeats']} alternating repeats; each figure is the larger of the two processes'.",
+        "",
+        "| optimizer | per-process state / one-device state | goal | step / FSDP2 AdamW step | goal | "
+        "peak memory growth / FSDP2 AdamW's | goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, row in sharded["rows"].items():
+        state_ratio = "no state" if row["state_ratio"] is None else f"{row['state_ratio']:.3f}"
+        state_goal = "" if row["state_ratio"] is None else \
+            f"<= {row['state_goal']:.3f}: {'met' if row['state_ratio'] <= row['state_goal'] else 'not met'}"
+        step_goal = f"<= 1.5x: {'met' if row['step_ratio_vs_fsdp2_adamw'] <= 1.5 else 'not met'}" \
+            if label.startswith(("lomo", "apollo-mini")) else ""
+        mem_goal = f"<= 0.35x: {'met' if row['peak_growth_ratio_vs_fsdp2_adamw'] <= 0.35 else 'not met'}" \
+            if label.startswith("lomo") else ""
+        lines.append(f"| {label} | {state_ratio} | {state_goal} | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
+                     f"({row['step_ms']:.0f} ms) | {step_goal} | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
+                     f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) | {mem_goal} |")
     lines += ["", "![results](results.png)", ""]
     (out / "RESULTS.md").write_text("\n".join(lines))
 

@@ -15,6 +15,7 @@ from lightning_optims.arguments import OptimizerArguments
 from lightning_optims.layerwise import build_layerwise
 from lightning_optims.param_groups import decay_param_groups, low_rank_param_groups, target_parameter_names
 from lightning_optims.registry import BuildContext, get_spec
+from lightning_optims.sharded import GatheredStepOptimizer, is_sharded
 
 __all__ = ["GreedyLRScheduler", "ScheduledGroupsLambdaLR", "create_optimizer", "create_scheduler", "num_warmup_steps"]
 
@@ -49,6 +50,8 @@ def create_optimizer(
         params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters are in no group
     if spec.layerwise:
         optimizer = build_layerwise(optimizer_cls, params, kwargs)
+    elif spec.shards_by_gathering and is_sharded([p for g in params for p in g["params"]]):
+        optimizer = GatheredStepOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors for each step
     else:
         optimizer = optimizer_cls(params, **kwargs)
     if spec.params == "low_rank":

@@ -462,10 +462,11 @@ class OptimizerMixin:
                 f"optim={spec.name!r} updates each parameter during backward and keeps no gradient: "
                 f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot work; use 1"
             )
-        sharded_here = isinstance(trainer.strategy, ModelParallelStrategy) and spec.shards_in_backward
+        model_parallel = isinstance(trainer.strategy, ModelParallelStrategy)
+        sharded_here = model_parallel and (spec.shards_in_backward or spec.shards_by_gathering)
         if spec.updates_in_backward and not _plain_data_parallel(trainer.strategy) and not sharded_here:
             where = ("ModelParallelStrategy (FSDP2, fully_shard in configure_model), " if spec.shards_in_backward
-                     else "")
+                     else "")  # (layer-wise optimizers: not yet sharded)
             raise MisconfigurationException(
                 f"optim={spec.name!r} updates parameters in gradient hooks, which strategy "
                 f"{type(trainer.strategy).__name__} does not support (it flattens or owns the parameters and their "
@@ -473,7 +474,8 @@ class OptimizerMixin:
             )
         if isinstance(trainer.strategy, SHARDED_STRATEGIES) and not spec.elementwise and not sharded_here:
             allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise)
-            sharded = ", ".join(n for n in registered_names() if get_spec(n).shards_in_backward)
+            sharded = ", ".join(n for n in registered_names()
+                                if get_spec(n).shards_in_backward or get_spec(n).shards_by_gathering)
             raise MisconfigurationException(
                 f"optim={spec.name!r} is not supported under {type(trainer.strategy).__name__}: it shards or flattens "
                 "the parameters, and this optimizer's update depends on whole tensors (a per-tensor norm, a "

@@ -43,7 +43,13 @@ def grokking_signal(train_loss: float | None, eval_loss: float | None) -> float:
 
 class GrokAdamW(grokadamw.GrokAdamW):
     """``grokadamw.GrokAdamW`` with its state where PyTorch keeps optimizer state (``self.state``, on the
-    parameter's device); the arithmetic of a step is upstream's, line for line."""
+    parameter's device); the arithmetic of a step is upstream's, line for line.
+
+    ``global_index`` maps a parameter to its index among its group's parameters that have a gradient, for an
+    optimizer that steps one parameter of a larger group at a time (sharded training): beta1 depends on it.
+    """
+
+    global_index: dict[Any, int] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -56,6 +62,7 @@ class GrokAdamW(grokadamw.GrokAdamW):
             params = [p for p in group["params"] if p.grad is not None]
             beta1, beta2 = group["betas"]
             for i, p in enumerate(params):  # i: index among the group's parameters with a gradient (upstream's)
+                i = self.global_index.get(p, i)  # (stepping one parameter of a larger group: its index there)
                 grad = p.grad
                 state = self.state[p]
                 if not state:

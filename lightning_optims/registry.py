@@ -82,6 +82,9 @@ class OptimizerSpec:
         shards_in_backward: its in-backward update runs on FSDP2's dim-0 shards, in the hooks FSDP2 runs after its
             reduce-scatter, completing every whole-tensor statistic (global norm, row / column means, RMS) with
             collectives: it may run under ModelParallelStrategy with the numbers of one device.
+        shards_by_gathering: its update needs whole tensors, and under ModelParallelStrategy it runs through
+            :class:`~lightning_optims.sharded.GatheredStepOptimizer` (each parameter, gradient and state gathered for
+            its step, the state kept sharded), with the numbers of one device.
         post_build: called with the new optimizer, for set-up transformers does after construction.
         callbacks: ``"module:Class"`` of the Lightning callbacks this optimizer needs at run time (the mixin adds
             each one unless the Trainer already has one of that class).
@@ -103,6 +106,7 @@ class OptimizerSpec:
     layerwise: bool = False
     elementwise: bool = False
     shards_in_backward: bool = False
+    shards_by_gathering: bool = False
     post_build: Callable[[Any, BuildContext], None] | None = None
     callbacks: tuple[str, ...] = ()
     description: str = ""

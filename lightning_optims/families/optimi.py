@@ -15,6 +15,6 @@ register(OptimizerSpec(
     name="stable_adamw", target="optimi:StableAdamW", family="optimi",
     # transformers casts kahan_sum / decouple_lr with bool(), so "False" meant True there; here it means False
     arguments=(Arg("decouple_lr", bool, False), Arg("max_lr", float, None), Arg("kahan_sum", bool, None)),
-    kwargs=_stable_adamw, uses=ADAM | WEIGHT_DECAY, packages=("optimi",), extra="optimi",
+    kwargs=_stable_adamw, uses=ADAM | WEIGHT_DECAY, packages=("optimi",), extra="optimi", shards_by_gathering=True,
     description="optimi.StableAdamW",
 ))

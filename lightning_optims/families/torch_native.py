@@ -27,7 +27,7 @@ register(OptimizerSpec(
     uses=ADAM | WEIGHT_DECAY, description="torch.optim.AdamW(fused=True); transformers' default on torch >= 2.8",
 ))
 register(OptimizerSpec(
-    name="adafactor", target="transformers.optimization:Adafactor", family="torch",
+    name="adafactor", target="transformers.optimization:Adafactor", family="torch", shards_by_gathering=True,
     kwargs=lambda ctx: {"scale_parameter": False, "relative_step": False}, uses=WEIGHT_DECAY,
     description="transformers.optimization.Adafactor with relative_step=False, scale_parameter=False",
 ))

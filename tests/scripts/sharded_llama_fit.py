@@ -30,6 +30,28 @@ from tests.helpers import LlamaModule, ddp_loader, tiny_llama  # noqa: E402
 STEPS_PER_EPOCH, EPOCHS, PER_PROCESS = 2, 2, 2
 
 
+MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
+
+
+def optimizer_settings(optim: str, max_grad_norm: float) -> dict:
+    """The test settings of ``optim`` (low-rank: all-linear targets, rank 2, projections renewed every 2 steps),
+    with weight decay where the optimizer takes it; ``apollo_mini`` is APOLLO with tensor-wise scaling, rank 1."""
+    from lightning_optims import get_spec
+    from tests.test_reliability import settings
+
+    if optim == "apollo_mini":
+        chosen = settings("apollo_adamw", optim_args=MINI)
+    else:
+        chosen = settings(optim)
+    chosen.update(learning_rate=1e-2, max_grad_norm=max_grad_norm)
+    spec = get_spec(chosen["optim"])
+    if spec.updates_in_backward:
+        chosen["optim_args"] = "weight_decay=0.01"
+    elif "weight_decay" in spec.uses:
+        chosen["weight_decay"] = 0.01
+    return chosen
+
+
 class ShardedLlama(LlamaModule):
     def __init__(self, shard: bool, **kwargs) -> None:
         super().__init__(model=tiny_llama(), **kwargs)
@@ -61,8 +83,7 @@ def main(optim: str, max_grad_norm: str, out: str, mode: str, ckpt_dir: str = ""
         InBackwardOptimizer._all_sum = lambda self, tensor: tensor
         mode = "sharded"
     sharded = mode == "sharded"
-    module = ShardedLlama(sharded, optim=optim, learning_rate=1e-2, max_grad_norm=float(max_grad_norm),
-                          optim_args="weight_decay=0.01")
+    module = ShardedLlama(sharded, **optimizer_settings(optim, float(max_grad_norm)))
     callbacks: list = [SaveFullWeights(out)]
     if ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, filename="{epoch}"))

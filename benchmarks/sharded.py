@@ -1,0 +1,231 @@
+"""Sharded training benchmark: the optimizers that run under ModelParallelStrategy (FSDP2), two CPU processes (gloo).
+
+For each optimizer, a Lightning fit of a Llama (every decoder layer and the model ``fully_shard``-ed) as a user runs
+it, measured in each process:
+
+- per-process optimizer state (bytes of this process's part of every state tensor) / the state the same optimizer
+  holds on one device for the same model (goal <= 0.5 plus the largest tensor's share);
+- step time (median wall time of a training step, from ``on_train_batch_start`` to ``on_train_batch_end``) / FSDP2
+  AdamW's step time in the same run (goal <= 1.5x for APOLLO-Mini and LOMO);
+- peak memory growth of the steps (VmHWM above what was resident when training started) / FSDP2 AdamW's (goal
+  <= 0.35x for LOMO), on a larger Llama with a small batch (``SIZES["memory"]``), where weights, gradients and
+  optimizer state dominate as they do at scale, one fresh pair of processes per optimizer.
+
+The configurations run one after another, twice, in alternating order; the medians are reported.
+
+    python benchmarks/sharded.py                  # prints the table, writes benchmarks/sharded.json
+    python benchmarks/sharded.py --quick --out X  # a smaller model and fewer steps (numbers not meaningful)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = {  # label: settings
+    "adamw_torch": dict(optim="adamw_torch", max_grad_norm=1.0),
+    "schedule_free_adamw": dict(optim="schedule_free_adamw", max_grad_norm=1.0, lr_scheduler_type="constant"),
+    "lomo": dict(optim="lomo", max_grad_norm=0.0),
+    "lomo+clip": dict(optim="lomo", max_grad_norm=1.0),
+    "adalomo": dict(optim="adalomo", max_grad_norm=0.0),
+    "apollo-mini": dict(optim="apollo_adamw", max_grad_norm=1.0, optim_target_modules="all-linear",
+                        optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"),
+    "adafactor": dict(optim="adafactor", max_grad_norm=1.0),
+    "grokadamw": dict(optim="grokadamw", max_grad_norm=1.0),
+}
+SIZES = {"full": dict(layers=4, hidden=256, intermediate=688, vocab=4096, seq=64, batch=4, steps=16),
+         # memory: weights, gradients and optimizer state dominate (small batch, short sequences), as at scale
+         "memory": dict(layers=8, hidden=512, intermediate=1376, vocab=1024, seq=16, batch=1, steps=4),
+         "quick": dict(layers=2, hidden=64, intermediate=172, vocab=512, seq=32, batch=2, steps=6)}
+
+
+def _llama(size: dict):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"], num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=2 * size["seq"], tie_word_embeddings=False))
+
+
+def state_bytes(optimizer) -> int:
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    def size(value) -> int:
+        if isinstance(value, DTensor):
+            value = value.to_local()
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if hasattr(value, "__dict__"):  # a projector object (APOLLO / GaLore) holds its matrix
+            return sum(size(v) for v in vars(value).values())
+        return 0
+
+    return sum(size(entry) for entry in optimizer.state.values())
+
+
+def worker(label: str, size_name: str, out: str) -> None:
+    """One process of a two-process fit (Lightning re-executes this script for the second)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+
+    import _memory
+    from lightning_optims import OptimizerMixin
+
+    size = SIZES[size_name]
+    torch.set_num_threads(1)
+
+    class Module(OptimizerMixin, L.LightningModule):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.model = _llama(size)
+
+        def configure_model(self) -> None:
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+    class Measure(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.base = 0
+
+        def on_train_start(self, trainer, pl_module):
+            self.base = _memory.start()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self.t0)
+
+        def on_train_end(self, trainer, pl_module):
+            result = {"step_s": statistics.median(self.times[2:]), "peak_growth": _memory.growth_since(self.base),
+                      "state_bytes": state_bytes(trainer.optimizers[0])}
+            Path(f"{out}.rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, size["vocab"], (size["batch"] * 2 * size["steps"], size["seq"]), generator=g)
+    loader = torch.utils.data.DataLoader(data, batch_size=size["batch"])
+    module = Module(learning_rate=1e-3, **CONFIGS[label])
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
+                        tensor_parallel_size=1), max_steps=size["steps"], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Measure()])
+    trainer.fit(module, loader)
+
+
+def one_device_state_bytes(label: str, size_name: str) -> int:
+    """The optimizer state the same settings hold on one device after a step (the whole model, no sharding)."""
+    import torch
+
+    from lightning_optims import OptimizerArguments, create_optimizer
+
+    size = SIZES[size_name]
+    model = _llama(size)
+    settings = {k: v for k, v in CONFIGS[label].items()}
+    optimizer = create_optimizer(model, OptimizerArguments(learning_rate=1e-3, **settings), num_training_steps=10)
+    batch = torch.randint(0, size["vocab"], (size["batch"], size["seq"]))
+    loss = model(input_ids=batch, labels=batch).loss
+    if hasattr(optimizer, "fused_backward"):
+        optimizer.fused_backward(loss)
+        optimizer.remove_hooks()
+    else:
+        if hasattr(optimizer, "train"):
+            optimizer.train()
+        loss.backward()
+        optimizer.step()
+    largest = max(p.numel() for p in model.parameters())
+    return state_bytes(optimizer), largest / sum(p.numel() for p in model.parameters())
+
+
+def run_config(label: str, size_name: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result")
+        proc = subprocess.run([sys.executable, __file__, "--worker", label, size_name, out], capture_output=True,
+                              text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label}: {proc.stderr[-3000:]}")
+        ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
+    return {key: max(r[key] for r in ranks) for key in ranks[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", nargs=3)
+    parser.add_argument("--out", default=str(HERE / "sharded.json"))
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    size_name = "quick" if args.quick else "full"
+    repeats = 1 if args.quick else 2
+    runs: dict[str, list[dict]] = {label: [] for label in CONFIGS}
+    for repeat in range(repeats):
+        order = list(CONFIGS) if repeat % 2 == 0 else list(reversed(CONFIGS))
+        for label in order:
+            runs[label].append(run_config(label, size_name))
+            print(f"  {label} (repeat {repeat + 1}): {runs[label][-1]}", flush=True)
+    memory_size = "quick" if args.quick else "memory"
+    memory = {label: run_config(label, memory_size) for label in CONFIGS}
+    for label, result in memory.items():
+        print(f"  {label} (memory): {result}", flush=True)
+    for label in CONFIGS:
+        for run_ in runs[label]:
+            run_["peak_growth"] = memory[label]["peak_growth"]
+    rows = {}
+    base = {k: statistics.median(r[k] for r in runs["adamw_torch"]) for k in ("step_s", "peak_growth")}
+    for label, results in runs.items():
+        one_state, largest_share = one_device_state_bytes(label, size_name)
+        step = statistics.median(r["step_s"] for r in results)
+        growth = statistics.median(r["peak_growth"] for r in results)
+        per_rank = max(r["state_bytes"] for r in results)
+        rows[label] = {
+            "per_rank_state_bytes": per_rank, "one_device_state_bytes": one_state,
+            "state_ratio": per_rank / one_state if one_state else None,
+            "state_goal": 0.5 + largest_share,
+            "step_ms": 1e3 * step, "step_ratio_vs_fsdp2_adamw": step / base["step_s"],
+            "peak_growth_bytes": growth, "peak_growth_ratio_vs_fsdp2_adamw": growth / base["peak_growth"],
+        }
+    import lightning
+    import torch
+
+    meta = {"size": size_name, "model": SIZES[size_name], "memory_model": SIZES[memory_size], "processes": 2,
+            "repeats": repeats,
+            "torch": torch.__version__, "lightning": lightning.__version__, "date": time.strftime("%Y-%m-%d")}
+    print(f"\nFSDP2 (ModelParallelStrategy), 2 CPU processes, gloo; model {SIZES[size_name]}")
+    print("| optimizer | per-process state / one-device state | goal | step / FSDP2 AdamW step | "
+          "peak memory growth / FSDP2 AdamW's |")
+    print("|---|---|---|---|---|")
+    for label, row in rows.items():
+        state = "no state" if row["state_ratio"] is None else f"{row['state_ratio']:.3f}"
+        print(f"| {label} | {state} | <= {row['state_goal']:.3f} | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
+              f"({row['step_ms']:.0f} ms) | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
+              f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) |")
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

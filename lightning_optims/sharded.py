@@ -1,0 +1,194 @@
+"""Whole-tensor optimizers on FSDP2's sharded parameters, with the numbers of one device.
+
+Adafactor's factored moments, APOLLO's and GaLore's projections, GrokAdamW's per-tensor clipping and StableAdamW's
+per-tensor RMS need each parameter whole. :class:`GatheredStepOptimizer` keeps every state tensor sharded on its
+dim 0 like the parameters (``DTensor`` s, so Lightning's distributed checkpoint saves and restores them, on any number
+of processes), and steps one parameter at a time: it gathers the parameter, its gradient and its state, runs the
+upstream optimizer on the whole tensors (every process computes the same update), keeps this process's rows of the
+new parameter and state, and frees the rest. Per process the persistent state is ``1/W`` of one device's, plus, for
+the time of one parameter's step, that parameter's whole tensors.
+
+The exactness fix-ups live here too: APOLLO seeds each random projection with the parameter's position among all
+parameters, GrokAdamW scales beta1 by the parameter's index among its group's parameters with a gradient; stepping one
+parameter alone, both are set to the values of the whole optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Shard
+
+__all__ = ["GatheredStepOptimizer", "is_sharded"]
+
+
+def _projectors() -> Any:
+    from lightning_optims import optimizers  # (imports apollo_torch and grokadamw: only when a step needs it)
+
+    return optimizers
+
+
+def _projector_names() -> list[str]:
+    return sorted(_projectors()._PROJECTORS)  # a projector's class is stored as its index here (no str in state)
+
+
+class GatheredStepOptimizer(torch.optim.Optimizer):
+    """``optimizer_cls`` over FSDP2 (``fully_shard``) parameters: see the module docstring.
+
+    ``param_groups`` are the groups transformers' Trainer builds, over the sharded parameters: schedulers, Lightning's
+    clipping and learning-rate monitor see them as usual.
+    """
+
+    def __init__(self, param_groups: list[dict[str, Any]], optimizer_cls: type, kwargs: dict[str, Any]) -> None:
+        super().__init__(param_groups, dict(kwargs))
+        self._optimizer_cls, self._kwargs = optimizer_cls, dict(kwargs)
+        params = [p for g in self.param_groups for p in g["params"]]
+        not_sharded = [tuple(p.shape) for p in params if not _dim0_sharded(p)]
+        if not_sharded:
+            raise ValueError(
+                f"{optimizer_cls.__name__} under FSDP2 needs every parameter sharded on dim 0 over one mesh dimension "
+                f"(fully_shard on a 1-D mesh); {len(not_sharded)} are not (shapes {not_sharded[:3]})"
+            )
+        self._position = {p: i + 1 for i, p in enumerate(params)}  # APOLLO's 1-based position among all parameters
+        self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
+
+    # -- one parameter -------------------------------------------------------------------------------------------
+
+    def _inner_for(self, p: torch.Tensor, group: dict[str, Any]) -> torch.optim.Optimizer:
+        """The upstream optimizer for ``p``, over a placeholder: each step puts a whole-size copy of ``p`` in it and
+        takes it out again (neither the copy nor the whole state outlive the step)."""
+        if p not in self._inner:
+            options = {k: v for k, v in group.items() if k != "params"}
+            inner = self._optimizer_cls([{"params": [torch.empty(0)], **options}], **self._kwargs)
+            inner.state.clear()  # (APOLLO seeds in __init__; the state comes from the shards)
+            self._inner[p] = inner
+        return self._inner[p]
+
+    def _step_param(self, p: DTensor, group: dict[str, Any], index: int) -> None:
+        inner = self._inner_for(p, group)
+        (inner_group,) = inner.param_groups
+        for key, value in group.items():  # the lr a scheduler set, the grokking signal a callback set, ...
+            if key != "params":
+                inner_group[key] = value
+        proxy = p.full_tensor().detach().clone()
+        proxy.grad = p.grad.full_tensor().to(proxy.dtype)
+        inner_group["params"] = [proxy]
+        state, group_state = self._gather_state(self.state.get(p, {}))
+        inner_group.update(group_state)  # what the optimizer keeps in its group (optimi's step count, ...)
+        if not state and getattr(inner, "_seeded_projections", False):
+            state["seed"] = self._position[p]
+        inner.state[proxy] = state
+        if hasattr(inner, "global_index"):
+            inner.global_index = {proxy: index}
+        inner.step()
+        with torch.no_grad():
+            p.to_local().copy_(_my_rows(proxy, p))
+        kept = {k: v for k, v in inner_group.items() if k != "params" and k not in group}
+        self.state[p] = self._shard_state(inner.state.pop(proxy), kept, p)
+        inner_group["params"] = [torch.empty(0)]
+        if hasattr(inner, "global_index"):
+            inner.global_index = {}
+
+    @staticmethod
+    def _gather_state(sharded: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Whole tensors from the shards (the same order of collectives on every process: the entry's key order)."""
+        state: dict[str, Any] = {}
+        group_state: dict[str, Any] = {}
+        projector: dict[str, Any] = {}
+        for key, value in sharded.items():
+            value = value.full_tensor() if isinstance(value, DTensor) else value
+            if key.startswith("projector."):
+                projector[key[len("projector."):]] = value
+            elif key.startswith("group."):
+                group_state[key[len("group."):]] = value
+            else:
+                state[key] = value
+        if projector:
+            name = _projector_names()[int(projector.pop("kind"))]
+            state["projector"] = _projectors()._projector_from_state({"__projector__": name, **projector})
+        return state, group_state
+
+    @staticmethod
+    def _shard_state(state: dict[str, Any], group_state: dict[str, Any], p: DTensor) -> dict[str, Any]:
+        """One flat entry (torch's distributed checkpoint saves it like any optimizer's): tensors with a dim 0
+        sharded on it; a projector's fields under ``projector.``; what the optimizer keeps in its param group
+        (per parameter here, as each parameter has its own inner optimizer) under ``group.``."""
+        sharded: dict[str, Any] = {}
+        for key, value in state.items():
+            if key == "projector":
+                fields = _projectors()._projector_to_state(value)
+                sharded["projector.kind"] = _projector_names().index(fields.pop("__projector__"))
+                for field, item in fields.items():
+                    sharded[f"projector.{field}"] = _shard_like(item, p)
+            else:
+                sharded[key] = _shard_like(value, p)
+        for key, value in group_state.items():
+            sharded[f"group.{key}"] = _shard_like(value, p)
+        return dict(sorted(sharded.items()))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch's load_state_dict rebuilds containers value by value (a str character by character) and casts every
+        # tensor but "step" to the parameter's dtype: give it the sharded tensors only and put the other values
+        # (numbers, strings, 0-d tensors such as optimi's step count) back as they are
+        plain: dict[Any, dict[str, Any]] = {}
+        state: dict[Any, dict[str, Any]] = {}
+        for index, entry in state_dict["state"].items():
+            plain[index] = {k: v for k, v in entry.items() if not isinstance(v, DTensor)}
+            state[index] = {k: v for k, v in entry.items() if isinstance(v, DTensor)}
+        super().load_state_dict({**state_dict, "state": state})
+        # the state's keys are what the saved groups list (indices, or names from the distributed checkpoint)
+        saved = [key for g in state_dict["param_groups"] for key in g["params"]]
+        params = dict(zip(saved, (p for g in self.param_groups for p in g["params"])))
+        for index, values in plain.items():
+            entry = self.state[params[index]]
+            for key, value in values.items():
+                entry[key] = value
+        for p in params.values():  # the gathers follow the key order: the same on every process
+            if p in self.state:
+                self.state[p] = dict(sorted(self.state[p].items()))
+
+    # -- the step -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]  # the same on every process (FSDP2)
+            for index, p in enumerate(with_grad):
+                self._step_param(p, group, index)
+        return loss
+
+
+def _dim0_sharded(p: torch.Tensor) -> bool:
+    return isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
+
+
+def _my_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This process's rows of ``full``, split as ``Shard(0)`` splits (torch.chunk: the last ranks may get none)."""
+    mesh = like.device_mesh
+    rank, world = mesh.get_local_rank(), mesh.size()
+    chunks = torch.chunk(full, world, dim=0)
+    if rank < len(chunks):
+        return chunks[rank]
+    return full.new_empty((0, *full.shape[1:]))
+
+
+def _shard_like(value: Any, p: DTensor) -> Any:
+    """A state tensor with a dim 0 as a ``DTensor`` sharded on it (this process keeps its rows); scalars and numbers
+    as they are (every process computed the same)."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    value = value.contiguous()
+    local = _my_rows(value, p).clone()
+    return DTensor.from_local(local, p.device_mesh, [Shard(0)], run_check=False, shape=value.shape,
+                              stride=value.stride())
+
+
+def is_sharded(params: list[torch.Tensor]) -> bool:
+    """Whether these are FSDP2's sharded parameters (``DTensor`` s)."""
+    return any(isinstance(p, DTensor) for p in params)
