@@ -1,11 +1,15 @@
 """Sharded training (ModelParallelStrategy, FSDP2) of the memory-saving optimizers: two CPU processes (gloo) whose
 tiny Llama has every decoder layer and the model ``fully_shard``-ed end with the full weights of one process on the
-combined batches.
+combined batches, with ``max_grad_norm`` 1.0 and 0, and an epoch-boundary resume from Lightning's distributed
+checkpoint equals the uninterrupted run.
 
 - LOMO / AdaLomo update the shards in FSDP2's hooks; the global norm and AdaLomo's row / column statistics and RMS
-  are completed over the shards (with shard-local statistics these tests fail: test_shard_local_statistics_...).
+  are completed over the shards (with shard-local statistics the results differ: the control below).
 - Adafactor, APOLLO (channel and tensor scaling, projections renewed every 2 steps), GaLore, GrokAdamW and
   StableAdamW step whole tensors gathered from the shards (GatheredStepOptimizer), their state kept sharded.
+
+All sharded fits run in one two-process launch (Lightning runs successive fits in the processes it launched); the
+one-process references run in this process.
 """
 
 from __future__ import annotations
@@ -25,58 +29,73 @@ SCRIPT = ROOT / "tests" / "scripts" / "sharded_llama_fit.py"
 GATHERED = ["adafactor", "apollo_adamw", "apollo_mini", "galore_adamw", "galore_adafactor", "grokadamw",
             "stable_adamw"]
 OPTIMIZERS = ["lomo", "adalomo", *GATHERED]
+NORMS = ["1.0", "0"]
+CONTROLS = [("lomo", "1.0"), ("adalomo", "0")]
 
 
-def run(optim: str, max_grad_norm: str, out: Path, mode: str, *extra: str) -> None:
-    """Two processes (Lightning's launcher re-executes the script for the second)."""
-    proc = subprocess.run([sys.executable, str(SCRIPT), optim, max_grad_norm, str(out), mode, *extra], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _name(optim: str, norm: str, kind: str = "") -> str:
+    return f"{optim}-{norm.replace('.', '_')}{kind}"
 
 
-def single_process(optim: str, max_grad_norm: str, out: Path) -> None:
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> Path:
+    """One launch of two processes for every sharded fit of this module; returns the folder of their weights."""
+    out = tmp_path_factory.mktemp("sharded")
+    runs = []
+    for optim in OPTIMIZERS:
+        for norm in NORMS:
+            runs.append(f"{_name(optim, norm)}:{optim}:{norm}" + (":ckpt" if norm == "1.0" else ""))
+        runs.append(f"{_name(optim, '1.0', '-resumed')}:{optim}:1.0:resume={_name(optim, '1.0')}")
+    runs += [f"{_name(optim, norm, '-local')}:{optim}:{norm}:local" for optim, norm in CONTROLS]
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "sharded", *runs], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return out
+
+
+def single_process(optim: str, norm: str, out: Path) -> dict[str, torch.Tensor]:
     """The reference, in this process: one process on the combined batches, same script."""
     spec = importlib.util.spec_from_file_location("sharded_llama_fit", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(optim, max_grad_norm, str(out), "single")
+    script.main(str(out), "single", f"single:{optim}:{norm}")
+    return torch.load(out / "single.pt", weights_only=True)
 
 
-def full_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)
+def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    return torch.load(folder / f"{name}.pt", weights_only=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_grad_norm", ["1.0", "0"])
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("optim", OPTIMIZERS)
-def test_fsdp2_two_processes_equal_one_process_and_resume_exactly(tmp_path, optim, max_grad_norm):
-    """Equal to one process within 1e-5; with max_grad_norm 1.0 also: an epoch-boundary resume from Lightning's
-    distributed checkpoint (every state tensor sharded on its dim 0: AdaLomo's row statistics, APOLLO's projected
-    moments and projection matrices, ...), by two fresh processes, equals the uninterrupted run within 1e-6."""
-    resume = max_grad_norm == "1.0"
-    run(optim, max_grad_norm, tmp_path / "sharded.pt", "sharded", *([str(tmp_path / "ckpt")] if resume else []))
-    single_process(optim, max_grad_norm, tmp_path / "single.pt")
-    sharded, single = full_weights(tmp_path / "sharded.pt"), full_weights(tmp_path / "single.pt")
+def test_fsdp2_two_processes_equal_one_process(sharded_runs, tmp_path, optim, norm):
+    sharded, single = weights(sharded_runs, _name(optim, norm)), single_process(optim, norm, tmp_path)
     initial = tiny_llama().state_dict()
     assert sharded.keys() == single.keys() == initial.keys()
     for key in single:
         torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
         assert not torch.equal(single[key], initial[key]) or "rotary" in key, f"{key} was not trained"
-    if resume:
-        checkpoint = tmp_path / "ckpt" / "epoch=0.ckpt"
-        run(optim, max_grad_norm, tmp_path / "resumed.pt", "sharded", str(tmp_path / "ckpt2"), str(checkpoint))
-        resumed = full_weights(tmp_path / "resumed.pt")
-        for key in sharded:
-            torch.testing.assert_close(resumed[key], sharded[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("optim", "max_grad_norm"), [("lomo", "1.0"), ("adalomo", "0")])
-def test_shard_local_statistics_would_differ(tmp_path, optim, max_grad_norm):
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_fsdp2_resume_from_epoch_boundary_equals_uninterrupted(sharded_runs, optim):
+    """Lightning's distributed checkpoint of the sharded module and optimizer (every state tensor sharded on its dim
+    0: AdaLomo's row statistics, APOLLO's projected moments and projection matrices, ...), loaded by a new Trainer."""
+    assert (sharded_runs / f"{_name(optim, '1.0')}-ckpt" / "epoch=0.ckpt").exists()
+    steps = {kind: int((sharded_runs / f"{_name(optim, '1.0', kind)}.steps").read_text()) for kind in ("", "-resumed")}
+    assert steps == {"": 4, "-resumed": 2}  # the resumed fit started at the epoch boundary, not from scratch
+    full, resumed = weights(sharded_runs, _name(optim, "1.0")), weights(sharded_runs, _name(optim, "1.0", "-resumed"))
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optim", "norm"), CONTROLS)
+def test_shard_local_statistics_would_differ(sharded_runs, tmp_path, optim, norm):
     """The control: the same run with each process's statistics left shard-local (LOMO's clipping norm, AdaLomo's
     column means and RMS) ends measurably away from one process, so the equality tests above can fail."""
-    run(optim, max_grad_norm, tmp_path / "local.pt", "sharded_local_stats")
-    single_process(optim, max_grad_norm, tmp_path / "single.pt")
-    local, single = full_weights(tmp_path / "local.pt"), full_weights(tmp_path / "single.pt")
+    local, single = weights(sharded_runs, _name(optim, norm, "-local")), single_process(optim, norm, tmp_path)
     worst = max(float((local[k] - single[k]).abs().max()) for k in single)
     assert worst > 1e-4

@@ -1,14 +1,14 @@
 """Run by tests/test_sharded.py (Lightning's launcher re-executes this script for the second process):
 
-    python tests/scripts/sharded_llama_fit.py OPTIM MAX_GRAD_NORM OUT_FILE MODE [CKPT_DIR [RESUME_CKPT]]
+    python tests/scripts/sharded_llama_fit.py OUT_DIR {sharded,single} RUN [RUN ...]
 
-MODE: sharded, single, or sharded_local_stats (a control: statistics not completed over the shards).
-
-Fits the tiny Llama of the tests for 4 steps (2 epochs of 2), either under ``ModelParallelStrategy`` on 2 CPU
-processes (gloo) with every decoder layer and the model ``fully_shard``-ed (FSDP2, DTensor parameters sharded on
-dim 0), each process taking half of every batch, or on one process with the combined batches. Rank 0 writes the
-full weights to OUT_FILE. With CKPT_DIR, a checkpoint is saved at each epoch end; with RESUME_CKPT the fit resumes
-from it.
+Each RUN is ``NAME:OPTIM:MAX_GRAD_NORM[:OPTION]`` and fits the tiny Llama of the tests for 4 steps (2 epochs of 2):
+under ``ModelParallelStrategy`` on 2 CPU processes (gloo) with every decoder layer and the model ``fully_shard``-ed
+(FSDP2, DTensor parameters sharded on dim 0), each process taking half of every batch, or on one process with the
+combined batches. The full weights go to ``OUT_DIR/NAME.pt``. OPTION: ``ckpt`` saves a checkpoint at each epoch end
+(in ``OUT_DIR/NAME-ckpt``); ``resume=OTHER`` resumes from run OTHER's epoch-0 checkpoint; ``local`` is the control
+with the in-backward statistics left shard-local. All runs of a launch share its two processes (one launch, many
+fits, as Lightning allows), in the order given.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from tests.helpers import LlamaModule, ddp_loader, tiny_llama  # noqa: E402
 
 STEPS_PER_EPOCH, EPOCHS, PER_PROCESS = 2, 2, 2
-
-
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
 
 
@@ -39,10 +37,7 @@ def optimizer_settings(optim: str, max_grad_norm: float) -> dict:
     from lightning_optims import get_spec
     from tests.test_reliability import settings
 
-    if optim == "apollo_mini":
-        chosen = settings("apollo_adamw", optim_args=MINI)
-    else:
-        chosen = settings(optim)
+    chosen = settings("apollo_adamw", optim_args=MINI) if optim == "apollo_mini" else settings(optim)
     chosen.update(learning_rate=1e-2, max_grad_norm=max_grad_norm)
     spec = get_spec(chosen["optim"])
     if spec.updates_in_backward:
@@ -66,36 +61,51 @@ class ShardedLlama(LlamaModule):
 
 
 class SaveFullWeights(Callback):
-    def __init__(self, path: str) -> None:
+    """The full weights at the end, and the steps this fit took (``NAME.steps``: a resumed fit takes fewer)."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps += 1
 
     def on_fit_end(self, trainer, pl_module):
         full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
                 for k, v in pl_module.model.state_dict().items()}
         if trainer.is_global_zero:
             torch.save(full, self.path)
+            self.path.with_suffix(".steps").write_text(str(self.steps))
 
 
-def main(optim: str, max_grad_norm: str, out: str, mode: str, ckpt_dir: str = "", resume: str = "") -> None:
-    if mode == "sharded_local_stats":  # the negative control: each process uses its shard's statistics only
-        from lightning_optims.in_backward import InBackwardOptimizer
+def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
+    from lightning_optims.in_backward import InBackwardOptimizer
 
+    all_sum = InBackwardOptimizer._all_sum
+    if option == "local":  # the control: each process uses its shard's statistics only
         InBackwardOptimizer._all_sum = lambda self, tensor: tensor
-        mode = "sharded"
-    sharded = mode == "sharded"
     module = ShardedLlama(sharded, **optimizer_settings(optim, float(max_grad_norm)))
-    callbacks: list = [SaveFullWeights(out)]
-    if ckpt_dir:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, filename="{epoch}"))
+    callbacks: list = [SaveFullWeights(out / f"{name}.pt")]
+    if option == "ckpt":
+        callbacks.append(ModelCheckpoint(dirpath=out / f"{name}-ckpt", save_top_k=-1, filename="{epoch}"))
+    resume = out / f"{option[len('resume='):]}-ckpt" / "epoch=0.ckpt" if option.startswith("resume=") else None
     trainer = L.Trainer(
         accelerator="cpu", devices=2 if sharded else 1,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
-        max_epochs=EPOCHS, logger=False, enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False,
+        max_epochs=EPOCHS, logger=False, enable_checkpointing=option == "ckpt", enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-        callbacks=callbacks,
+        callbacks=callbacks, default_root_dir=out,
     )
     per_process = PER_PROCESS if sharded else 2 * PER_PROCESS
-    trainer.fit(module, ddp_loader(per_process, n=2 * PER_PROCESS * STEPS_PER_EPOCH), ckpt_path=resume or None)
+    try:
+        trainer.fit(module, ddp_loader(per_process, n=2 * PER_PROCESS * STEPS_PER_EPOCH), ckpt_path=resume)
+    finally:
+        InBackwardOptimizer._all_sum = all_sum
+
+
+def main(out: str, mode: str, *runs: str) -> None:
+    for run in runs:
+        fit(Path(out), mode == "sharded", *run.split(":"))
 
 
 if __name__ == "__main__":
