@@ -348,7 +348,7 @@ def _shard_group(params: list[torch.Tensor]) -> Any:
 def _state_like(p: torch.Tensor, shape: tuple[int, ...], local_size: int, sharded: bool) -> torch.Tensor:
     """A zero fp32 state vector for ``p``. For an FSDP2 parameter it is a ``DTensor`` on the parameter's mesh:
     sharded on dim 0 like the parameter's rows (``sharded``), or replicated, so that Lightning's distributed
-    checkpoint saves every process's part and a resume (on any number of processes) gets it back."""
+    checkpoint saves every process's part and a resume gets it back (tested on the same number of processes)."""
     local = _local(p)
     zeros = torch.zeros(local_size, dtype=torch.float32, device=local.device)
     if not isinstance(p, DTensor):

@@ -2,10 +2,10 @@
 
 Adafactor's factored moments, APOLLO's and GaLore's projections, GrokAdamW's per-tensor clipping and StableAdamW's
 per-tensor RMS need each parameter whole. :class:`GatheredStepOptimizer` keeps every state tensor sharded on its
-dim 0 like the parameters (``DTensor`` s, so Lightning's distributed checkpoint saves and restores them, on any number
-of processes), and steps one parameter at a time: it gathers the parameter, its gradient and its state, runs the
-upstream optimizer on the whole tensors (every process computes the same update), keeps this process's rows of the
-new parameter and state, and frees the rest. Per process the persistent state is ``1/W`` of one device's, plus, for
+dim 0 like the parameters (``DTensor`` s, so Lightning's distributed checkpoint saves and restores them), and steps
+one parameter at a time: it gathers the parameter, its gradient and its state, runs the upstream optimizer on the
+whole tensors (every process computes the same update), keeps this process's rows of the new parameter and state,
+and frees the rest. Per process the persistent state is ``1/W`` of one device's, plus, for
 the time of one parameter's step, that parameter's whole tensors.
 
 The exactness fix-ups live here too: APOLLO seeds each random projection with the parameter's position among all

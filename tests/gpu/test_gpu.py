@@ -1,7 +1,8 @@
 """CUDA-only checks: ``python -m pytest -m gpu tests/gpu -q`` on a machine with a CUDA device (skipped elsewhere).
 
 fused AdamW on CUDA against transformers' Trainer, LOMO/AdaLomo under bf16-mixed on CUDA (state on the device),
-the GradScaler refusal, FSDP with an elementwise optimizer and its refusal of APOLLO, schedule-free resume on CUDA.
+the GradScaler refusal, FSDP with an elementwise optimizer and its refusal of APOLLO, schedule-free resume on CUDA,
+and the FSDP2 (ModelParallelStrategy) fits of tests/test_sharded.py on CUDA with NCCL, one process per device.
 """
 
 from __future__ import annotations
@@ -86,3 +87,27 @@ def test_schedule_free_resume_on_cuda(tmp_path):
     resumed = run(str(tmp_path / "epoch=0.ckpt"))
     for key, value in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("optim", ["lomo", "adalomo", "apollo_mini", "adafactor", "grokadamw"])
+def test_fsdp2_on_cuda_nccl_equals_one_device(tmp_path, optim):
+    """ModelParallelStrategy over every CUDA device here (NCCL; with one device FSDP2 still shards over a 1-process
+    mesh, so the DTensor code paths run), against one device without sharding, and an epoch-boundary resume."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "tests" / "scripts" / "sharded_llama_fit.py"
+    processes = min(torch.cuda.device_count(), 2)
+    env = {**os.environ, "SHARDED_TEST_ACCELERATOR": "cuda", "SHARDED_TEST_PROCESSES": str(processes)}
+    runs = [f"full:{optim}:1.0:ckpt", f"resumed:{optim}:1.0:resume=full"]
+    for mode, these in (("sharded", runs), ("single", [f"single:{optim}:1.0"])):
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), mode, *these], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    full, resumed, single = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("full", "resumed", "single"))
+    for key in single:
+        torch.testing.assert_close(full[key], single[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")

@@ -13,6 +13,7 @@ fits, as Lightning allows), in the order given.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,10 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from tests.helpers import LlamaModule, ddp_loader, tiny_llama  # noqa: E402
 
-STEPS_PER_EPOCH, EPOCHS, PER_PROCESS = 2, 2, 2
+STEPS_PER_EPOCH, EPOCHS, BATCH = 2, 2, 4  # BATCH: the combined batch of a step, split over the processes
+# tests/gpu runs the same fits on CUDA (NCCL) with as many processes as there are devices
+ACCELERATOR = os.environ.get("SHARDED_TEST_ACCELERATOR", "cpu")
+PROCESSES = int(os.environ.get("SHARDED_TEST_PROCESSES", "2"))
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
 
 
@@ -71,7 +75,7 @@ class SaveFullWeights(Callback):
         self.steps += 1
 
     def on_fit_end(self, trainer, pl_module):
-        full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+        full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().float()
                 for k, v in pl_module.model.state_dict().items()}
         if trainer.is_global_zero:
             torch.save(full, self.path)
@@ -90,15 +94,15 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         callbacks.append(ModelCheckpoint(dirpath=out / f"{name}-ckpt", save_top_k=-1, filename="{epoch}"))
     resume = out / f"{option[len('resume='):]}-ckpt" / "epoch=0.ckpt" if option.startswith("resume=") else None
     trainer = L.Trainer(
-        accelerator="cpu", devices=2 if sharded else 1,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
+        accelerator=ACCELERATOR, devices=PROCESSES if sharded else 1,
+        strategy=ModelParallelStrategy(data_parallel_size=PROCESSES, tensor_parallel_size=1) if sharded else "auto",
         max_epochs=EPOCHS, logger=False, enable_checkpointing=option == "ckpt", enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         callbacks=callbacks, default_root_dir=out,
     )
-    per_process = PER_PROCESS if sharded else 2 * PER_PROCESS
+    per_process = BATCH // PROCESSES if sharded else BATCH
     try:
-        trainer.fit(module, ddp_loader(per_process, n=2 * PER_PROCESS * STEPS_PER_EPOCH), ckpt_path=resume)
+        trainer.fit(module, ddp_loader(per_process, n=BATCH * STEPS_PER_EPOCH), ckpt_path=resume)
     finally:
         InBackwardOptimizer._all_sum = all_sum
 
