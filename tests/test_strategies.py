@@ -23,6 +23,7 @@ USABLE = [r.name for r in available_optimizers() if r.usable]
 ELEMENTWISE = [n for n in USABLE if get_spec(n).elementwise]
 NOT_ELEMENTWISE = [n for n in USABLE if not get_spec(n).elementwise]
 SHARDS_IN_BACKWARD = [n for n in USABLE if get_spec(n).shards_in_backward]
+SHARDS_BY_GATHERING = [n for n in USABLE if get_spec(n).shards_by_gathering]
 
 
 def run_script(optim: str, out: Path, mode: str) -> subprocess.CompletedProcess:
@@ -44,10 +45,11 @@ def test_model_parallel_two_cpu_processes_equal_one(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_model_parallel_refuses_a_non_elementwise_optimizer_end_to_end(tmp_path):
-    proc = run_script("grokadamw", tmp_path / "x.pt", "sharded")
+def test_model_parallel_refuses_a_layerwise_optimizer_end_to_end(tmp_path):
+    proc = run_script("apollo_adamw_layerwise", tmp_path / "x.pt", "sharded")
     assert proc.returncode != 0
-    assert "optim='grokadamw' is not supported under ModelParallelStrategy" in proc.stderr + proc.stdout
+    assert "optim='apollo_adamw_layerwise' updates parameters in gradient hooks, which strategy " \
+           "ModelParallelStrategy does not support" in proc.stderr + proc.stdout
 
 
 def stand_in_trainer(strategy) -> SimpleNamespace:
@@ -64,7 +66,8 @@ STRATEGIES = {
 
 
 REFUSED = [(strategy, name) for strategy in STRATEGIES for name in NOT_ELEMENTWISE
-           if not (strategy == "ModelParallelStrategy" and name in SHARDS_IN_BACKWARD)]  # those run: test_sharded.py
+           if not (strategy == "ModelParallelStrategy" and name in SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING)]
+# (those run under ModelParallelStrategy: tests/test_sharded.py)
 
 
 @pytest.mark.parametrize(("strategy", "name"), REFUSED)
@@ -105,8 +108,8 @@ def test_16_mixed_on_cpu_is_bf16():
     assert getattr(trainer.precision_plugin, "scaler", None) is None and trainer.global_step == 2
 
 
-@pytest.mark.parametrize("name", SHARDS_IN_BACKWARD)
-def test_in_backward_optimizers_are_accepted_under_model_parallel_and_point_there_from_fsdp1(name):
+@pytest.mark.parametrize("name", SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING)
+def test_sharded_optimizers_are_accepted_under_model_parallel_and_point_there_from_fsdp1(name):
     module = LlamaModule(model=tiny_llama(), **settings(name))
     module._check_trainer_settings(stand_in_trainer(ModelParallelStrategy()))
     for strategy in ("FSDPStrategy", "DeepSpeedStrategy"):

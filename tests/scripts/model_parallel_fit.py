@@ -65,8 +65,17 @@ def main(optim: str, out: str, mode: str) -> None:
     sharded = mode == "sharded"
     per_process = 2 if sharded else 4
     loader = DataLoader(data, batch_size=per_process, sampler=RankInterleavedSampler(len(data)))
-    extra = {"lr_scheduler_type": "constant"} if optim.startswith("schedule_free") else {}
-    module = ShardedMLP(sharded, optim=optim, learning_rate=1e-2, weight_decay=0.01, **extra)
+    from lightning_optims import get_spec
+
+    spec = get_spec(optim)
+    extra: dict = {"lr_scheduler_type": "constant"} if spec.has_train_eval_modes else {}
+    if spec.needs_target_modules:
+        extra["optim_target_modules"] = "all-linear"
+    if spec.layerwise:
+        extra["max_grad_norm"] = 0.0
+    if "weight_decay" in spec.uses:
+        extra["weight_decay"] = 0.01
+    module = ShardedMLP(sharded, optim=optim, learning_rate=1e-2, **extra)
     trainer = L.Trainer(
         accelerator="cpu", devices=2 if sharded else 1,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
