@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 
 import grokadamw
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint

@@ -4,7 +4,6 @@ covered by these tests without being named in them."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
