@@ -136,8 +136,9 @@ def worker(label: str, size_name: str, out: str) -> None:
     trainer.fit(module, loader)
 
 
-def one_device_state_bytes(label: str, size_name: str) -> int:
-    """The optimizer state the same settings hold on one device after a step (the whole model, no sharding)."""
+def one_device_state_bytes(label: str, size_name: str) -> tuple[int, float]:
+    """The optimizer state the same settings hold on one device after a step (the whole model, no sharding), and
+    the largest parameter's share of all parameters."""
     import torch
 
     from lightning_optims import OptimizerArguments, create_optimizer

@@ -515,7 +515,6 @@ class AdaLomo(InBackwardOptimizer):
         state = self.state[p]
         rows, numel = (p.shape[0] if p.dim() else 1), p.numel()  # of the whole tensor (a DTensor's are global)
         local = _local(p)
-        self._init_state(p)
         if p.dim() > 1:
             row, col = _local(state["exp_avg_sq_row"]), _local(state["exp_avg_sq_col"])
             row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)

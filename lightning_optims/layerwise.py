@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lightning_optims.in_backward import NonFiniteGradientError
+from lightning_optims.param_groups import split_added_group
 
 __all__ = ["LayerwiseOptimizer", "build_layerwise"]
 
@@ -45,8 +46,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return
         if self._inner_factory is None:
             raise TypeError("this LayerwiseOptimizer was built without an inner_factory: it cannot add param groups")
-        from lightning_optims.optimizers import split_added_group
-
         for part in split_added_group(param_group, self.low_rank_targets):
             part.pop("follows_group", None)  # each parameter has its own inner optimizer: one group per lr is enough
             super().add_param_group({"params": part["params"], "lr": part.get("lr", self.param_groups[0]["lr"])})

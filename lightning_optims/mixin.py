@@ -383,9 +383,6 @@ class OptimizerMixin:
             total = trainer.estimated_stepping_batches
             if math.isfinite(total) and int(total) != self._built_total_steps:
                 self._built_total_steps = int(total)
-                initial = [g.get("initial_lr", g["lr"]) for g in self._built_optimizer.param_groups]
-                for group, lr in zip(self._built_optimizer.param_groups, initial):
-                    group["lr"] = lr
                 config.scheduler = create_scheduler(self._built_optimizer, self.optimizer_arguments, int(total))
                 self._built_scheduler = config.scheduler
         scheduler = config.scheduler
@@ -462,8 +459,7 @@ class OptimizerMixin:
                 f"optim={spec.name!r} updates each parameter during backward and keeps no gradient: "
                 f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot work; use 1"
             )
-        model_parallel = isinstance(trainer.strategy, ModelParallelStrategy)
-        sharded_here = model_parallel and (spec.shards_in_backward or spec.shards_by_gathering)
+        sharded_here = isinstance(trainer.strategy, ModelParallelStrategy) and spec.runs_sharded
         if spec.updates_in_backward and not _plain_data_parallel(trainer.strategy) and not sharded_here:
             where = ("ModelParallelStrategy (FSDP2, fully_shard in configure_model), " if spec.shards_in_backward
                      else "")  # (layer-wise optimizers: not yet sharded)
@@ -474,8 +470,7 @@ class OptimizerMixin:
             )
         if isinstance(trainer.strategy, SHARDED_STRATEGIES) and not spec.elementwise and not sharded_here:
             allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise)
-            sharded = ", ".join(n for n in registered_names()
-                                if get_spec(n).shards_in_backward or get_spec(n).shards_by_gathering)
+            sharded = ", ".join(n for n in registered_names() if get_spec(n).runs_sharded)
             raise MisconfigurationException(
                 f"optim={spec.name!r} is not supported under {type(trainer.strategy).__name__}: it shards or flattens "
                 "the parameters, and this optimizer's update depends on whole tensors (a per-tensor norm, a "

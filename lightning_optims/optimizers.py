@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from apollo_torch import APOLLOAdamW as _UpstreamAPOLLOAdamW
 
+from lightning_optims.param_groups import follow_leader_lrs, split_added_group
+
 
 def _import_keeping_root_logger(name: str) -> Any:
     """grokadamw runs ``logging.basicConfig(level=INFO)`` when imported, turning on INFO output for the whole
@@ -115,38 +117,6 @@ def _projector_from_state(state: dict[str, Any]) -> Any:
     projector = object.__new__(getattr(importlib.import_module(module), qualname))
     projector.__dict__.update({k: v for k, v in state.items() if k != _MARK})
     return projector
-
-
-def split_added_group(group: dict[str, Any], low_rank_targets: Any) -> list[dict[str, Any]]:
-    """A param group added during training, as the build would have grouped it: its parameters that
-    ``optim_target_modules`` selects get the target group's options (projection), the others none.
-
-    ``low_rank_targets`` is ``(target parameters, target group options)`` (set by ``create_optimizer``). With both
-    kinds present the result is ``[others, targets]``; the first has ``follows_group`` pointing at the second, whose
-    learning rate it takes before every step (callbacks such as ``BackboneFinetuning`` set the lr of the group they
-    added, the last one).
-    """
-    params = group["params"]
-    params = [params] if isinstance(params, torch.Tensor) else list(params)
-    if low_rank_targets is None or "rank" in group:
-        return [{**group, "params": params}]
-    targets, options = low_rank_targets
-    target_ids = {id(p) for p in targets}
-    chosen = [p for p in params if id(p) in target_ids]
-    if not chosen:
-        return [{**group, "params": params}]
-    projected = {**group, **options, "params": chosen}
-    if len(chosen) == len(params):
-        return [projected]
-    return [{**group, "params": [p for p in params if id(p) not in target_ids], "follows_group": None}, projected]
-
-
-def follow_leader_lrs(param_groups: list[dict[str, Any]]) -> None:
-    """Give each group split off an added group the learning rate of the part it was split from."""
-    for group in param_groups:
-        leader = group.get("follows_group")
-        if leader is not None:
-            group["lr"] = param_groups[leader]["lr"]
 
 
 class ProjectorStateMixin:

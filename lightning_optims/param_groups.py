@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import check_target_module_exists
@@ -79,3 +80,35 @@ def low_rank_param_groups(
         {"params": [p for n, p in named if n not in targets]},
         {"params": [p for n, p in named if n in targets], **target_group_kwargs},
     ]
+
+
+def split_added_group(group: dict[str, Any], low_rank_targets: Any) -> list[dict[str, Any]]:
+    """A param group added during training, as the build would have grouped it: its parameters that
+    ``optim_target_modules`` selects get the target group's options (projection), the others none.
+
+    ``low_rank_targets`` is ``(target parameters, target group options)`` (set by ``create_optimizer``). With both
+    kinds present the result is ``[others, targets]``; the first has ``follows_group`` pointing at the second, whose
+    learning rate it takes before every step (callbacks such as ``BackboneFinetuning`` set the lr of the group they
+    added, the last one).
+    """
+    params = group["params"]
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    if low_rank_targets is None or "rank" in group:
+        return [{**group, "params": params}]
+    targets, options = low_rank_targets
+    target_ids = {id(p) for p in targets}
+    chosen = [p for p in params if id(p) in target_ids]
+    if not chosen:
+        return [{**group, "params": params}]
+    projected = {**group, **options, "params": chosen}
+    if len(chosen) == len(params):
+        return [projected]
+    return [{**group, "params": [p for p in params if id(p) not in target_ids], "follows_group": None}, projected]
+
+
+def follow_leader_lrs(param_groups: list[dict[str, Any]]) -> None:
+    """Give each group split off an added group the learning rate of the part it was split from."""
+    for group in param_groups:
+        leader = group.get("follows_group")
+        if leader is not None:
+            group["lr"] = param_groups[leader]["lr"]

@@ -112,6 +112,11 @@ class OptimizerSpec:
     description: str = ""
 
     @property
+    def runs_sharded(self) -> bool:
+        """It runs under ModelParallelStrategy (FSDP2) with the numbers of one device (besides elementwise ones)."""
+        return self.shards_in_backward or self.shards_by_gathering
+
+    @property
     def needs_target_modules(self) -> bool:
         return self.params == "low_rank"
 
