@@ -29,6 +29,7 @@ from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import ScheduledGroupsLambdaLR, create_optimizer, create_scheduler
 from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
+from lightning_optims.sharded import sync_unused_parameters
 
 __all__ = ["OptimizerMixin"]
 
@@ -252,6 +253,9 @@ class OptimizerMixin:
         else:
             total_steps = int(total)
         optimizer = create_optimizer(self.optimized_module(), args, num_training_steps=total_steps)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            # FSDP2 groups with set_reduce_scatter_unused_params(True): parameters used on some processes only
+            sync_unused_parameters(self)  # type: ignore[arg-type]
         if isinstance(optimizer, InBackwardOptimizer):
             # the engine averages each gradient itself: DDP's reducer must not prepare a reduction it never sees
             wrapped = self.trainer.strategy.model

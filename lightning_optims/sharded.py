@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-__all__ = ["GatheredStepOptimizer", "is_sharded"]
+__all__ = ["GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
 
 
 def _projectors() -> Any:
@@ -192,3 +192,59 @@ def _shard_like(value: Any, p: DTensor) -> Any:
 def is_sharded(params: list[torch.Tensor]) -> bool:
     """Whether these are FSDP2's sharded parameters (``DTensor`` s)."""
     return any(isinstance(p, DTensor) for p in params)
+
+
+# -- parameters unused on some processes ----------------------------------------------------------------------------
+
+_UNUSED_SYNC = "_lightning_optims_unused_sync"
+
+
+def sync_unused_parameters(module: torch.nn.Module) -> int:
+    """Make FSDP2's ``set_reduce_scatter_unused_params(True)`` give one process's result on the combined batch.
+
+    With that switch (torch's counterpart of DDP's ``find_unused_parameters``) FSDP2 reduce-scatters a zero gradient
+    for every parameter this process did not use, including those no process used: they then get a zero gradient
+    instead of none, and an optimizer with momentum or weight decay moves them where one process would leave them
+    alone. For each FSDP2 group that has the switch on, this replaces it by an exact rule, just before the group's
+    reduce-scatter: one all-reduce of a flag per parameter (used on this process or not) over the group's processes;
+    a parameter used on some process gets zeros where it was not used (so the reduce-scatters line up), one used
+    nowhere keeps no gradient on every process (every optimizer skips it, as on one device; the in-backward ones
+    never see it). Returns the number of groups it now handles (0 when the switch is off everywhere)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    handled = 0
+    for sub in module.modules():
+        if not isinstance(sub, FSDPModule):
+            continue
+        for group in sub._get_fsdp_state()._fsdp_param_groups:
+            if getattr(group, _UNUSED_SYNC, False):
+                handled += 1
+            elif group.reduce_scatter_unused_params:
+                group.post_backward = _post_backward_with_used_flags(group, group.post_backward)
+                group.reduce_scatter_unused_params = False  # (the zeros are ours now, only where needed)
+                setattr(group, _UNUSED_SYNC, True)
+                handled += 1
+    return handled
+
+
+def _post_backward_with_used_flags(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
+    import torch.distributed as dist
+
+    def wrapped(*args: Any) -> Any:
+        if group.reduce_grads:  # (a backward that only accumulates reduces nothing: decided at the reducing one)
+            fsdp_params = [fp for fp in group.fsdp_params
+                           if hasattr(fp, "_unsharded_param") and fp.unsharded_param.requires_grad]
+            used_here = [fp.unsharded_accumulated_grad is not None or fp.unsharded_param.grad is not None
+                         for fp in fsdp_params]
+            if fsdp_params:
+                flags = torch.tensor(used_here, dtype=torch.int32, device=group.device)
+                info = group.mesh_info
+                for name in ("shard_process_group", "replicate_process_group"):
+                    if getattr(info, name, None) is not None:
+                        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=getattr(info, name))
+                for fp, here, anywhere in zip(fsdp_params, used_here, flags.tolist()):
+                    if anywhere and not here:
+                        fp.unsharded_param.grad = torch.zeros_like(fp.unsharded_param)
+        return post_backward(*args)
+
+    return wrapped

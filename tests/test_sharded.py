@@ -31,6 +31,10 @@ GATHERED = ["adafactor", "apollo_adamw", "apollo_mini", "galore_adamw", "galore_
 OPTIMIZERS = ["lomo", "adalomo", *GATHERED]
 NORMS = ["1.0", "0"]
 CONTROLS = [("lomo", "1.0"), ("adalomo", "0")]
+# a parameter unused on one process (and, in another step, on every process): one optimizer per family, the
+# in-backward ones with and without clipping
+UNUSED = [("adamw_torch", "1.0"), ("schedule_free_adamw", "0"), ("adafactor", "1.0"), ("apollo_mini", "1.0"),
+          ("grokadamw", "0"), ("lomo", "1.0"), ("adalomo", "0")]
 
 
 def _name(optim: str, norm: str, kind: str = "") -> str:
@@ -47,18 +51,24 @@ def sharded_runs(tmp_path_factory) -> Path:
             runs.append(f"{_name(optim, norm)}:{optim}:{norm}" + (":ckpt" if norm == "1.0" else ""))
         runs.append(f"{_name(optim, '1.0', '-resumed')}:{optim}:1.0:resume={_name(optim, '1.0')}")
     runs += [f"{_name(optim, norm, '-local')}:{optim}:{norm}:local" for optim, norm in CONTROLS]
+    runs += [f"{_name(optim, norm, '-unused')}:{optim}:{norm}:unused" for optim, norm in UNUSED]
+    runs.append(f"{_name('adamw_torch', '1.0', '-unused-torch')}:adamw_torch:1.0:unused-torch")
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "sharded", *runs], cwd=ROOT, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return out
 
 
-def single_process(optim: str, norm: str, out: Path) -> dict[str, torch.Tensor]:
-    """The reference, in this process: one process on the combined batches, same script."""
+def _script():
     spec = importlib.util.spec_from_file_location("sharded_llama_fit", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(str(out), "single", f"single:{optim}:{norm}")
+    return script
+
+
+def single_process(optim: str, norm: str, out: Path, option: str = "") -> dict[str, torch.Tensor]:
+    """The reference, in this process: one process on the combined batches, same script."""
+    _script().main(str(out), "single", f"single:{optim}:{norm}:{option}")
     return torch.load(out / "single.pt", weights_only=True)
 
 
@@ -99,3 +109,28 @@ def test_shard_local_statistics_would_differ(sharded_runs, tmp_path, optim, norm
     local, single = weights(sharded_runs, _name(optim, norm, "-local")), single_process(optim, norm, tmp_path)
     worst = max(float((local[k] - single[k]).abs().max()) for k in single)
     assert worst > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optim", "norm"), UNUSED)
+def test_fsdp2_parameter_unused_on_some_processes_equals_one_process(sharded_runs, tmp_path, optim, norm):
+    """The head ``aux`` (in FSDP2's root group with the embeddings) is used by sample 0 only: at step 0 of each epoch
+    one process uses it and the other not, at step 1 no process does. With FSDP2's
+    ``set_reduce_scatter_unused_params(True)`` in ``configure_model`` every family ends with one process's weights
+    (the head trained, and left alone in the steps where nobody used it)."""
+    sharded = weights(sharded_runs, _name(optim, norm, "-unused"))
+    single = single_process(optim, norm, tmp_path, "unused")
+    initial = _script().AuxNet().state_dict()
+    assert sharded.keys() == single.keys() == initial.keys()
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert not torch.equal(single["aux.weight"], initial["aux.weight"])  # the head was trained
+
+
+@pytest.mark.slow
+def test_fsdp2_zero_gradients_for_unused_parameters_would_differ(sharded_runs, tmp_path):
+    """The control: with torch's switch alone, FSDP2 gives the head a zero gradient in the step where no process used
+    it, and AdamW (momentum, weight decay) moves it where one process leaves it alone."""
+    torch_only = weights(sharded_runs, _name("adamw_torch", "1.0", "-unused-torch"))
+    single = single_process("adamw_torch", "1.0", tmp_path, "unused")
+    assert float((torch_only["aux.weight"] - single["aux.weight"]).abs().max()) > 1e-4

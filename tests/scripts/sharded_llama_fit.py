@@ -7,7 +7,10 @@ under ``ModelParallelStrategy`` on 2 CPU processes (gloo) with every decoder lay
 (FSDP2, DTensor parameters sharded on dim 0), each process taking half of every batch, or on one process with the
 combined batches. The full weights go to ``OUT_DIR/NAME.pt``. OPTION: ``ckpt`` saves a checkpoint at each epoch end
 (in ``OUT_DIR/NAME-ckpt``); ``resume=OTHER`` resumes from run OTHER's epoch-0 checkpoint; ``local`` is the control
-with the in-backward statistics left shard-local. All runs of a launch share its two processes (one launch, many
+with the in-backward statistics left shard-local; ``unused`` fits a model whose head ``aux`` is used by sample 0
+only (step 0 of each epoch: one process uses it, the other not; step 1: no process), with FSDP2's
+``set_reduce_scatter_unused_params(True)``; ``unused-torch`` is its control, with that switch alone (torch's
+zeros for every unused parameter, without this package's rule). All runs of a launch share its two processes (one launch, many
 fits, as Lightning allows), in the order given.
 """
 
@@ -26,7 +29,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from tests.helpers import LlamaModule, ddp_loader, tiny_llama  # noqa: E402
+from tests.helpers import FlaggedTokenDataset, LlamaModule, RankInterleavedSampler, ddp_loader, tiny_llama  # noqa: E402
+from transformers import default_data_collator  # noqa: E402
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 2, 2, 4  # BATCH: the combined batch of a step, split over the processes
 # tests/gpu runs the same fits on CUDA (NCCL) with as many processes as there are devices
@@ -64,6 +68,44 @@ class ShardedLlama(LlamaModule):
             fully_shard(self.model, mesh=mesh)
 
 
+class AuxNet(torch.nn.Module):
+    """The tiny Llama and a head used only for flagged samples, in one module: FSDP2 shards the head with the
+    embeddings and lm_head (the root group), whose forward runs on every process (a mixture-of-experts layer whose
+    experts are routed some tokens or none). The head's loss term is a sum over samples divided by the batch size, so
+    the processes' averaged gradients equal one process's on the combined batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama()
+        torch.manual_seed(3)
+        self.aux = torch.nn.Linear(16, 4)
+
+    def forward(self, aux: torch.Tensor, **batch: torch.Tensor) -> torch.Tensor:
+        out = self.model(**batch, output_hidden_states=True)
+        loss = out.loss
+        mask = aux > 0
+        if bool(mask.any()):
+            loss = loss + self.aux(out.hidden_states[-1][mask].mean(dim=1)).pow(2).sum() / len(aux)
+        return loss
+
+
+class ShardedAuxLlama(ShardedLlama):
+    def __init__(self, shard: bool, **kwargs) -> None:
+        super().__init__(shard, **kwargs)
+        self.model = AuxNet()
+
+    def configure_model(self) -> None:
+        if self.shard:
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+            self.model.set_reduce_scatter_unused_params(True)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch)
+
+
 class SaveFullWeights(Callback):
     """The full weights at the end, and the steps this fit took (``NAME.steps``: a resumed fit takes fewer)."""
 
@@ -85,10 +127,15 @@ class SaveFullWeights(Callback):
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims.in_backward import InBackwardOptimizer
 
-    all_sum = InBackwardOptimizer._all_sum
+    from lightning_optims import mixin
+
+    all_sum, sync_unused = InBackwardOptimizer._all_sum, mixin.sync_unused_parameters
     if option == "local":  # the control: each process uses its shard's statistics only
         InBackwardOptimizer._all_sum = lambda self, tensor: tensor
-    module = ShardedLlama(sharded, **optimizer_settings(optim, float(max_grad_norm)))
+    if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
+        mixin.sync_unused_parameters = lambda module: 0
+    cls = ShardedAuxLlama if option.startswith("unused") else ShardedLlama
+    module = cls(sharded, **optimizer_settings(optim, float(max_grad_norm)))
     callbacks: list = [SaveFullWeights(out / f"{name}.pt")]
     if option == "ckpt":
         callbacks.append(ModelCheckpoint(dirpath=out / f"{name}-ckpt", save_top_k=-1, filename="{epoch}"))
@@ -100,11 +147,15 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         callbacks=callbacks, default_root_dir=out,
     )
-    per_process = BATCH // PROCESSES if sharded else BATCH
+    per_process, n = BATCH // PROCESSES if sharded else BATCH, BATCH * STEPS_PER_EPOCH
+    data = ddp_loader(per_process, n=n)
+    if option.startswith("unused"):
+        data = torch.utils.data.DataLoader(FlaggedTokenDataset(n, flagged=(0,)), batch_size=per_process,
+                                           sampler=RankInterleavedSampler(n), collate_fn=default_data_collator)
     try:
-        trainer.fit(module, ddp_loader(per_process, n=BATCH * STEPS_PER_EPOCH), ckpt_path=resume)
+        trainer.fit(module, data, ckpt_path=resume)
     finally:
-        InBackwardOptimizer._all_sum = all_sum
+        InBackwardOptimizer._all_sum, mixin.sync_unused_parameters = all_sum, sync_unused
 
 
 def main(out: str, mode: str, *runs: str) -> None:
