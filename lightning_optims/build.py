@@ -15,7 +15,7 @@ from lightning_optims.arguments import OptimizerArguments
 from lightning_optims.layerwise import build_layerwise
 from lightning_optims.param_groups import decay_param_groups, low_rank_param_groups, target_parameter_names
 from lightning_optims.registry import BuildContext, get_spec
-from lightning_optims.sharded import GatheredStepOptimizer, is_sharded
+from lightning_optims.sharded import GatheredLayerwiseOptimizer, GatheredStepOptimizer, is_sharded
 
 __all__ = ["GreedyLRScheduler", "ScheduledGroupsLambdaLR", "create_optimizer", "create_scheduler", "num_warmup_steps"]
 
@@ -48,9 +48,12 @@ def create_optimizer(
         low_rank_targets = ([p for n, p in model.named_parameters() if n in wanted], target_kwargs)
     else:
         params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters are in no group
-    if spec.layerwise:
+    sharded = spec.shards_by_gathering and is_sharded([p for g in _groups(params) for p in g["params"]])
+    if spec.layerwise and sharded:
+        optimizer = GatheredLayerwiseOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors, in the hooks
+    elif spec.layerwise:
         optimizer = build_layerwise(optimizer_cls, params, kwargs)
-    elif spec.shards_by_gathering and is_sharded([p for g in params for p in g["params"]]):
+    elif sharded:
         optimizer = GatheredStepOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors for each step
     else:
         optimizer = optimizer_cls(params, **kwargs)
@@ -59,6 +62,11 @@ def create_optimizer(
     if spec.post_build is not None:
         spec.post_build(optimizer, ctx)
     return optimizer
+
+
+def _groups(params: Any) -> list[dict[str, Any]]:
+    params = list(params)
+    return params if params and isinstance(params[0], dict) else [{"params": params}]
 
 
 def _warn_if_rank_too_large(target_group: dict[str, Any], optim: str) -> None:

@@ -465,8 +465,7 @@ class OptimizerMixin:
             )
         sharded_here = isinstance(trainer.strategy, ModelParallelStrategy) and spec.runs_sharded
         if spec.updates_in_backward and not _plain_data_parallel(trainer.strategy) and not sharded_here:
-            where = ("ModelParallelStrategy (FSDP2, fully_shard in configure_model), " if spec.shards_in_backward
-                     else "")  # (layer-wise optimizers: not yet sharded)
+            where = "ModelParallelStrategy (FSDP2, fully_shard in configure_model), " if spec.runs_sharded else ""
             raise MisconfigurationException(
                 f"optim={spec.name!r} updates parameters in gradient hooks, which strategy "
                 f"{type(trainer.strategy).__name__} does not support (it flattens or owns the parameters and their "
@@ -489,11 +488,12 @@ class OptimizerMixin:
                 "gradients after backward and none is left. Use precision='bf16-mixed', or '16-true' (fp16 weights; "
                 "lomo then applies LOMO's own dynamic loss scaling)"
             )
-        if spec.layerwise and trainer.world_size > 1:
+        if spec.layerwise and trainer.world_size > 1 and not sharded_here:
             raise MisconfigurationException(
                 f"optim={spec.name!r} steps each parameter inside backward, before DDP averages its gradient "
                 f"(transformers refuses it under DDP too): strategy {type(trainer.strategy).__name__} with "
-                f"{trainer.world_size} processes is not supported; use the non-layerwise optimizer"
+                f"{trainer.world_size} processes is not supported; use the non-layerwise optimizer, or "
+                "ModelParallelStrategy (FSDP2: each gradient is reduced before its parameter's hook steps it)"
             )
 
 

@@ -84,7 +84,8 @@ class OptimizerSpec:
             collectives: it may run under ModelParallelStrategy with the numbers of one device.
         shards_by_gathering: its update needs whole tensors, and under ModelParallelStrategy it runs through
             :class:`~lightning_optims.sharded.GatheredStepOptimizer` (each parameter, gradient and state gathered for
-            its step, the state kept sharded), with the numbers of one device.
+            its step, the state kept sharded), with the numbers of one device; a layer-wise one through
+            :class:`~lightning_optims.sharded.GatheredLayerwiseOptimizer` (the same step, in FSDP2's hooks).
         post_build: called with the new optimizer, for set-up transformers does after construction.
         callbacks: ``"module:Class"`` of the Lightning callbacks this optimizer needs at run time (the mixin adds
             each one unless the Trainer already has one of that class).

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-__all__ = ["GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
+__all__ = ["GatheredLayerwiseOptimizer", "GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
 
 
 def _projectors() -> Any:
@@ -66,7 +66,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             self._inner[p] = inner
         return self._inner[p]
 
-    def _step_param(self, p: DTensor, group: dict[str, Any], index: int) -> None:
+    def _step_param(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
         inner = self._inner_for(p, group)
         (inner_group,) = inner.param_groups
         for key, value in group.items():  # the lr a scheduler set, the grokking signal a callback set, ...
@@ -74,6 +74,13 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 inner_group[key] = value
         proxy = p.full_tensor().detach().clone()
         proxy.grad = p.grad.full_tensor().to(proxy.dtype)
+        if check_finite and not bool(torch.isfinite(proxy.grad).all()):  # (the whole gradient: every process agrees)
+            from lightning_optims.in_backward import NonFiniteGradientError
+
+            raise NonFiniteGradientError(
+                "non-finite gradient in a layer-wise optimizer: this parameter was not updated and training stops "
+                "here (parameters whose gradients arrived earlier in this backward were updated)"
+            )
         inner_group["params"] = [proxy]
         state, group_state = self._gather_state(self.state.get(p, {}))
         inner_group.update(group_state)  # what the optimizer keeps in its group (optimi's step count, ...)
@@ -161,6 +168,59 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             with_grad = [p for p in group["params"] if p.grad is not None]  # the same on every process (FSDP2)
             for index, p in enumerate(with_grad):
                 self._step_param(p, group, index)
+        return loss
+
+
+class GatheredLayerwiseOptimizer(GatheredStepOptimizer):
+    """A layer-wise optimizer (``*_layerwise``: one upstream optimizer per parameter, stepped as soon as its gradient
+    exists) over FSDP2's sharded parameters. FSDP2 reduce-scatters each group's gradients during backward and then
+    runs the post-accumulate-grad hooks of its sharded parameters; the hook here runs the gathered step of that one
+    parameter (its parameter, gradient and state gathered whole, the update computed on every process, each keeping
+    its rows, the state sharded) and frees its gradient, so no parameter's gradient outlives its own step, as on one
+    device. Each parameter is its own optimizer's only one (APOLLO's seed is 1, as in transformers' layer-wise
+    construction); the learning rate is its group's (a scheduler drives every group alike)."""
+
+    def __init__(self, param_groups: list[dict[str, Any]], optimizer_cls: type, kwargs: dict[str, Any]) -> None:
+        super().__init__(param_groups, optimizer_cls, kwargs)
+        self._position = dict.fromkeys(self._position, 1)
+        self._hook_handles: list[Any] = []
+        self.register_hooks()
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        with torch.no_grad():
+            self._step_param(p, self._group_of(p), 0, check_finite=True)  # type: ignore[arg-type]
+        p.grad = None
+
+    def register_hooks(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._hook_handles.append(p.register_post_accumulate_grad_hook(self._step_one))
+
+    def remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "_hook_handles"):  # (groups from __init__ go through torch's add_param_group)
+            raise TypeError("a layer-wise optimizer under FSDP2 cannot take a param group added during training")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Runs the closure (its backward steps every parameter in the hooks); a gradient set without backward (torch's
+        distributed checkpoint initialising the state with zero gradients and lr 0) is stepped here."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        super().step()
         return loss
 
 

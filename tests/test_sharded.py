@@ -6,7 +6,8 @@ checkpoint equals the uninterrupted run.
 - LOMO / AdaLomo update the shards in FSDP2's hooks; the global norm and AdaLomo's row / column statistics and RMS
   are completed over the shards (with shard-local statistics the results differ: the control below).
 - Adafactor, APOLLO (channel and tensor scaling, projections renewed every 2 steps), GaLore, GrokAdamW and
-  StableAdamW step whole tensors gathered from the shards (GatheredStepOptimizer), their state kept sharded.
+  StableAdamW step whole tensors gathered from the shards (GatheredStepOptimizer), their state kept sharded; the
+  layer-wise APOLLO / GaLore do the same step for each parameter in FSDP2's hook (GatheredLayerwiseOptimizer).
 
 All sharded fits run in one two-process launch (Lightning runs successive fits in the processes it launched); the
 one-process references run in this process.
@@ -28,9 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "sharded_llama_fit.py"
 GATHERED = ["adafactor", "apollo_adamw", "apollo_mini", "galore_adamw", "galore_adafactor", "grokadamw",
             "stable_adamw"]
-OPTIMIZERS = ["lomo", "adalomo", *GATHERED]
+# layer-wise: each parameter's gathered step in FSDP2's hook (no global clipping: max_grad_norm 0, as transformers)
+LAYERWISE = ["apollo_adamw_layerwise", "galore_adamw_layerwise", "galore_adafactor_layerwise"]
+OPTIMIZERS = ["lomo", "adalomo", *GATHERED, *LAYERWISE]
 NORMS = ["1.0", "0"]
-CONTROLS = [("lomo", "1.0"), ("adalomo", "0")]
+
+
+def _norms(optim: str) -> list[str]:
+    return ["0"] if optim in LAYERWISE else NORMS
+
+
+def _resumed_norm(optim: str) -> str:
+    return _norms(optim)[0]  # the run saved at each epoch end, and resumed
+CONTROLS = [("lomo", "1.0"), ("adalomo", "0"), ("adafactor", "1.0"), ("apollo_mini", "0"), ("galore_adamw_layerwise", "0")]
 # a parameter unused on one process (and, in another step, on every process): one optimizer per family, the
 # in-backward ones with and without clipping
 UNUSED = [("adamw_torch", "1.0"), ("schedule_free_adamw", "0"), ("adafactor", "1.0"), ("apollo_mini", "1.0"),
@@ -47,9 +58,10 @@ def sharded_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sharded")
     runs = []
     for optim in OPTIMIZERS:
-        for norm in NORMS:
-            runs.append(f"{_name(optim, norm)}:{optim}:{norm}" + (":ckpt" if norm == "1.0" else ""))
-        runs.append(f"{_name(optim, '1.0', '-resumed')}:{optim}:1.0:resume={_name(optim, '1.0')}")
+        for norm in _norms(optim):
+            runs.append(f"{_name(optim, norm)}:{optim}:{norm}" + (":ckpt" if norm == _resumed_norm(optim) else ""))
+        norm = _resumed_norm(optim)
+        runs.append(f"{_name(optim, norm, '-resumed')}:{optim}:{norm}:resume={_name(optim, norm)}")
     runs += [f"{_name(optim, norm, '-local')}:{optim}:{norm}:local" for optim, norm in CONTROLS]
     runs += [f"{_name(optim, norm, '-unused')}:{optim}:{norm}:unused" for optim, norm in UNUSED]
     runs.append(f"{_name('adamw_torch', '1.0', '-unused-torch')}:adamw_torch:1.0:unused-torch")
@@ -77,8 +89,7 @@ def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("optim", OPTIMIZERS)
+@pytest.mark.parametrize(("optim", "norm"), [(optim, norm) for optim in OPTIMIZERS for norm in _norms(optim)])
 def test_fsdp2_two_processes_equal_one_process(sharded_runs, tmp_path, optim, norm):
     sharded, single = weights(sharded_runs, _name(optim, norm)), single_process(optim, norm, tmp_path)
     initial = tiny_llama().state_dict()
@@ -93,10 +104,11 @@ def test_fsdp2_two_processes_equal_one_process(sharded_runs, tmp_path, optim, no
 def test_fsdp2_resume_from_epoch_boundary_equals_uninterrupted(sharded_runs, optim):
     """Lightning's distributed checkpoint of the sharded module and optimizer (every state tensor sharded on its dim
     0: AdaLomo's row statistics, APOLLO's projected moments and projection matrices, ...), loaded by a new Trainer."""
-    assert (sharded_runs / f"{_name(optim, '1.0')}-ckpt" / "epoch=0.ckpt").exists()
-    steps = {kind: int((sharded_runs / f"{_name(optim, '1.0', kind)}.steps").read_text()) for kind in ("", "-resumed")}
+    norm = _resumed_norm(optim)
+    assert (sharded_runs / f"{_name(optim, norm)}-ckpt" / "epoch=0.ckpt").exists()
+    steps = {kind: int((sharded_runs / f"{_name(optim, norm, kind)}.steps").read_text()) for kind in ("", "-resumed")}
     assert steps == {"": 4, "-resumed": 2}  # the resumed fit started at the epoch boundary, not from scratch
-    full, resumed = weights(sharded_runs, _name(optim, "1.0")), weights(sharded_runs, _name(optim, "1.0", "-resumed"))
+    full, resumed = weights(sharded_runs, _name(optim, norm)), weights(sharded_runs, _name(optim, norm, "-resumed"))
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
 
@@ -105,7 +117,9 @@ def test_fsdp2_resume_from_epoch_boundary_equals_uninterrupted(sharded_runs, opt
 @pytest.mark.parametrize(("optim", "norm"), CONTROLS)
 def test_shard_local_statistics_would_differ(sharded_runs, tmp_path, optim, norm):
     """The control: the same run with each process's statistics left shard-local (LOMO's clipping norm, AdaLomo's
-    column means and RMS) ends measurably away from one process, so the equality tests above can fail."""
+    column means and RMS; the gathered optimizers stepping this process's rows alone: Adafactor's factored moments,
+    APOLLO's norms and projections, GaLore's projections) ends measurably away from one process, so the equality
+    tests above can fail."""
     local, single = weights(sharded_runs, _name(optim, norm, "-local")), single_process(optim, norm, tmp_path)
     worst = max(float((local[k] - single[k]).abs().max()) for k in single)
     assert worst > 1e-4

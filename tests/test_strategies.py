@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_optims import available_optimizers, get_spec
@@ -45,11 +45,11 @@ def test_model_parallel_two_cpu_processes_equal_one(tmp_path, name):
 
 
 @pytest.mark.slow
-def test_model_parallel_refuses_a_layerwise_optimizer_end_to_end(tmp_path):
-    proc = run_script("apollo_adamw_layerwise", tmp_path / "x.pt", "sharded")
+def test_model_parallel_refuses_a_blockwise_quantized_optimizer_end_to_end(tmp_path):
+    """torchao's 4-bit AdamW quantizes blocks of a flattened tensor: refused when fit starts, in our words."""
+    proc = run_script("adamw_torch_4bit", tmp_path / "x.pt", "sharded")
     assert proc.returncode != 0
-    assert "optim='apollo_adamw_layerwise' updates parameters in gradient hooks, which strategy " \
-           "ModelParallelStrategy does not support" in proc.stderr + proc.stdout
+    assert "optim='adamw_torch_4bit' is not supported under ModelParallelStrategy" in proc.stderr + proc.stdout
 
 
 def stand_in_trainer(strategy) -> SimpleNamespace:
@@ -115,3 +115,11 @@ def test_sharded_optimizers_are_accepted_under_model_parallel_and_point_there_fr
     for strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
         with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
             module._check_trainer_settings(stand_in_trainer(STRATEGIES[strategy]()))
+
+
+def test_layerwise_under_ddp_is_refused_and_points_to_model_parallel():
+    """DDP averages a gradient after the hook that steps its parameter; FSDP2 reduces it before (tests/test_sharded)."""
+    module = LlamaModule(model=tiny_llama(), **settings("apollo_adamw_layerwise"))
+    with pytest.raises(MisconfigurationException, match="optim='apollo_adamw_layerwise' steps each parameter") as info:
+        module._check_trainer_settings(stand_in_trainer(DDPStrategy()))
+    assert "DDPStrategy with 2 processes" in str(info.value) and "ModelParallelStrategy" in str(info.value)

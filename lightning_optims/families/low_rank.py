@@ -28,7 +28,7 @@ for _name, _layerwise in (("apollo_adamw", False), ("apollo_adamw_layerwise", Tr
     register(OptimizerSpec(
         name=_name, target="lightning_optims.optimizers:APOLLOAdamW", family="apollo", arguments=APOLLO_ARGUMENTS,
         params="low_rank", target_group_kwargs=_apollo_target_group, uses=ADAM, packages=("apollo_torch",),
-        layerwise=_layerwise, updates_in_backward=_layerwise, shards_by_gathering=not _layerwise,
+        layerwise=_layerwise, updates_in_backward=_layerwise, shards_by_gathering=True,
         callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",) if _layerwise else (),
         description="APOLLO (apollo-torch); APOLLO-Mini with rank=1,scale_type=tensor,scale=128",
     ))
@@ -68,7 +68,7 @@ for _name, _cls in (
         packages=("galore_torch", "bitsandbytes") if "8bit" in _name else ("galore_torch",), extra="galore",
         device="cuda" if "8bit" in _name else None,  # galore_torch's 8-bit AdamW calls CUDA kernels
         layerwise=_layerwise, updates_in_backward=_layerwise,
-        shards_by_gathering=not _layerwise and "8bit" not in _name,  # (8-bit: CUDA-only, untested sharded)
+        shards_by_gathering="8bit" not in _name,  # (8-bit: CUDA-only, untested sharded)
         callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",) if _layerwise else (),
         description=f"galore_torch.{_cls}",
     ))

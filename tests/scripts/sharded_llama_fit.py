@@ -7,7 +7,7 @@ under ``ModelParallelStrategy`` on 2 CPU processes (gloo) with every decoder lay
 (FSDP2, DTensor parameters sharded on dim 0), each process taking half of every batch, or on one process with the
 combined batches. The full weights go to ``OUT_DIR/NAME.pt``. OPTION: ``ckpt`` saves a checkpoint at each epoch end
 (in ``OUT_DIR/NAME-ckpt``); ``resume=OTHER`` resumes from run OTHER's epoch-0 checkpoint; ``local`` is the control
-with the in-backward statistics left shard-local; ``unused`` fits a model whose head ``aux`` is used by sample 0
+with the statistics left shard-local (in-backward: no collective; gathered: the optimizer on this process's rows); ``unused`` fits a model whose head ``aux`` is used by sample 0
 only (step 0 of each epoch: one process uses it, the other not; step 1: no process), with FSDP2's
 ``set_reduce_scatter_unused_params(True)``; ``unused-torch`` is its control, with that switch alone (torch's
 zeros for every unused parameter, without this package's rule). All runs of a launch share its two processes (one launch, many
@@ -48,7 +48,7 @@ def optimizer_settings(optim: str, max_grad_norm: float) -> dict:
     chosen = settings("apollo_adamw", optim_args=MINI) if optim == "apollo_mini" else settings(optim)
     chosen.update(learning_rate=1e-2, max_grad_norm=max_grad_norm)
     spec = get_spec(chosen["optim"])
-    if spec.updates_in_backward:
+    if spec.updates_in_backward and not spec.layerwise:  # (LOMO / AdaLomo take it in optim_args)
         chosen["optim_args"] = "weight_decay=0.01"
     elif "weight_decay" in spec.uses:
         chosen["weight_decay"] = 0.01
@@ -124,14 +124,33 @@ class SaveFullWeights(Callback):
             self.path.with_suffix(".steps").write_text(str(self.steps))
 
 
+def shard_local_step(self, p, group, index, check_finite=False) -> None:
+    """The control of GatheredStepOptimizer: the upstream optimizer on this process's rows alone (its statistics,
+    norms, factorisations and projections then see half of each tensor)."""
+    steppers = self.__dict__.setdefault("_local_steppers", {})
+    if p not in steppers:
+        rows = torch.nn.Parameter(p.to_local().detach().clone())
+        options = {k: v for k, v in group.items() if k != "params"}
+        steppers[p] = (rows, self._optimizer_cls([{"params": [rows], **options}], **self._kwargs))
+    rows, inner = steppers[p]
+    inner.param_groups[0]["lr"] = group["lr"]
+    rows.data.copy_(p.to_local())
+    rows.grad = p.grad.to_local().clone()
+    inner.step()
+    p.to_local().copy_(rows.detach())
+
+
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims.in_backward import InBackwardOptimizer
 
     from lightning_optims import mixin
+    from lightning_optims.sharded import GatheredStepOptimizer
 
     all_sum, sync_unused = InBackwardOptimizer._all_sum, mixin.sync_unused_parameters
+    step_param = GatheredStepOptimizer._step_param
     if option == "local":  # the control: each process uses its shard's statistics only
         InBackwardOptimizer._all_sum = lambda self, tensor: tensor
+        GatheredStepOptimizer._step_param = shard_local_step
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
         mixin.sync_unused_parameters = lambda module: 0
     cls = ShardedAuxLlama if option.startswith("unused") else ShardedLlama
@@ -156,6 +175,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         trainer.fit(module, data, ckpt_path=resume)
     finally:
         InBackwardOptimizer._all_sum, mixin.sync_unused_parameters = all_sum, sync_unused
+        GatheredStepOptimizer._step_param = step_param
 
 
 def main(out: str, mode: str, *runs: str) -> None:
