@@ -16,6 +16,7 @@ one-process references run in this process.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +66,31 @@ def sharded_runs(tmp_path_factory) -> Path:
     runs += [f"{_name(optim, norm, '-local')}:{optim}:{norm}:local" for optim, norm in CONTROLS]
     runs += [f"{_name(optim, norm, '-unused')}:{optim}:{norm}:unused" for optim, norm in UNUSED]
     runs.append(f"{_name('adamw_torch', '1.0', '-unused-torch')}:adamw_torch:1.0:unused-torch")
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "sharded", *runs], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    _launch(out, runs, processes=2)
     return out
+
+
+def _launch(out: Path, runs: list[str], processes: int) -> None:
+    env = {**os.environ, "SHARDED_TEST_PROCESSES": str(processes)}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "sharded", *runs], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def resharded_runs(sharded_runs) -> Path:
+    """Resumes on another number of processes: one FSDP2 process resumes each two-process epoch-0 checkpoint and
+    saves its own run's checkpoints, which two processes then resume."""
+    on_one = []
+    for optim in OPTIMIZERS:
+        norm = _resumed_norm(optim)
+        on_one.append(f"{_name(optim, norm, '-2to1')}:{optim}:{norm}:resume={_name(optim, norm)}")
+        on_one.append(f"{_name(optim, norm, '-one')}:{optim}:{norm}:ckpt")
+    _launch(sharded_runs, on_one, processes=1)
+    on_two = [f"{_name(o, _resumed_norm(o), '-1to2')}:{o}:{_resumed_norm(o)}:resume={_name(o, _resumed_norm(o), '-one')}"
+              for o in OPTIMIZERS]
+    _launch(sharded_runs, on_two, processes=2)
+    return sharded_runs
 
 
 def _script():
@@ -111,6 +133,22 @@ def test_fsdp2_resume_from_epoch_boundary_equals_uninterrupted(sharded_runs, opt
     full, resumed = weights(sharded_runs, _name(optim, norm)), weights(sharded_runs, _name(optim, norm, "-resumed"))
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_fsdp2_resume_on_another_number_of_processes(resharded_runs, optim):
+    """The state is saved per parameter name, sharded like the parameters (torch's distributed checkpoint reshards
+    it): a two-process checkpoint resumed by one process, and a one-process checkpoint resumed by two, end where the
+    uninterrupted runs end (within 1e-5: the reductions add in another order)."""
+    norm = _resumed_norm(optim)
+    for resumed, uninterrupted in (("-2to1", ""), ("-1to2", "-one")):
+        steps = int((resharded_runs / f"{_name(optim, norm, resumed)}.steps").read_text())
+        assert steps == 2, resumed  # resumed at the epoch boundary
+        full = weights(resharded_runs, _name(optim, norm, uninterrupted))
+        other = weights(resharded_runs, _name(optim, norm, resumed))
+        for key in full:
+            torch.testing.assert_close(other[key], full[key], atol=1e-5, rtol=0, msg=lambda m: f"{resumed} {key}: {m}")
 
 
 @pytest.mark.slow

@@ -33,7 +33,8 @@ from tests.helpers import FlaggedTokenDataset, LlamaModule, RankInterleavedSampl
 from transformers import default_data_collator  # noqa: E402
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 2, 2, 4  # BATCH: the combined batch of a step, split over the processes
-# tests/gpu runs the same fits on CUDA (NCCL) with as many processes as there are devices
+# tests/gpu runs the same fits on CUDA (NCCL) with as many processes as there are devices; tests/test_sharded.py
+# also runs them on 1 FSDP2 process (resuming a checkpoint saved by 2, and saving one that 2 resume)
 ACCELERATOR = os.environ.get("SHARDED_TEST_ACCELERATOR", "cpu")
 PROCESSES = int(os.environ.get("SHARDED_TEST_PROCESSES", "2"))
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
