@@ -178,11 +178,14 @@ class APOLLOAdamW(ProjectorStateMixin, _UpstreamAPOLLOAdamW):
     """``apollo_torch.APOLLOAdamW`` whose checkpoints load with ``weights_only=True`` and resume exactly."""
 
     _seeded_projections = True
+    elementwise_without_rank = True  # a group without "rank" gets plain AdamW, element by element
 
 
 def _galore(name: str) -> type:
     upstream = getattr(importlib.import_module("galore_torch"), name)
-    return type(name, (ProjectorStateMixin, upstream), {"__module__": __name__, "__doc__": upstream.__doc__})
+    # GaLore's AdamW steps a group without "rank" as plain AdamW, element by element; its Adafactor does not (RMS)
+    return type(name, (ProjectorStateMixin, upstream), {"__module__": __name__, "__doc__": upstream.__doc__,
+                                                       "elementwise_without_rank": name == "GaLoreAdamW"})
 
 
 def __getattr__(name: str) -> Any:  # GaLore classes, built only when galore_torch is installed and asked for

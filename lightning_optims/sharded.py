@@ -15,11 +15,13 @@ parameter alone, both are set to the values of the whole optimizer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 __all__ = ["GatheredLayerwiseOptimizer", "GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
 
@@ -167,8 +169,183 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]  # the same on every process (FSDP2)
             for index, p in enumerate(with_grad):
-                self._step_param(p, group, index)
+                self._step(p, group, index)
         return loss
+
+    def _step(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
+        """One parameter's step: on this process's rows where the math allows (with small collectives), else on
+        the whole tensors gathered."""
+        if self._elementwise(group):
+            how: Callable[..., None] = self._step_rows
+        elif self._apollo_on_rows(p, group):
+            how = self._step_apollo_rows
+        else:
+            self._step_param(p, group, index, check_finite=check_finite)
+            return
+        if check_finite and not _all_finite(p.grad):
+            from lightning_optims.in_backward import NonFiniteGradientError
+
+            raise NonFiniteGradientError(
+                "non-finite gradient in a layer-wise optimizer: this parameter was not updated and training stops "
+                "here (parameters whose gradients arrived earlier in this backward were updated)"
+            )
+        how(p, group)
+
+    def _apollo_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
+        """APOLLO's random projection of a matrix (proj=random, proj_type=std): stepped on this process's rows."""
+        return (getattr(self._optimizer_cls, "_seeded_projections", False) and "rank" in group and p.dim() == 2
+                and group.get("proj") == "random" and group.get("proj_type") == "std")
+
+    def _step_apollo_rows(self, p: DTensor, group: dict[str, Any]) -> None:
+        """``apollo_torch.APOLLOAdamW.step`` for one matrix ``[m, n]``, computed on this process's rows of the
+        parameter and its gradient (neither is gathered), with collectives of a few numbers.
+
+        The projection matrix comes from the seed and the shape alone. ``m >= n``: the projected gradient
+        ``G @ O.T`` (``[m, r]``) has the parameter's rows, so its moments are kept as this process's rows, a
+        channel-wise scaling (per row) is local and a tensor-wise one needs one sum of three numbers over the
+        processes (two norms and the gradient's, which gives the norm-growth limiter's); ``O`` (``[r, n]``) is kept
+        whole on every process. ``m < n``: ``O.T @ G`` (``[r, n]``) is a sum over row blocks (one all-reduce of
+        ``r * n`` numbers), after which every process holds it and its moments whole; each keeps its rows of ``O``
+        (``[m, r]``); the limiter's norm is one more sum. State tensors are ``DTensor`` s, sharded on the
+        parameter's rows or replicated, so the distributed checkpoint saves and reshards them."""
+        inner = self._inner_for(p, group)
+        group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
+        state = self._local_state(self.state.get(p, {}))
+        if not state:
+            state["seed"] = self._position[p]
+        grad, rows = p.grad.to_local().to(p.dtype), p.to_local()
+        m, n = p.shape
+        right = m >= n
+        mesh_group = p.device_mesh.get_group()
+        if "step" not in state:
+            state["step"] = 0
+        if "projector" not in state:
+            state["projector"] = inner._initialize_projector(group, state)
+        projector = state["projector"]
+        if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
+            # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
+            projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
+            if not right:
+                projector.ortho_matrix = _my_rows(projector.ortho_matrix, p).clone()
+        if right:
+            low = grad @ projector.ortho_matrix.t()
+        else:
+            low = projector.ortho_matrix.t() @ grad
+            torch.distributed.all_reduce(low, group=mesh_group)
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        exp_avg.mul_(beta1).add_(low, alpha=(1.0 - beta1))
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+        norm_grad = exp_avg / denom
+        front = np.sqrt(group["scale"]) if inner.scale_front else 1.0
+        grad_norm = None  # the norm of the scaled gradient, for the limiter
+        if group["scale_type"] == "channel":
+            dim = 1 if right else 0  # (APOLLO's norm_dim: 0 if m < n else 1; per row of G @ O.T, per column of O.T @ G)
+            factor = torch.norm(norm_grad, dim=dim) / (torch.norm(low, dim=dim) + 1e-8)
+            if dim == 1:
+                factor = factor.unsqueeze(1)
+        elif group["scale_type"] == "tensor" and right:
+            sums = torch.stack([norm_grad.square().sum(), low.square().sum(), grad.square().sum()])
+            torch.distributed.all_reduce(sums, group=mesh_group)
+            factor = sums[0].sqrt() / (sums[1].sqrt() + 1e-8)
+            grad_norm = factor * sums[2].sqrt() * front
+        elif group["scale_type"] == "tensor":
+            factor = torch.norm(norm_grad) / (torch.norm(low) + 1e-8)
+        else:
+            raise ValueError(f"APOLLO scale_type={group['scale_type']!r}: expected 'channel' or 'tensor'")
+        scaled = grad * factor
+        if inner.scale_front:
+            scaled *= front
+        if not inner.disable_nl:
+            if grad_norm is None:
+                grad_norm = scaled.square().sum()
+                torch.distributed.all_reduce(grad_norm, group=mesh_group)
+                grad_norm = grad_norm.sqrt()
+            if "scaled_grad" in state:
+                limiter = max(grad_norm / (state["scaled_grad"] + 1e-8), 1.01) / 1.01
+                scaled = scaled / limiter
+                state["scaled_grad"] = grad_norm / limiter
+            else:
+                state["scaled_grad"] = grad_norm
+        if not inner.scale_front:
+            scaled *= np.sqrt(group["scale"])
+        rows.add_(scaled, alpha=-step_size)
+        if group["weight_decay"] > 0.0:
+            rows.add_(rows, alpha=(-group["lr"] * group["weight_decay"]))
+        # the moments have the parameter's rows when m >= n, O when m < n; the others are whole on every process
+        self.state[p] = self._wrap_state(state, p, rows_of_p={"exp_avg", "exp_avg_sq"} if right else {"ortho_matrix"})
+
+    @staticmethod
+    def _local_state(sharded: dict[str, Any]) -> dict[str, Any]:
+        """This process's part of each state tensor (no collective), the projector rebuilt from its fields."""
+        state: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
+        for key, value in sharded.items():
+            value = value.to_local() if isinstance(value, DTensor) else value
+            if key.startswith("projector."):
+                fields[key[len("projector."):]] = value
+            else:
+                state[key] = value
+        if fields:
+            name = _projector_names()[int(fields.pop("kind"))]
+            state["projector"] = _projectors()._projector_from_state({"__projector__": name, **fields})
+        return state
+
+    @staticmethod
+    def _wrap_state(state: dict[str, Any], p: DTensor, rows_of_p: set[str]) -> dict[str, Any]:
+        """The inverse of :meth:`_local_state`: the tensors named in ``rows_of_p`` are this process's rows of a
+        tensor with ``p``'s rows (``Shard(0)``), the others are the same on every process (``Replicate``)."""
+        flat: dict[str, Any] = {}
+        for key, value in state.items():
+            if key == "projector":
+                fields = _projectors()._projector_to_state(value)
+                flat["projector.kind"] = _projector_names().index(fields.pop("__projector__"))
+                flat.update({f"projector.{k}": v for k, v in fields.items()})
+            else:
+                flat[key] = value
+        for key, value in flat.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if key.split(".")[-1] in rows_of_p:
+                    shape = (p.shape[0], *value.shape[1:])
+                    flat[key] = DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False, shape=shape,
+                                                   stride=_contiguous_strides(shape))
+                else:
+                    flat[key] = DTensor.from_local(value, p.device_mesh, [Replicate()], run_check=False)
+        return dict(sorted(flat.items()))
+
+    def _elementwise(self, group: dict[str, Any]) -> bool:
+        """APOLLO's and GaLore AdamW's groups without ``rank`` (what ``optim_target_modules`` does not select) are
+        plain AdamW, element by element: stepped on this process's rows, with no collective."""
+        return getattr(self._optimizer_cls, "elementwise_without_rank", False) and "rank" not in group
+
+    def _step_rows(self, p: DTensor, group: dict[str, Any]) -> None:
+        """The upstream step on this process's rows of ``p``, its gradient and its state (elementwise: the rows of
+        the whole step's result)."""
+        inner = self._inner_for(p, group)
+        (inner_group,) = inner.param_groups
+        for key, value in group.items():
+            if key != "params":
+                inner_group[key] = value
+        rows = p.to_local().detach()  # (the parameter's own storage: updated in place)
+        rows.grad = p.grad.to_local().detach().to(rows.dtype)
+        inner_group["params"] = [rows]
+        sharded = self.state.get(p, {})
+        inner.state[rows] = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in sharded.items()
+                             if not k.startswith("group.")}
+        inner_group.update({k[len("group."):]: v for k, v in sharded.items() if k.startswith("group.")})
+        inner.step()
+        kept = {k: v for k, v in inner_group.items() if k != "params" and k not in group}
+        state = {k: _rows_as_dtensor(v, p) for k, v in inner.state.pop(rows).items()}
+        state.update({f"group.{k}": v for k, v in kept.items()})
+        self.state[p] = dict(sorted(state.items()))
+        inner_group["params"] = [torch.empty(0)]
 
 
 class GatheredLayerwiseOptimizer(GatheredStepOptimizer):
@@ -193,7 +370,7 @@ class GatheredLayerwiseOptimizer(GatheredStepOptimizer):
         if p.grad is None:
             return
         with torch.no_grad():
-            self._step_param(p, self._group_of(p), 0, check_finite=True)  # type: ignore[arg-type]
+            self._step(p, self._group_of(p), 0, check_finite=True)  # type: ignore[arg-type]
         p.grad = None
 
     def register_hooks(self) -> None:
@@ -247,6 +424,29 @@ def _shard_like(value: Any, p: DTensor) -> Any:
     local = _my_rows(value, p).clone()
     return DTensor.from_local(local, p.device_mesh, [Shard(0)], run_check=False, shape=value.shape,
                               stride=value.stride())
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _all_finite(grad: DTensor) -> bool:
+    """Whether every element of the whole gradient is finite (one all-reduce of a flag)."""
+    flag = torch.isfinite(grad.to_local()).all().to(torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=grad.device_mesh.get_group())
+    return bool(flag)
+
+
+def _rows_as_dtensor(value: Any, p: DTensor) -> Any:
+    """This process's rows of an elementwise state tensor (the shape of ``p``'s rows) as the ``DTensor`` of the whole;
+    scalars and numbers as they are."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    return DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
 
 
 def is_sharded(params: list[torch.Tensor]) -> bool:

@@ -125,7 +125,7 @@ class SaveFullWeights(Callback):
             self.path.with_suffix(".steps").write_text(str(self.steps))
 
 
-def shard_local_step(self, p, group, index, check_finite=False) -> None:
+def shard_local_step(self, p, group, index, check_finite=False) -> None:  # noqa: ARG001
     """The control of GatheredStepOptimizer: the upstream optimizer on this process's rows alone (its statistics,
     norms, factorisations and projections then see half of each tensor)."""
     steppers = self.__dict__.setdefault("_local_steppers", {})
@@ -148,10 +148,10 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     from lightning_optims.sharded import GatheredStepOptimizer
 
     all_sum, sync_unused = InBackwardOptimizer._all_sum, mixin.sync_unused_parameters
-    step_param = GatheredStepOptimizer._step_param
+    step_param = GatheredStepOptimizer._step
     if option == "local":  # the control: each process uses its shard's statistics only
         InBackwardOptimizer._all_sum = lambda self, tensor: tensor
-        GatheredStepOptimizer._step_param = shard_local_step
+        GatheredStepOptimizer._step = shard_local_step
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
         mixin.sync_unused_parameters = lambda module: 0
     cls = ShardedAuxLlama if option.startswith("unused") else ShardedLlama
@@ -176,7 +176,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         trainer.fit(module, data, ckpt_path=resume)
     finally:
         InBackwardOptimizer._all_sum, mixin.sync_unused_parameters = all_sum, sync_unused
-        GatheredStepOptimizer._step_param = step_param
+        GatheredStepOptimizer._step = step_param
 
 
 def main(out: str, mode: str, *runs: str) -> None:
