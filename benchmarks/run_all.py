@@ -151,7 +151,8 @@ def main() -> None:
         f"## 7. Sharded training (`benchmarks/sharded.py`): FSDP2 (ModelParallelStrategy), {m['processes']} CPU "
         f"processes (gloo), measured {m['date']}",
         "",
-        f"Llama {m['model']} (memory: {m['memory_model']}), every decoder layer and the model `fully_shard`-ed; "
+        f"Llama {m['model']} (memory: {m['memory_model']}, glibc's mmap threshold fixed so that the peak counts what "
+        "the process holds, not freed blocks kept in its heap), every decoder layer and the model `fully_shard`-ed; "
         f"medians of {m['repeats']} alternating repeats; each figure is the larger of the two processes'.",
         "",
         "| optimizer | per-process state / one-device state | goal | step / FSDP2 AdamW step | goal | "

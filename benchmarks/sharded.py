@@ -8,8 +8,10 @@ it, measured in each process:
 - step time (median wall time of a training step, from ``on_train_batch_start`` to ``on_train_batch_end``) / FSDP2
   AdamW's step time in the same run (goal <= 1.5x for APOLLO-Mini and LOMO);
 - peak memory growth of the steps (VmHWM above what was resident when training started) / FSDP2 AdamW's (goal
-  <= 0.35x for LOMO), on a larger Llama with a small batch (``SIZES["memory"]``), where weights, gradients and
-  optimizer state dominate as they do at scale, one fresh pair of processes per optimizer.
+  <= 0.35x for LOMO), on a deeper Llama with a small batch (``SIZES["memory"]``: 24 layers), where weights,
+  gradients and optimizer state dominate as they do at scale (FSDP2's own working memory is one or two layers
+  whatever the depth), one fresh pair of processes per optimizer, with glibc's mmap threshold fixed (``FIXED_MALLOC``:
+  otherwise the high-water mark also counts freed blocks glibc keeps in its heap).
 
 The configurations run one after another, twice, in alternating order; the medians are reported.
 
@@ -41,12 +43,17 @@ CONFIGS = {  # label: settings
     "adalomo": dict(optim="adalomo", max_grad_norm=0.0),
     "apollo-mini": dict(optim="apollo_adamw", max_grad_norm=1.0, optim_target_modules="all-linear",
                         optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"),
+    "apollo-mini-layerwise": dict(optim="apollo_adamw_layerwise", max_grad_norm=0.0,
+                                  optim_target_modules="all-linear",
+                                  optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"),
+    "galore_adamw": dict(optim="galore_adamw", max_grad_norm=1.0, optim_target_modules="all-linear",
+                         optim_args="rank=64"),
     "adafactor": dict(optim="adafactor", max_grad_norm=1.0),
     "grokadamw": dict(optim="grokadamw", max_grad_norm=1.0),
 }
 SIZES = {"full": dict(layers=4, hidden=256, intermediate=688, vocab=4096, seq=64, batch=4, steps=16),
          # memory: weights, gradients and optimizer state dominate (small batch, short sequences), as at scale
-         "memory": dict(layers=8, hidden=512, intermediate=1376, vocab=1024, seq=16, batch=1, steps=4),
+         "memory": dict(layers=24, hidden=512, intermediate=1376, vocab=1024, seq=16, batch=1, steps=4),
          "quick": dict(layers=2, hidden=64, intermediate=172, vocab=512, seq=32, batch=2, steps=6)}
 
 
@@ -158,14 +165,26 @@ def one_device_state_bytes(label: str, size_name: str) -> tuple[int, float]:
         loss.backward()
         optimizer.step()
     largest = max(p.numel() for p in model.parameters())
-    return state_bytes(optimizer), largest / sum(p.numel() for p in model.parameters())
+    if hasattr(optimizer, "optimizer_dict"):  # layer-wise: the state is in the inner optimizers
+        optimizer.remove_hooks()
+        held = sum(state_bytes(inner) for inner in optimizer.optimizer_dict.values())
+    else:
+        held = state_bytes(optimizer)
+    return held, largest / sum(p.numel() for p in model.parameters())
+
+
+# glibc raises its mmap threshold as large blocks are freed, after which freed blocks stay in the heap and the resident
+# high-water mark counts allocator fragmentation along with what the program holds; for the memory runs it is fixed
+# (large blocks are mapped and returned on free), for every optimizer alike
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def run_config(label: str, size_name: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(FIXED_MALLOC if size_name == "memory" else {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
         proc = subprocess.run([sys.executable, __file__, "--worker", label, size_name, out], capture_output=True,
-                              text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              text=True, timeout=900, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{label}: {proc.stderr[-3000:]}")
         ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
