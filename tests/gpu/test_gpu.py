@@ -89,10 +89,9 @@ def test_schedule_free_resume_on_cuda(tmp_path):
         assert torch.equal(resumed.model.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("optim", ["lomo", "adalomo", "apollo_mini", "adafactor", "grokadamw"])
-def test_fsdp2_on_cuda_nccl_equals_one_device(tmp_path, optim):
-    """ModelParallelStrategy over every CUDA device here (NCCL; with one device FSDP2 still shards over a 1-process
-    mesh, so the DTensor code paths run), against one device without sharding, and an epoch-boundary resume."""
+def _sharded_llama(tmp_path, sharded_runs: list[str], single_runs: list[str]) -> None:
+    """tests/scripts/sharded_llama_fit.py over every CUDA device here (NCCL; with one device FSDP2 still shards over a
+    1-process mesh, so the DTensor code paths run), and on one device without sharding."""
     import os
     import subprocess
     import sys
@@ -102,12 +101,29 @@ def test_fsdp2_on_cuda_nccl_equals_one_device(tmp_path, optim):
     script = root / "tests" / "scripts" / "sharded_llama_fit.py"
     processes = min(torch.cuda.device_count(), 2)
     env = {**os.environ, "SHARDED_TEST_ACCELERATOR": "cuda", "SHARDED_TEST_PROCESSES": str(processes)}
-    runs = [f"full:{optim}:1.0:ckpt", f"resumed:{optim}:1.0:resume=full"]
-    for mode, these in (("sharded", runs), ("single", [f"single:{optim}:1.0"])):
+    for mode, these in (("sharded", sharded_runs), ("single", single_runs)):
         proc = subprocess.run([sys.executable, str(script), str(tmp_path), mode, *these], cwd=root, env=env,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize(("optim", "norm"), [("lomo", "1.0"), ("adalomo", "1.0"), ("apollo_mini", "1.0"),
+                                             ("apollo_adamw", "1.0"), ("adafactor", "1.0"), ("grokadamw", "1.0"),
+                                             ("apollo_adamw_layerwise", "0")])
+def test_fsdp2_on_cuda_nccl_equals_one_device(tmp_path, optim, norm):
+    """ModelParallelStrategy on CUDA against one device without sharding, and an epoch-boundary resume."""
+    _sharded_llama(tmp_path, [f"full:{optim}:{norm}:ckpt", f"resumed:{optim}:{norm}:resume=full"],
+                   [f"single:{optim}:{norm}"])
     full, resumed, single = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("full", "resumed", "single"))
     for key in single:
         torch.testing.assert_close(full[key], single[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
         torch.testing.assert_close(resumed[key], full[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "lomo"])
+def test_fsdp2_on_cuda_nccl_parameter_unused_on_some_processes(tmp_path, optim):
+    """set_reduce_scatter_unused_params(True) with this package's rule, on NCCL (device tensors for the flags)."""
+    _sharded_llama(tmp_path, [f"full:{optim}:1.0:unused"], [f"single:{optim}:1.0:unused"])
+    full, single = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("full", "single"))
+    for key in single:
+        torch.testing.assert_close(full[key], single[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
