@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import (
+    BaseFinetuning,
     GradientAccumulationScheduler,
     StochasticWeightAveraging,
     WeightAveraging,
@@ -409,6 +410,13 @@ class OptimizerMixin:
                         "each parameter during backward and keeps no gradient to accumulate. Remove the callback "
                         "(or use a non-in-backward optimizer, e.g. adamw_torch or adafactor, to accumulate)"
                     )
+            if isinstance(callback, BaseFinetuning) and isinstance(trainer.strategy, ModelParallelStrategy):
+                raise MisconfigurationException(
+                    f"{name} cannot be used under ModelParallelStrategy (FSDP2) here: freezing and unfreezing "
+                    "parameters that FSDP2 shards is not supported (measured: a two-process fit with "
+                    "BackboneFinetuning hangs in its first epoch, with torch's AdamW and without this package as "
+                    f"with optim={spec.name!r}). Use DDP or one device for {name}, or freeze nothing under FSDP2"
+                )
             if spec.has_train_eval_modes and isinstance(callback, (StochasticWeightAveraging, WeightAveraging)):
                 raise MisconfigurationException(
                     f"{name} cannot be combined with optim={spec.name!r}: a schedule-free optimizer already averages "

@@ -68,7 +68,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             self._inner[p] = inner
         return self._inner[p]
 
-    def _step_param(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
+    def _step_param(self, p: DTensor, group: dict[str, Any], index: int) -> None:
         inner = self._inner_for(p, group)
         (inner_group,) = inner.param_groups
         for key, value in group.items():  # the lr a scheduler set, the grokking signal a callback set, ...
@@ -76,13 +76,6 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 inner_group[key] = value
         proxy = p.full_tensor().detach().clone()
         proxy.grad = p.grad.full_tensor().to(proxy.dtype)
-        if check_finite and not bool(torch.isfinite(proxy.grad).all()):  # (the whole gradient: every process agrees)
-            from lightning_optims.in_backward import NonFiniteGradientError
-
-            raise NonFiniteGradientError(
-                "non-finite gradient in a layer-wise optimizer: this parameter was not updated and training stops "
-                "here (parameters whose gradients arrived earlier in this backward were updated)"
-            )
         inner_group["params"] = [proxy]
         state, group_state = self._gather_state(self.state.get(p, {}))
         inner_group.update(group_state)  # what the optimizer keeps in its group (optimi's step count, ...)
@@ -175,13 +168,6 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
     def _step(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
         """One parameter's step: on this process's rows where the math allows (with small collectives), else on
         the whole tensors gathered."""
-        if self._elementwise(group):
-            how: Callable[..., None] = self._step_rows
-        elif self._apollo_on_rows(p, group):
-            how = self._step_apollo_rows
-        else:
-            self._step_param(p, group, index, check_finite=check_finite)
-            return
         if check_finite and not _all_finite(p.grad):
             from lightning_optims.in_backward import NonFiniteGradientError
 
@@ -189,7 +175,12 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 "non-finite gradient in a layer-wise optimizer: this parameter was not updated and training stops "
                 "here (parameters whose gradients arrived earlier in this backward were updated)"
             )
-        how(p, group)
+        if self._elementwise(group):
+            self._step_rows(p, group)
+        elif self._apollo_on_rows(p, group):
+            self._step_apollo_rows(p, group)
+        else:
+            self._step_param(p, group, index)
 
     def _apollo_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
         """APOLLO's random projection of a matrix (proj=random, proj_type=std): stepped on this process's rows."""

@@ -123,3 +123,17 @@ def test_layerwise_under_ddp_is_refused_and_points_to_model_parallel():
     with pytest.raises(MisconfigurationException, match="optim='apollo_adamw_layerwise' steps each parameter") as info:
         module._check_trainer_settings(stand_in_trainer(DDPStrategy()))
     assert "DDPStrategy with 2 processes" in str(info.value) and "ModelParallelStrategy" in str(info.value)
+
+
+def test_finetuning_callbacks_are_refused_under_model_parallel():
+    """BackboneFinetuning under FSDP2 hangs (measured, also without this package): refused in our words."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    module = LlamaModule(model=tiny_llama(), **settings("adamw_torch"))
+    trainer = stand_in_trainer(ModelParallelStrategy())
+    trainer.callbacks = [BackboneFinetuning()]
+    with pytest.raises(MisconfigurationException, match="BackboneFinetuning cannot be used under ModelParallelStrategy"):
+        module._check_trainer_settings(trainer)
+    trainer = stand_in_trainer(DDPStrategy())
+    trainer.callbacks = [BackboneFinetuning()]
+    module._check_trainer_settings(trainer)  # (DDP: tested in tests/test_lightning_tools.py)
