@@ -19,7 +19,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -235,7 +234,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if group["correct_bias"]:
             step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
         norm_grad = exp_avg / denom
-        front = np.sqrt(group["scale"]) if inner.scale_front else 1.0
+        front = math.sqrt(group["scale"]) if inner.scale_front else 1.0
         grad_norm = None  # the norm of the scaled gradient, for the limiter
         if group["scale_type"] == "channel":
             dim = 1 if right else 0  # (APOLLO's norm_dim: 0 if m < n else 1; per row of G @ O.T, per column of O.T @ G)
@@ -266,7 +265,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             else:
                 state["scaled_grad"] = grad_norm
         if not inner.scale_front:
-            scaled *= np.sqrt(group["scale"])
+            scaled *= math.sqrt(group["scale"])
         rows.add_(scaled, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             rows.add_(rows, alpha=(-group["lr"] * group["weight_decay"]))
