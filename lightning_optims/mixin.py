@@ -30,7 +30,7 @@ from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import ScheduledGroupsLambdaLR, create_optimizer, create_scheduler
 from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
-from lightning_optims.sharded import sync_unused_parameters
+from lightning_optims.sharded import is_sharded, sync_unused_parameters
 
 __all__ = ["OptimizerMixin"]
 
@@ -253,8 +253,17 @@ class OptimizerMixin:
             total_steps = None
         else:
             total_steps = int(total)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy) and self.trainer.world_size > 1 and not is_sharded(
+                [p for p in self.optimized_module().parameters() if p.requires_grad]):
+            # (nothing averages gradients then: every process would train its own copy, silently)
+            raise MisconfigurationException(
+                f"ModelParallelStrategy with {self.trainer.world_size} processes, and no parameter of "
+                f"{type(self).__name__} is sharded: configure_model must call fully_shard (FSDP2) on the model "
+                "(or parallelize it), otherwise no gradient is averaged across processes and each trains its own copy"
+            )
         optimizer = create_optimizer(self.optimized_module(), args, num_training_steps=total_steps)
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+        if isinstance(strategy, ModelParallelStrategy):
             # FSDP2 groups with set_reduce_scatter_unused_params(True): parameters used on some processes only
             sync_unused_parameters(self)  # type: ignore[arg-type]
         if isinstance(optimizer, InBackwardOptimizer):

@@ -52,6 +52,16 @@ def test_model_parallel_refuses_a_blockwise_quantized_optimizer_end_to_end(tmp_p
     assert "optim='adamw_torch_4bit' is not supported under ModelParallelStrategy" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
+def test_model_parallel_without_fully_shard_is_refused(tmp_path):
+    """ModelParallelStrategy only asks for a configure_model; one that shards nothing would leave every process
+    training its own copy (nothing averages the gradients): refused when fit starts."""
+    proc = run_script("adamw_torch", tmp_path / "x.pt", "unsharded")
+    assert proc.returncode != 0
+    assert "ModelParallelStrategy with 2 processes, and no parameter of ShardedMLP is sharded: configure_model must " \
+           "call fully_shard" in proc.stderr + proc.stdout
+
+
 def stand_in_trainer(strategy) -> SimpleNamespace:
     """What _check_trainer_settings reads of a Trainer (FSDP and DeepSpeed cannot be set up without CUDA here)."""
     return SimpleNamespace(strategy=strategy, gradient_clip_val=None, accumulate_grad_batches=1, world_size=2,

@@ -1,9 +1,10 @@
 """Run by tests/test_strategies.py (Lightning's launcher re-executes this script for the second process):
 
-    python tests/scripts/model_parallel_fit.py OPTIM OUT_FILE {sharded,single}
+    python tests/scripts/model_parallel_fit.py OPTIM OUT_FILE {sharded,single,unsharded}
 
 Fits a small MLP for 3 steps, sharded with FSDP2 (``fully_shard``) under ``ModelParallelStrategy`` on 2 CPU processes
-(gloo), or on one process with the combined batches; rank 0 writes the full weights to OUT_FILE.
+(gloo), or on one process with the combined batches (``unsharded``: the 2 processes of ModelParallelStrategy with
+a configure_model that shards nothing); rank 0 writes the full weights to OUT_FILE.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def main(optim: str, out: str, mode: str) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(24, 8, generator=g)
     data = TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
-    sharded = mode == "sharded"
+    sharded = mode in ("sharded", "unsharded")  # unsharded: ModelParallelStrategy, configure_model shards nothing
     per_process = 2 if sharded else 4
     loader = DataLoader(data, batch_size=per_process, sampler=RankInterleavedSampler(len(data)))
     from lightning_optims import get_spec
@@ -75,7 +76,7 @@ def main(optim: str, out: str, mode: str) -> None:
         extra["max_grad_norm"] = 0.0
     if "weight_decay" in spec.uses:
         extra["weight_decay"] = 0.01
-    module = ShardedMLP(sharded, optim=optim, learning_rate=1e-2, **extra)
+    module = ShardedMLP(mode == "sharded", optim=optim, learning_rate=1e-2, **extra)
     trainer = L.Trainer(
         accelerator="cpu", devices=2 if sharded else 1,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
