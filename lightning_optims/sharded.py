@@ -459,7 +459,9 @@ def sync_unused_parameters(module: torch.nn.Module) -> int:
     reduce-scatter: one all-reduce of a flag per parameter (used on this process or not) over the group's processes;
     a parameter used on some process gets zeros where it was not used (so the reduce-scatters line up), one used
     nowhere keeps no gradient on every process (every optimizer skips it, as on one device; the in-backward ones
-    never see it). Returns the number of groups it now handles (0 when the switch is off everywhere)."""
+    never see it). A group without the switch gets no collective: a parameter without a gradient on this process,
+    in a group that got gradients, is named in a warning before FSDP2's reduce-scatter (which fails if another
+    process used it). Returns the number of groups with the switch (0 when it is off everywhere)."""
     from torch.distributed.fsdp import FSDPModule
 
     handled = 0
@@ -468,13 +470,47 @@ def sync_unused_parameters(module: torch.nn.Module) -> int:
             continue
         for group in sub._get_fsdp_state()._fsdp_param_groups:
             if getattr(group, _UNUSED_SYNC, False):
-                handled += 1
+                handled += group.post_backward.handles_unused
             elif group.reduce_scatter_unused_params:
                 group.post_backward = _post_backward_with_used_flags(group, group.post_backward)
                 group.reduce_scatter_unused_params = False  # (the zeros are ours now, only where needed)
                 setattr(group, _UNUSED_SYNC, True)
                 handled += 1
+            else:
+                group.post_backward = _post_backward_naming_unused(group, group.post_backward)
+                setattr(group, _UNUSED_SYNC, True)
     return handled
+
+
+def _post_backward_naming_unused(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Without the switch: no collective; a parameter of a group that got gradients, itself without one on this
+    process, is named in a warning (once) before FSDP2's reduce-scatter, which fails if another process used it."""
+    import warnings
+
+    named: set[str] = set()
+
+    def wrapped(*args: Any) -> Any:
+        if group.reduce_grads:
+            fsdp_params = [fp for fp in group.fsdp_params
+                           if hasattr(fp, "_unsharded_param") and fp.unsharded_param.requires_grad]
+            used = [fp.unsharded_accumulated_grad is not None or fp.unsharded_param.grad is not None
+                    for fp in fsdp_params]
+            if any(used):
+                for fp, here in zip(fsdp_params, used):
+                    name = str(getattr(fp, "_param_fqn", None) or tuple(fp.unsharded_param.shape))
+                    if not here and name not in named:
+                        named.add(name)
+                        warnings.warn(
+                            f"FSDP2: parameter {name} got no gradient on this process in this backward. If another "
+                            "process used it, FSDP2's reduce-scatter fails (gloo: 'Connection reset by peer'; NCCL: "
+                            "a hang): call self.model.set_reduce_scatter_unused_params(True) in configure_model, and "
+                            "every optimizer of this package then gives one process's result",
+                            UserWarning, stacklevel=2,
+                        )
+        return post_backward(*args)
+
+    wrapped.handles_unused = 0  # type: ignore[attr-defined]
+    return wrapped
 
 
 def _post_backward_with_used_flags(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
@@ -497,4 +533,5 @@ def _post_backward_with_used_flags(group: Any, post_backward: Callable[..., Any]
                         fp.unsharded_param.grad = torch.zeros_like(fp.unsharded_param)
         return post_backward(*args)
 
+    wrapped.handles_unused = 1  # type: ignore[attr-defined]
     return wrapped

@@ -186,3 +186,15 @@ def test_fsdp2_zero_gradients_for_unused_parameters_would_differ(sharded_runs, t
     torch_only = weights(sharded_runs, _name("adamw_torch", "1.0", "-unused-torch"))
     single = single_process("adamw_torch", "1.0", tmp_path, "unused")
     assert float((torch_only["aux.weight"] - single["aux.weight"]).abs().max()) > 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp2_unused_parameter_without_the_switch_is_named(tmp_path):
+    """Without set_reduce_scatter_unused_params(True), FSDP2's reduce-scatter fails when one process used the head and
+    the other not; the warning before it names the parameter and the switch."""
+    env = {**os.environ, "SHARDED_TEST_UNUSED_SWITCH": "0"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "sharded", "x:adamw_torch:1.0:unused"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0
+    assert "FSDP2: parameter aux.weight got no gradient on this process in this backward" in proc.stderr
+    assert "set_reduce_scatter_unused_params(True)" in proc.stderr

@@ -101,7 +101,7 @@ class ShardedAuxLlama(ShardedLlama):
             for layer in self.model.model.model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(self.model, mesh=mesh)
-            self.model.set_reduce_scatter_unused_params(True)
+            self.model.set_reduce_scatter_unused_params(os.environ.get("SHARDED_TEST_UNUSED_SWITCH", "1") == "1")
 
     def training_step(self, batch, batch_idx):
         return self.model(**batch)
