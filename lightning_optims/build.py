@@ -48,7 +48,7 @@ def create_optimizer(
         low_rank_targets = ([p for n, p in model.named_parameters() if n in wanted], target_kwargs)
     else:
         params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters are in no group
-    sharded = spec.shards_by_gathering and is_sharded([p for g in _groups(params) for p in g["params"]])
+    sharded = spec.shards_by_gathering and is_sharded([p for g in params for p in g["params"]])
     if spec.layerwise and sharded:
         optimizer = GatheredLayerwiseOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors, in the hooks
     elif spec.layerwise:
@@ -62,11 +62,6 @@ def create_optimizer(
     if spec.post_build is not None:
         spec.post_build(optimizer, ctx)
     return optimizer
-
-
-def _groups(params: Any) -> list[dict[str, Any]]:
-    params = list(params)
-    return params if params and isinstance(params[0], dict) else [{"params": params}]
 
 
 def _warn_if_rank_too_large(target_group: dict[str, Any], optim: str) -> None:

@@ -10,10 +10,32 @@ import torch
 from lightning_optims.in_backward import NonFiniteGradientError
 from lightning_optims.param_groups import split_added_group
 
-__all__ = ["LayerwiseOptimizer", "build_layerwise"]
+__all__ = ["LayerwiseOptimizer", "StepHooks", "build_layerwise"]
 
 
-class LayerwiseOptimizer(torch.optim.Optimizer):
+class StepHooks:
+    """A post-accumulate-grad hook on each parameter of :meth:`_hooked_params` that steps it (:meth:`_step_one`)."""
+
+    _hook_handles: list[Any]
+
+    def _hooked_params(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _step_one(self, param: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def register_hooks(self) -> None:
+        for param in self._hooked_params():
+            if param.requires_grad:
+                self._hook_handles.append(param.register_post_accumulate_grad_hook(self._step_one))
+
+    def remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+
+class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
     """transformers' layer-wise scheme (an optimizer per parameter, stepped in its post-accumulate-grad hook),
     made to work under Lightning and to resume:
 
@@ -72,15 +94,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             inner.step()
             inner.zero_grad(set_to_none=True)
 
-    def register_hooks(self) -> None:
-        for param in self.optimizer_dict:
-            if param.requires_grad:
-                self._hook_handles.append(param.register_post_accumulate_grad_hook(self._step_one))
-
-    def remove_hooks(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+    def _hooked_params(self) -> list[torch.Tensor]:
+        return list(self.optimizer_dict)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if closure is None:

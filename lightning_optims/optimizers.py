@@ -178,6 +178,7 @@ class APOLLOAdamW(ProjectorStateMixin, _UpstreamAPOLLOAdamW):
     """``apollo_torch.APOLLOAdamW`` whose checkpoints load with ``weights_only=True`` and resume exactly."""
 
     _seeded_projections = True
+    random_projection_on_rows = True  # under FSDP2, a projected matrix steps on each process's rows (sharded.py)
     elementwise_without_rank = True  # a group without "rank" gets plain AdamW, element by element
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from lightning_optims.layerwise import StepHooks
+
 __all__ = ["GatheredLayerwiseOptimizer", "GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
 
 
@@ -76,7 +78,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         proxy = p.full_tensor().detach().clone()
         proxy.grad = p.grad.full_tensor().to(proxy.dtype)
         inner_group["params"] = [proxy]
-        state, group_state = self._gather_state(self.state.get(p, {}))
+        state, group_state = self._unflatten_state(self.state.get(p, {}))
         inner_group.update(group_state)  # what the optimizer keeps in its group (optimi's step count, ...)
         if not state and getattr(inner, "_seeded_projections", False):
             state["seed"] = self._position[p]
@@ -93,13 +95,16 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             inner.global_index = {}
 
     @staticmethod
-    def _gather_state(sharded: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Whole tensors from the shards (the same order of collectives on every process: the entry's key order)."""
+    def _unflatten_state(flat: dict[str, Any], whole: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The optimizer's state entry and what it keeps in its param group, from one flat entry: each ``DTensor``
+        whole (``whole``: gathered, the same order of collectives on every process, the entry's key order) or as this
+        process's part (no collective); the projector rebuilt from its fields."""
         state: dict[str, Any] = {}
         group_state: dict[str, Any] = {}
         projector: dict[str, Any] = {}
-        for key, value in sharded.items():
-            value = value.full_tensor() if isinstance(value, DTensor) else value
+        for key, value in flat.items():
+            if isinstance(value, DTensor):
+                value = value.full_tensor() if whole else value.to_local()
             if key.startswith("projector."):
                 projector[key[len("projector."):]] = value
             elif key.startswith("group."):
@@ -112,22 +117,26 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         return state, group_state
 
     @staticmethod
-    def _shard_state(state: dict[str, Any], group_state: dict[str, Any], p: DTensor) -> dict[str, Any]:
-        """One flat entry (torch's distributed checkpoint saves it like any optimizer's): tensors with a dim 0
-        sharded on it; a projector's fields under ``projector.``; what the optimizer keeps in its param group
-        (per parameter here, as each parameter has its own inner optimizer) under ``group.``."""
-        sharded: dict[str, Any] = {}
+    def _flatten_state(state: dict[str, Any], group_state: dict[str, Any],
+                       place: Callable[[str, Any], Any]) -> dict[str, Any]:
+        """One flat entry (torch's distributed checkpoint saves it like any optimizer's), each value as ``place``
+        lays it out: a projector's fields under ``projector.`` (its class as an index); what the optimizer keeps in
+        its param group (per parameter here, as each parameter has its own inner optimizer) under ``group.``."""
+        flat: dict[str, Any] = {}
         for key, value in state.items():
             if key == "projector":
                 fields = _projectors()._projector_to_state(value)
-                sharded["projector.kind"] = _projector_names().index(fields.pop("__projector__"))
-                for field, item in fields.items():
-                    sharded[f"projector.{field}"] = _shard_like(item, p)
+                flat["projector.kind"] = _projector_names().index(fields.pop("__projector__"))
+                flat.update({f"projector.{field}": item for field, item in fields.items()})
             else:
-                sharded[key] = _shard_like(value, p)
-        for key, value in group_state.items():
-            sharded[f"group.{key}"] = _shard_like(value, p)
-        return dict(sorted(sharded.items()))
+                flat[key] = value
+        flat.update({f"group.{key}": value for key, value in group_state.items()})
+        return {key: place(key, flat[key]) for key in sorted(flat)}
+
+    @staticmethod
+    def _shard_state(state: dict[str, Any], group_state: dict[str, Any], p: DTensor) -> dict[str, Any]:
+        """Whole tensors with a dim 0 as ``DTensor`` s sharded on it (this process keeps its rows)."""
+        return GatheredStepOptimizer._flatten_state(state, group_state, lambda key, value: _shard_like(value, p))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch's load_state_dict rebuilds containers value by value (a str character by character) and casts every
@@ -183,7 +192,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
 
     def _apollo_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
         """APOLLO's random projection of a matrix (proj=random, proj_type=std): stepped on this process's rows."""
-        return (getattr(self._optimizer_cls, "_seeded_projections", False) and "rank" in group and p.dim() == 2
+        return (getattr(self._optimizer_cls, "random_projection_on_rows", False) and "rank" in group and p.dim() == 2
                 and group.get("proj") == "random" and group.get("proj_type") == "std")
 
     def _step_apollo_rows(self, p: DTensor, group: dict[str, Any]) -> None:
@@ -200,7 +209,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         parameter's rows or replicated, so the distributed checkpoint saves and reshards them."""
         inner = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
-        state = self._local_state(self.state.get(p, {}))
+        state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
         if not state:
             state["seed"] = self._position[p]
         grad, rows = p.grad.to_local().to(p.dtype), p.to_local()
@@ -273,42 +282,18 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         self.state[p] = self._wrap_state(state, p, rows_of_p={"exp_avg", "exp_avg_sq"} if right else {"ortho_matrix"})
 
     @staticmethod
-    def _local_state(sharded: dict[str, Any]) -> dict[str, Any]:
-        """This process's part of each state tensor (no collective), the projector rebuilt from its fields."""
-        state: dict[str, Any] = {}
-        fields: dict[str, Any] = {}
-        for key, value in sharded.items():
-            value = value.to_local() if isinstance(value, DTensor) else value
-            if key.startswith("projector."):
-                fields[key[len("projector."):]] = value
-            else:
-                state[key] = value
-        if fields:
-            name = _projector_names()[int(fields.pop("kind"))]
-            state["projector"] = _projectors()._projector_from_state({"__projector__": name, **fields})
-        return state
-
-    @staticmethod
     def _wrap_state(state: dict[str, Any], p: DTensor, rows_of_p: set[str]) -> dict[str, Any]:
-        """The inverse of :meth:`_local_state`: the tensors named in ``rows_of_p`` are this process's rows of a
-        tensor with ``p``'s rows (``Shard(0)``), the others are the same on every process (``Replicate``)."""
-        flat: dict[str, Any] = {}
-        for key, value in state.items():
-            if key == "projector":
-                fields = _projectors()._projector_to_state(value)
-                flat["projector.kind"] = _projector_names().index(fields.pop("__projector__"))
-                flat.update({f"projector.{k}": v for k, v in fields.items()})
-            else:
-                flat[key] = value
-        for key, value in flat.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                if key.split(".")[-1] in rows_of_p:
-                    shape = (p.shape[0], *value.shape[1:])
-                    flat[key] = DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False, shape=shape,
-                                                   stride=_contiguous_strides(shape))
-                else:
-                    flat[key] = DTensor.from_local(value, p.device_mesh, [Replicate()], run_check=False)
-        return dict(sorted(flat.items()))
+        """The tensors named in ``rows_of_p`` are this process's rows of a tensor with ``p``'s rows (``Shard(0)``),
+        the others are the same on every process (``Replicate``)."""
+
+        def place(key: str, value: Any) -> Any:
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                return value
+            if key.split(".")[-1] in rows_of_p:
+                return _rows_as_dtensor(value, p)
+            return DTensor.from_local(value, p.device_mesh, [Replicate()], run_check=False)
+
+        return GatheredStepOptimizer._flatten_state(state, {}, place)
 
     def _elementwise(self, group: dict[str, Any]) -> bool:
         """APOLLO's and GaLore AdamW's groups without ``rank`` (what ``optim_target_modules`` does not select) are
@@ -326,19 +311,15 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         rows = p.to_local().detach()  # (the parameter's own storage: updated in place)
         rows.grad = p.grad.to_local().detach().to(rows.dtype)
         inner_group["params"] = [rows]
-        sharded = self.state.get(p, {})
-        inner.state[rows] = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in sharded.items()
-                             if not k.startswith("group.")}
-        inner_group.update({k[len("group."):]: v for k, v in sharded.items() if k.startswith("group.")})
+        inner.state[rows], group_state = self._unflatten_state(self.state.get(p, {}), whole=False)
+        inner_group.update(group_state)
         inner.step()
         kept = {k: v for k, v in inner_group.items() if k != "params" and k not in group}
-        state = {k: _rows_as_dtensor(v, p) for k, v in inner.state.pop(rows).items()}
-        state.update({f"group.{k}": v for k, v in kept.items()})
-        self.state[p] = dict(sorted(state.items()))
+        self.state[p] = self._flatten_state(inner.state.pop(rows), kept, lambda key, value: _rows_as_dtensor(value, p))
         inner_group["params"] = [torch.empty(0)]
 
 
-class GatheredLayerwiseOptimizer(GatheredStepOptimizer):
+class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
     """A layer-wise optimizer (``*_layerwise``: one upstream optimizer per parameter, stepped as soon as its gradient
     exists) over FSDP2's sharded parameters. FSDP2 reduce-scatters each group's gradients during backward and then
     runs the post-accumulate-grad hooks of its sharded parameters; the hook here runs the gathered step of that one
@@ -350,29 +331,20 @@ class GatheredLayerwiseOptimizer(GatheredStepOptimizer):
     def __init__(self, param_groups: list[dict[str, Any]], optimizer_cls: type, kwargs: dict[str, Any]) -> None:
         super().__init__(param_groups, optimizer_cls, kwargs)
         self._position = dict.fromkeys(self._position, 1)
+        # (the index: load_state_dict replaces the group dicts)
+        self._group_of = {p: index for index, group in enumerate(self.param_groups) for p in group["params"]}
         self._hook_handles: list[Any] = []
         self.register_hooks()
 
-    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+    def _hooked_params(self) -> list[torch.Tensor]:
+        return list(self._group_of)
 
     def _step_one(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
         with torch.no_grad():
-            self._step(p, self._group_of(p), 0, check_finite=True)  # type: ignore[arg-type]
+            self._step(p, self.param_groups[self._group_of[p]], 0, check_finite=True)  # type: ignore[arg-type]
         p.grad = None
-
-    def register_hooks(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._hook_handles.append(p.register_post_accumulate_grad_hook(self._step_one))
-
-    def remove_hooks(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "_hook_handles"):  # (groups from __init__ go through torch's add_param_group)
@@ -432,11 +404,13 @@ def _all_finite(grad: DTensor) -> bool:
 
 
 def _rows_as_dtensor(value: Any, p: DTensor) -> Any:
-    """This process's rows of an elementwise state tensor (the shape of ``p``'s rows) as the ``DTensor`` of the whole;
-    scalars and numbers as they are."""
+    """This process's rows of a state tensor whose rows are ``p``'s, as the ``DTensor`` of the whole; scalars and
+    numbers as they are."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
-    return DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
+    shape = (p.shape[0], *value.shape[1:])
+    return DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False, shape=shape,
+                              stride=_contiguous_strides(shape))
 
 
 def is_sharded(params: list[torch.Tensor]) -> bool:
@@ -449,7 +423,7 @@ def is_sharded(params: list[torch.Tensor]) -> bool:
 _UNUSED_SYNC = "_lightning_optims_unused_sync"
 
 
-def sync_unused_parameters(module: torch.nn.Module) -> int:
+def sync_unused_parameters(module: torch.nn.Module) -> None:
     """Make FSDP2's ``set_reduce_scatter_unused_params(True)`` give one process's result on the combined batch.
 
     With that switch (torch's counterpart of DDP's ``find_unused_parameters``) FSDP2 reduce-scatters a zero gradient
@@ -461,25 +435,28 @@ def sync_unused_parameters(module: torch.nn.Module) -> int:
     nowhere keeps no gradient on every process (every optimizer skips it, as on one device; the in-backward ones
     never see it). A group without the switch gets no collective: a parameter without a gradient on this process,
     in a group that got gradients, is named in a warning before FSDP2's reduce-scatter (which fails if another
-    process used it). Returns the number of groups with the switch (0 when it is off everywhere)."""
+    process used it)."""
     from torch.distributed.fsdp import FSDPModule
 
-    handled = 0
     for sub in module.modules():
         if not isinstance(sub, FSDPModule):
             continue
         for group in sub._get_fsdp_state()._fsdp_param_groups:
             if getattr(group, _UNUSED_SYNC, False):
-                handled += group.post_backward.handles_unused
-            elif group.reduce_scatter_unused_params:
+                continue  # (a later fit of the same module)
+            if group.reduce_scatter_unused_params:
                 group.post_backward = _post_backward_with_used_flags(group, group.post_backward)
                 group.reduce_scatter_unused_params = False  # (the zeros are ours now, only where needed)
-                setattr(group, _UNUSED_SYNC, True)
-                handled += 1
             else:
                 group.post_backward = _post_backward_naming_unused(group, group.post_backward)
-                setattr(group, _UNUSED_SYNC, True)
-    return handled
+            setattr(group, _UNUSED_SYNC, True)
+
+
+def _used_here(group: Any) -> list[tuple[Any, bool]]:
+    """The group's trainable parameters FSDP2 has gathered, each with whether it has a gradient on this process (in
+    this backward, or accumulated without reducing)."""
+    return [(fp, fp.unsharded_accumulated_grad is not None or fp.unsharded_param.grad is not None)
+            for fp in group.fsdp_params if hasattr(fp, "_unsharded_param") and fp.unsharded_param.requires_grad]
 
 
 def _post_backward_naming_unused(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
@@ -491,12 +468,9 @@ def _post_backward_naming_unused(group: Any, post_backward: Callable[..., Any]) 
 
     def wrapped(*args: Any) -> Any:
         if group.reduce_grads:
-            fsdp_params = [fp for fp in group.fsdp_params
-                           if hasattr(fp, "_unsharded_param") and fp.unsharded_param.requires_grad]
-            used = [fp.unsharded_accumulated_grad is not None or fp.unsharded_param.grad is not None
-                    for fp in fsdp_params]
-            if any(used):
-                for fp, here in zip(fsdp_params, used):
+            used = _used_here(group)
+            if any(here for _, here in used):
+                for fp, here in used:
                     name = str(getattr(fp, "_param_fqn", None) or tuple(fp.unsharded_param.shape))
                     if not here and name not in named:
                         named.add(name)
@@ -509,7 +483,6 @@ def _post_backward_naming_unused(group: Any, post_backward: Callable[..., Any]) 
                         )
         return post_backward(*args)
 
-    wrapped.handles_unused = 0  # type: ignore[attr-defined]
     return wrapped
 
 
@@ -518,20 +491,16 @@ def _post_backward_with_used_flags(group: Any, post_backward: Callable[..., Any]
 
     def wrapped(*args: Any) -> Any:
         if group.reduce_grads:  # (a backward that only accumulates reduces nothing: decided at the reducing one)
-            fsdp_params = [fp for fp in group.fsdp_params
-                           if hasattr(fp, "_unsharded_param") and fp.unsharded_param.requires_grad]
-            used_here = [fp.unsharded_accumulated_grad is not None or fp.unsharded_param.grad is not None
-                         for fp in fsdp_params]
-            if fsdp_params:
-                flags = torch.tensor(used_here, dtype=torch.int32, device=group.device)
+            used = _used_here(group)
+            if used:
+                flags = torch.tensor([here for _, here in used], dtype=torch.int32, device=group.device)
                 info = group.mesh_info
                 for name in ("shard_process_group", "replicate_process_group"):
                     if getattr(info, name, None) is not None:
                         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=getattr(info, name))
-                for fp, here, anywhere in zip(fsdp_params, used_here, flags.tolist()):
+                for (fp, here), anywhere in zip(used, flags.tolist()):
                     if anywhere and not here:
                         fp.unsharded_param.grad = torch.zeros_like(fp.unsharded_param)
         return post_backward(*args)
 
-    wrapped.handles_unused = 1  # type: ignore[attr-defined]
     return wrapped
