@@ -24,15 +24,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, SequentialSampler  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-from transformers import default_data_collator  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, SequentialSampler
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 
-from lightning_optims import OptimizerArguments, OptimizerMixin, create_optimizer, create_scheduler  # noqa: E402
+from lightning_optims import OptimizerArguments, OptimizerMixin, create_optimizer, create_scheduler
 
 HERE = Path(__file__).resolve().parent
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"
@@ -49,9 +55,18 @@ VOCAB, SEQ, BATCH = 256, 64, 8
 
 def llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
-                                        tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=SEQ,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -137,9 +152,19 @@ class ByHand(L.LightningModule):
 
 def lightning_fit(module: L.LightningModule, steps: int, clip: float | None) -> StepTimes:
     record = StepTimes()
-    L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-              gradient_clip_val=clip, callbacks=[record]).fit(module, loader(steps * BATCH))
+    L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=clip,
+        callbacks=[record],
+    ).fit(module, loader(steps * BATCH))
     return record
 
 
@@ -159,8 +184,11 @@ def overhead(repeats: int, steps: int) -> dict:
                 else:
                     hand = lightning_fit(ByHand(byhand_settings, steps), steps, clip)
                     hand_times.append(statistics.median(hand.times[3:]))
-        out[family] = {"mixin_s": statistics.median(mixin_times), "by_hand_s": statistics.median(hand_times),
-                       "ratio": statistics.median(mixin_times) / statistics.median(hand_times)}
+        out[family] = {
+            "mixin_s": statistics.median(mixin_times),
+            "by_hand_s": statistics.median(hand_times),
+            "ratio": statistics.median(mixin_times) / statistics.median(hand_times),
+        }
     return out
 
 
@@ -172,7 +200,11 @@ def noise_floor(repeats: int, steps: int) -> dict:
     for _ in range(repeats):
         for times in (a, b):
             times.append(statistics.median(lightning_fit(ByHand(settings, steps), steps, 1.0).times[3:]))
-    return {"a_s": statistics.median(a), "b_s": statistics.median(b), "ratio": statistics.median(a) / statistics.median(b)}
+    return {
+        "a_s": statistics.median(a),
+        "b_s": statistics.median(b),
+        "ratio": statistics.median(a) / statistics.median(b),
+    }
 
 
 class _Sequential(Trainer):
@@ -205,9 +237,17 @@ def vs_trainer(repeats: int, steps: int) -> dict:
                 batch = next(iter(loader(BATCH)))
                 ours_loss = float(module.model(**batch).loss)
             with tempfile.TemporaryDirectory() as tmp:
-                ta = TrainingArguments(output_dir=tmp, use_cpu=True, report_to=[], max_steps=steps,
-                                       per_device_train_batch_size=BATCH, save_strategy="no", logging_steps=10**6,
-                                       disable_tqdm=True, **settings)
+                ta = TrainingArguments(
+                    output_dir=tmp,
+                    use_cpu=True,
+                    report_to=[],
+                    max_steps=steps,
+                    per_device_train_batch_size=BATCH,
+                    save_strategy="no",
+                    logging_steps=10**6,
+                    disable_tqdm=True,
+                    **settings,
+                )
                 model = llama()
                 hf_rec = _HFTimes()
                 trainer = _Sequential(model=model, args=ta, train_dataset=Tokens(steps * BATCH), callbacks=[hf_rec])
@@ -215,9 +255,13 @@ def vs_trainer(repeats: int, steps: int) -> dict:
                 hf_t.append(statistics.median(hf_rec.times[3:]))
                 with torch.no_grad():
                     hf_loss = float(model(**batch).loss)
-        out[family] = {"ours_s": statistics.median(ours_t), "trainer_s": statistics.median(hf_t),
-                       "ratio": statistics.median(ours_t) / statistics.median(hf_t),
-                       "final_loss_ours": ours_loss, "final_loss_trainer": hf_loss}
+        out[family] = {
+            "ours_s": statistics.median(ours_t),
+            "trainer_s": statistics.median(hf_t),
+            "ratio": statistics.median(ours_t) / statistics.median(hf_t),
+            "final_loss_ours": ours_loss,
+            "final_loss_trainer": hf_loss,
+        }
     return out
 
 
@@ -230,12 +274,15 @@ def construction(repeats: int) -> dict:
     model = Big()
     n = len(list(model.parameters()))
     out = {"parameter_tensors": n}
-    for name, settings in (("adamw_torch", dict(optim="adamw_torch")),
-                           ("apollo_adamw", dict(optim="apollo_adamw", optim_target_modules=["layers"]))):
+    for name, settings in (
+        ("adamw_torch", dict(optim="adamw_torch")),
+        ("apollo_adamw", dict(optim="apollo_adamw", optim_target_modules=["layers"])),
+    ):
         ours, theirs = [], []
         with tempfile.TemporaryDirectory() as tmp:
-            ta = TrainingArguments(output_dir=tmp, use_cpu=True, report_to=[], lr_scheduler_type="cosine",
-                                   warmup_steps=10, **settings)
+            ta = TrainingArguments(
+                output_dir=tmp, use_cpu=True, report_to=[], lr_scheduler_type="cosine", warmup_steps=10, **settings
+            )
             trainer = Trainer(model=model, args=ta)
             args = OptimizerArguments.from_training_arguments(ta)
             for _ in range(repeats):
@@ -247,8 +294,11 @@ def construction(repeats: int) -> dict:
                 t = time.perf_counter()
                 trainer.create_optimizer_and_scheduler(num_training_steps=1000)
                 theirs.append(time.perf_counter() - t)
-        out[name] = {"ours_s": statistics.median(ours), "trainer_s": statistics.median(theirs),
-                     "ratio": statistics.median(ours) / statistics.median(theirs)}
+        out[name] = {
+            "ours_s": statistics.median(ours),
+            "trainer_s": statistics.median(theirs),
+            "ratio": statistics.median(ours) / statistics.median(theirs),
+        }
     return out
 
 
@@ -259,15 +309,15 @@ def memory_child(family: str) -> None:
     lightning_fit(WithMixin(learning_rate=1e-3, **FAMILIES[family]), 2, None)  # Lightning's one-off set-up costs
     base = _memory.start()
     lightning_fit(module, 4, None)
-    print(json.dumps({"growth": _memory.growth_since(base),
-                      "parameters": sum(p.numel() for p in module.parameters())}))
+    print(json.dumps({"growth": _memory.growth_since(base), "parameters": sum(p.numel() for p in module.parameters())}))
 
 
 def memory() -> dict:
     out = {}
     for family in FAMILIES:
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", family], capture_output=True, text=True,
-                              check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", family], capture_output=True, text=True, check=True
+        )
         out[family] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
@@ -283,10 +333,14 @@ def main() -> None:
         return
     torch.set_num_threads(1)  # steadier timings on a shared 2-core machine (the same for both sides of each ratio)
     repeats, steps = (2, 8) if args.quick else (8, 40)
-    result = {"overhead": overhead(repeats, steps), "noise_floor": noise_floor(repeats, steps),
-              "vs_trainer": vs_trainer(max(1, repeats // 2), steps),
-              "construction": construction(repeats), "memory": memory(),
-              "settings": {"repeats": repeats, "steps": steps, "batch": BATCH, "seq": SEQ}}
+    result = {
+        "overhead": overhead(repeats, steps),
+        "noise_floor": noise_floor(repeats, steps),
+        "vs_trainer": vs_trainer(max(1, repeats // 2), steps),
+        "construction": construction(repeats),
+        "memory": memory(),
+        "settings": {"repeats": repeats, "steps": steps, "batch": BATCH, "seq": SEQ},
+    }
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

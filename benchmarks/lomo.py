@@ -26,18 +26,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_optims import OptimizerArguments, create_optimizer  # noqa: E402
+from lightning_optims import OptimizerArguments, create_optimizer
 
 HERE = Path(__file__).resolve().parent
 
 
 def llama(layers: int, hidden: int, vocab: int, intermediate: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -77,8 +84,16 @@ class Variant:
 def step_times(repeats: int, steps_per_repeat: int) -> dict:
     base = llama(layers=64, hidden=32, vocab=128, intermediate=64)
     n_tensors = len(list(base.parameters()))
-    names = ["adamw_torch", "adamw_torch_fused", "adamw_torch_fused+clip", "lomo", "lomo+clip", "lomo_optim.Lomo",
-             "adalomo", "lomo_optim.AdaLomo"]
+    names = [
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adamw_torch_fused+clip",
+        "lomo",
+        "lomo+clip",
+        "lomo_optim.Lomo",
+        "adalomo",
+        "lomo_optim.AdaLomo",
+    ]
     variants = []
     for name in names:
         model = llama(layers=64, hidden=32, vocab=128, intermediate=64)
@@ -111,14 +126,22 @@ def step_times(repeats: int, steps_per_repeat: int) -> dict:
         "adalomo / adamw_torch_fused": median["adalomo"] / median["adamw_torch_fused"],
         "adalomo / lomo_optim.AdaLomo": median["adalomo"] / median["lomo_optim.AdaLomo"],
     }
-    return {"parameter_tensors": n_tensors, "repeats": repeats, "steps_per_repeat": steps_per_repeat,
-            "median_seconds": median, "ratios": ratios}
+    return {
+        "parameter_tensors": n_tensors,
+        "repeats": repeats,
+        "steps_per_repeat": steps_per_repeat,
+        "median_seconds": median,
+        "ratios": ratios,
+    }
 
 
 def memory_child(name: str, quick: bool) -> None:
     """In a fresh process: weights, then two training steps; print the peak growth over the weights."""
-    shape = dict(layers=4, hidden=384, vocab=32000, intermediate=1024) if quick else \
-        dict(layers=8, hidden=512, vocab=32000, intermediate=1536)
+    shape = (
+        dict(layers=4, hidden=384, vocab=32000, intermediate=1024)
+        if quick
+        else dict(layers=8, hidden=512, vocab=32000, intermediate=1536)
+    )
     model = llama(**shape)
     params = sum(p.numel() for p in model.parameters())
     batch = torch.randint(0, 32000, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -134,14 +157,20 @@ def memory_child(name: str, quick: bool) -> None:
 def memory(quick: bool) -> dict:
     out = {}
     for name in ("adamw_torch", "lomo", "adalomo"):
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", name] + (["--quick"] if quick else []),
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", name] + (["--quick"] if quick else []),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     return {
         "parameters": out["adamw_torch"]["parameters"],
         "growth_bytes": {k: v["growth"] for k, v in out.items()},
-        "ratios": {"lomo / adamw_torch": out["lomo"]["growth"] / out["adamw_torch"]["growth"],
-                   "adalomo / adamw_torch": out["adalomo"]["growth"] / out["adamw_torch"]["growth"]},
+        "ratios": {
+            "lomo / adamw_torch": out["lomo"]["growth"] / out["adamw_torch"]["growth"],
+            "adalomo / adamw_torch": out["adalomo"]["growth"] / out["adamw_torch"]["growth"],
+        },
     }
 
 

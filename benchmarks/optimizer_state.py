@@ -7,7 +7,7 @@ gradient and the bytes of its state are measured (every tensor in ``optimizer.st
 included), times the number of parameters of that shape. Embeddings and ``lm_head`` are not targets: they carry
 full AdamW state under APOLLO, and that is counted.
 
-    python benchmarks/optimizer_state.py            # Llama-2-7B shape and the example model; writes optimizer_state.json
+    python benchmarks/optimizer_state.py  # Llama-2-7B shape and the example model; writes optimizer_state.json
     python benchmarks/optimizer_state.py --quick    # a 1B-ish shape only
 """
 
@@ -23,26 +23,40 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_optims import OptimizerArguments, create_optimizer  # noqa: E402
-from lightning_optims.param_groups import low_rank_param_groups  # noqa: E402
+from lightning_optims import OptimizerArguments, create_optimizer
+from lightning_optims.param_groups import low_rank_param_groups
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {
     "adamw_torch": dict(optim="adamw_torch"),
-    "apollo (rank 256, channel)": dict(optim="apollo_adamw", optim_target_modules="all-linear",
-                                       optim_args="proj=random,rank=256,scale_type=channel,scale=1.0"),
-    "apollo-mini (rank 1, tensor)": dict(optim="apollo_adamw", optim_target_modules="all-linear",
-                                         optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"),
+    "apollo (rank 256, channel)": dict(
+        optim="apollo_adamw",
+        optim_target_modules="all-linear",
+        optim_args="proj=random,rank=256,scale_type=channel,scale=1.0",
+    ),
+    "apollo-mini (rank 1, tensor)": dict(
+        optim="apollo_adamw",
+        optim_target_modules="all-linear",
+        optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200",
+    ),
     "grokadamw": dict(optim="grokadamw"),
 }
 SHAPES = {
     "llama-2-7b": LlamaConfig(),  # hidden 4096, intermediate 11008, 32 layers, vocab 32000
-    "llama-1b-ish": LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                num_attention_heads=32, num_key_value_heads=4),
-    "example (examples/lm.py)": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "llama-1b-ish": LlamaConfig(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
+    "example (examples/lm.py)": LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -64,8 +78,9 @@ def state_bytes(config: LlamaConfig, settings: dict) -> tuple[int, int]:
         model = LlamaForCausalLM(config)
     args = OptimizerArguments(**settings)
     if args.optim_target_modules is not None:
-        groups = low_rank_param_groups(model, args.optim_target_modules, args.optim,
-                                       {"target": True})  # which parameters are targets, as create_optimizer decides
+        groups = low_rank_param_groups(
+            model, args.optim_target_modules, args.optim, {"target": True}
+        )  # which parameters are targets, as create_optimizer decides
         kinds = [(tuple(p.shape), i == 1) for i, g in enumerate(groups) for p in g["params"]]
     else:
         kinds = [(tuple(p.shape), False) for p in model.parameters()]

@@ -36,16 +36,23 @@ def versions() -> str:
     import torch
     import transformers
 
-    return (f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, "
-            f"transformers {transformers.__version__}")
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(HERE))
-    parser.add_argument("--reuse", nargs="*", default=[], choices=["integration", "lomo", "optimizer_state", "sharded"],
-                        help="rebuild the report from these benchmarks' existing JSON instead of running them")
+    parser.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        choices=["integration", "lomo", "optimizer_state", "sharded"],
+        help="rebuild the report from these benchmarks' existing JSON instead of running them",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,14 +61,23 @@ def main() -> None:
     state = run("optimizer_state.py", out / "optimizer_state.json", args.quick, "optimizer_state" in args.reuse)
     sharded = run("sharded.py", out / "sharded.json", args.quick, "sharded" in args.reuse)
 
-    ov, vs, cons, mem = integration["overhead"], integration["vs_trainer"], integration["construction"], integration["memory"]
+    ov, vs, cons, mem = (
+        integration["overhead"],
+        integration["vs_trainer"],
+        integration["construction"],
+        integration["memory"],
+    )
     lines = [
         "# Benchmark results",
         "",
         f"Produced by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
         f"{datetime.date.today().isoformat()}: {os.cpu_count()} CPU cores, {platform.machine()}, {versions()}."
-        + (f" Sections from {', '.join(args.reuse)} reuse the JSON of an earlier run of the same scripts (section 7 "
-           "states its own date)." if args.reuse else ""),
+        + (
+            f" Sections from {', '.join(args.reuse)} reuse the JSON of an earlier run of the same scripts (section 7 "
+            "states its own date)."
+            if args.reuse
+            else ""
+        ),
         "A shared, noisy machine: every figure is a ratio of two things measured side by side in the same run. "
         f"Sections 1-2: median over {integration['settings']['repeats']} interleaved repeats (order alternated) of the "
         f"median step of a {integration['settings']['steps']}-step fit, in CPU time of the process with one torch "
@@ -74,12 +90,16 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for family, row in ov.items():
-        lines.append(f"| {family} | {row['mixin_s'] * 1e3:.1f} ms | {row['by_hand_s'] * 1e3:.1f} ms | "
-                     f"{row['ratio']:.3f}x | {'met' if row['ratio'] <= 1.02 else 'not met'} |")
+        lines.append(
+            f"| {family} | {row['mixin_s'] * 1e3:.1f} ms | {row['by_hand_s'] * 1e3:.1f} ms | "
+            f"{row['ratio']:.3f}x | {'met' if row['ratio'] <= 1.02 else 'not met'} |"
+        )
     if "noise_floor" in integration:
         nf = integration["noise_floor"]
-        lines.append(f"| A/A control: by hand / the same by hand | {nf['a_s'] * 1e3:.1f} ms | {nf['b_s'] * 1e3:.1f} ms | "
-                     f"{nf['ratio']:.3f}x | (noise alone) |")
+        lines.append(
+            f"| A/A control: by hand / the same by hand | {nf['a_s'] * 1e3:.1f} ms | {nf['b_s'] * 1e3:.1f} ms | "
+            f"{nf['ratio']:.3f}x | (noise alone) |"
+        )
     lines += [
         "",
         "By hand: `configure_optimizers` returning the same optimizer and scheduler, clipping by "
@@ -92,8 +112,10 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for family, row in vs.items():
-        lines.append(f"| {family} | {row['ours_s'] * 1e3:.1f} ms | {row['trainer_s'] * 1e3:.1f} ms | {row['ratio']:.2f}x | "
-                     f"{row['final_loss_ours']:.4f} / {row['final_loss_trainer']:.4f} |")
+        lines.append(
+            f"| {family} | {row['ours_s'] * 1e3:.1f} ms | {row['trainer_s'] * 1e3:.1f} ms | {row['ratio']:.2f}x | "
+            f"{row['final_loss_ours']:.4f} / {row['final_loss_trainer']:.4f} |"
+        )
     lines += [
         "",
         "Trainer's `lomo` is `lomo_optim.Lomo`, whose hook scans every parameter for each gradient (O(P^2)).",
@@ -105,7 +127,9 @@ def main() -> None:
     ]
     for name in ("adamw_torch", "apollo_adamw"):
         row = cons[name]
-        lines.append(f"| {name} | {row['ours_s'] * 1e3:.1f} ms | {row['trainer_s'] * 1e3:.1f} ms | {row['ratio']:.2f}x |")
+        lines.append(
+            f"| {name} | {row['ours_s'] * 1e3:.1f} ms | {row['trainer_s'] * 1e3:.1f} ms | {row['ratio']:.2f}x |"
+        )
     lines += [
         "",
         "## 4. Peak memory growth of 4 training steps over the weights (one process per family)",
@@ -114,7 +138,9 @@ def main() -> None:
         "|---|---|---|",
     ]
     for family, row in mem.items():
-        lines.append(f"| {family} | {row['growth'] / 2**20:.0f} MiB | {row['growth'] / mem['adamw_torch']['growth']:.2f}x |")
+        lines.append(
+            f"| {family} | {row['growth'] / 2**20:.0f} MiB | {row['growth'] / mem['adamw_torch']['growth']:.2f}x |"
+        )
     lines += [
         "",
         f"The model here is small ({mem['adamw_torch']['parameters'] / 1e6:.1f}M parameters): the growth is mostly "
@@ -133,7 +159,9 @@ def main() -> None:
         lines.append(f"| step time {k} | {v:.2f}x | {verdict} |")
     for k, v in lomo["memory"]["ratios"].items():
         verdict = f"<= 0.35x: {'met' if v <= 0.35 else 'not met'}" if k.startswith("lomo ") else ""
-        lines.append(f"| peak memory growth {k} ({lomo['memory']['parameters'] / 1e6:.0f}M parameters) | {v:.2f}x | {verdict} |")
+        lines.append(
+            f"| peak memory growth {k} ({lomo['memory']['parameters'] / 1e6:.0f}M parameters) | {v:.2f}x | {verdict} |"
+        )
     lines += [
         "",
         "## 6. Optimizer state (`benchmarks/optimizer_state.py`), targets all-linear, ratio to AdamW",
@@ -143,8 +171,10 @@ def main() -> None:
     ]
     for shape, row in state.items():
         r = row["ratio_to_adamw"]
-        lines.append(f"| {shape} | {row['parameters'] / 1e6:,.1f}M | {r['apollo (rank 256, channel)']:.3f}x | "
-                     f"{r['apollo-mini (rank 1, tensor)']:.3f}x | {r['grokadamw']:.2f}x |")
+        lines.append(
+            f"| {shape} | {row['parameters'] / 1e6:,.1f}M | {r['apollo (rank 256, channel)']:.3f}x | "
+            f"{r['apollo-mini (rank 1, tensor)']:.3f}x | {r['grokadamw']:.2f}x |"
+        )
     m = sharded["meta"]
     lines += [
         "",
@@ -161,15 +191,26 @@ def main() -> None:
     ]
     for label, row in sharded["rows"].items():
         state_ratio = "no state" if row["state_ratio"] is None else f"{row['state_ratio']:.3f}"
-        state_goal = "" if row["state_ratio"] is None else \
-            f"<= {row['state_goal']:.3f}: {'met' if row['state_ratio'] <= row['state_goal'] else 'not met'}"
-        step_goal = f"<= 1.5x: {'met' if row['step_ratio_vs_fsdp2_adamw'] <= 1.5 else 'not met'}" \
-            if label.startswith(("lomo", "apollo-mini")) else ""
-        mem_goal = f"<= 0.35x: {'met' if row['peak_growth_ratio_vs_fsdp2_adamw'] <= 0.35 else 'not met'}" \
-            if label.startswith("lomo") else ""
-        lines.append(f"| {label} | {state_ratio} | {state_goal} | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
-                     f"({row['step_ms']:.0f} ms) | {step_goal} | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
-                     f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) | {mem_goal} |")
+        state_goal = (
+            ""
+            if row["state_ratio"] is None
+            else f"<= {row['state_goal']:.3f}: {'met' if row['state_ratio'] <= row['state_goal'] else 'not met'}"
+        )
+        step_goal = (
+            f"<= 1.5x: {'met' if row['step_ratio_vs_fsdp2_adamw'] <= 1.5 else 'not met'}"
+            if label.startswith(("lomo", "apollo-mini"))
+            else ""
+        )
+        mem_goal = (
+            f"<= 0.35x: {'met' if row['peak_growth_ratio_vs_fsdp2_adamw'] <= 0.35 else 'not met'}"
+            if label.startswith("lomo")
+            else ""
+        )
+        lines.append(
+            f"| {label} | {state_ratio} | {state_goal} | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
+            f"({row['step_ms']:.0f} ms) | {step_goal} | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
+            f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) | {mem_goal} |"
+        )
     lines += ["", "![results](results.png)", ""]
     (out / "RESULTS.md").write_text("\n".join(lines))
 

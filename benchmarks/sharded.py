@@ -41,20 +41,30 @@ CONFIGS = {  # label: settings
     "lomo": dict(optim="lomo", max_grad_norm=0.0),
     "lomo+clip": dict(optim="lomo", max_grad_norm=1.0),
     "adalomo": dict(optim="adalomo", max_grad_norm=0.0),
-    "apollo-mini": dict(optim="apollo_adamw", max_grad_norm=1.0, optim_target_modules="all-linear",
-                        optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"),
-    "apollo-mini-layerwise": dict(optim="apollo_adamw_layerwise", max_grad_norm=0.0,
-                                  optim_target_modules="all-linear",
-                                  optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"),
-    "galore_adamw": dict(optim="galore_adamw", max_grad_norm=1.0, optim_target_modules="all-linear",
-                         optim_args="rank=64"),
+    "apollo-mini": dict(
+        optim="apollo_adamw",
+        max_grad_norm=1.0,
+        optim_target_modules="all-linear",
+        optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200",
+    ),
+    "apollo-mini-layerwise": dict(
+        optim="apollo_adamw_layerwise",
+        max_grad_norm=0.0,
+        optim_target_modules="all-linear",
+        optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200",
+    ),
+    "galore_adamw": dict(
+        optim="galore_adamw", max_grad_norm=1.0, optim_target_modules="all-linear", optim_args="rank=64"
+    ),
     "adafactor": dict(optim="adafactor", max_grad_norm=1.0),
     "grokadamw": dict(optim="grokadamw", max_grad_norm=1.0),
 }
-SIZES = {"full": dict(layers=4, hidden=256, intermediate=688, vocab=4096, seq=64, batch=4, steps=16),
-         # memory: weights, gradients and optimizer state dominate (small batch, short sequences), as at scale
-         "memory": dict(layers=24, hidden=512, intermediate=1376, vocab=1024, seq=16, batch=1, steps=4),
-         "quick": dict(layers=2, hidden=64, intermediate=172, vocab=512, seq=32, batch=2, steps=6)}
+SIZES = {
+    "full": dict(layers=4, hidden=256, intermediate=688, vocab=4096, seq=64, batch=4, steps=16),
+    # memory: weights, gradients and optimizer state dominate (small batch, short sequences), as at scale
+    "memory": dict(layers=24, hidden=512, intermediate=1376, vocab=1024, seq=16, batch=1, steps=4),
+    "quick": dict(layers=2, hidden=64, intermediate=172, vocab=512, seq=32, batch=2, steps=6),
+}
 
 
 def _llama(size: dict):
@@ -62,10 +72,18 @@ def _llama(size: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
-        num_hidden_layers=size["layers"], num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=2 * size["seq"], tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=size["vocab"],
+            hidden_size=size["hidden"],
+            intermediate_size=size["intermediate"],
+            num_hidden_layers=size["layers"],
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2 * size["seq"],
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def state_bytes(optimizer) -> int:
@@ -88,13 +106,13 @@ def state_bytes(optimizer) -> int:
 
 def worker(label: str, size_name: str, out: str) -> None:
     """One process of a two-process fit (Lightning re-executes this script for the second)."""
+    import _memory
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import fully_shard
 
-    import _memory
     from lightning_optims import OptimizerMixin
 
     size = SIZES[size_name]
@@ -129,17 +147,28 @@ def worker(label: str, size_name: str, out: str) -> None:
             self.times.append(time.perf_counter() - self.t0)
 
         def on_train_end(self, trainer, pl_module):
-            result = {"step_s": statistics.median(self.times[2:]), "peak_growth": _memory.growth_since(self.base),
-                      "state_bytes": state_bytes(trainer.optimizers[0])}
+            result = {
+                "step_s": statistics.median(self.times[2:]),
+                "peak_growth": _memory.growth_since(self.base),
+                "state_bytes": state_bytes(trainer.optimizers[0]),
+            }
             Path(f"{out}.rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, size["vocab"], (size["batch"] * 2 * size["steps"], size["seq"]), generator=g)
     loader = torch.utils.data.DataLoader(data, batch_size=size["batch"])
     module = Module(learning_rate=1e-3, **CONFIGS[label])
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
-                        tensor_parallel_size=1), max_steps=size["steps"], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Measure()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_steps=size["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Measure()],
+    )
     trainer.fit(module, loader)
 
 
@@ -183,8 +212,13 @@ def run_config(label: str, size_name: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(FIXED_MALLOC if size_name == "memory" else {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
-        proc = subprocess.run([sys.executable, __file__, "--worker", label, size_name, out], capture_output=True,
-                              text=True, timeout=900, env=env)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", label, size_name, out],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{label}: {proc.stderr[-3000:]}")
         ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
@@ -223,27 +257,41 @@ def main() -> None:
         growth = statistics.median(r["peak_growth"] for r in results)
         per_rank = max(r["state_bytes"] for r in results)
         rows[label] = {
-            "per_rank_state_bytes": per_rank, "one_device_state_bytes": one_state,
+            "per_rank_state_bytes": per_rank,
+            "one_device_state_bytes": one_state,
             "state_ratio": per_rank / one_state if one_state else None,
             "state_goal": 0.5 + largest_share,
-            "step_ms": 1e3 * step, "step_ratio_vs_fsdp2_adamw": step / base["step_s"],
-            "peak_growth_bytes": growth, "peak_growth_ratio_vs_fsdp2_adamw": growth / base["peak_growth"],
+            "step_ms": 1e3 * step,
+            "step_ratio_vs_fsdp2_adamw": step / base["step_s"],
+            "peak_growth_bytes": growth,
+            "peak_growth_ratio_vs_fsdp2_adamw": growth / base["peak_growth"],
         }
     import lightning
     import torch
 
-    meta = {"size": size_name, "model": SIZES[size_name], "memory_model": SIZES[memory_size], "processes": 2,
-            "repeats": repeats,
-            "torch": torch.__version__, "lightning": lightning.__version__, "date": time.strftime("%Y-%m-%d")}
+    meta = {
+        "size": size_name,
+        "model": SIZES[size_name],
+        "memory_model": SIZES[memory_size],
+        "processes": 2,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(f"\nFSDP2 (ModelParallelStrategy), 2 CPU processes, gloo; model {SIZES[size_name]}")
-    print("| optimizer | per-process state / one-device state | goal | step / FSDP2 AdamW step | "
-          "peak memory growth / FSDP2 AdamW's |")
+    print(
+        "| optimizer | per-process state / one-device state | goal | step / FSDP2 AdamW step | "
+        "peak memory growth / FSDP2 AdamW's |"
+    )
     print("|---|---|---|---|---|")
     for label, row in rows.items():
         state = "no state" if row["state_ratio"] is None else f"{row['state_ratio']:.3f}"
-        print(f"| {label} | {state} | <= {row['state_goal']:.3f} | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
-              f"({row['step_ms']:.0f} ms) | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
-              f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) |")
+        print(
+            f"| {label} | {state} | <= {row['state_goal']:.3f} | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
+            f"({row['step_ms']:.0f} ms) | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
+            f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) |"
+        )
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

@@ -46,15 +46,21 @@ class Blocks(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        block = self.ids[i * self.seq_len: (i + 1) * self.seq_len]
+        block = self.ids[i * self.seq_len : (i + 1) * self.seq_len]
         return {"input_ids": block, "labels": block.clone()}
 
 
 class TextDataModule(L.LightningDataModule):
     """Non-overlapping blocks of the bundled corpus; the last ``val_fraction`` is held out."""
 
-    def __init__(self, path: str = str(CORPUS), seq_len: int = 64, batch_size: int = 4, val_fraction: float = 0.1,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        path: str = str(CORPUS),
+        seq_len: int = 64,
+        batch_size: int = 4,
+        val_fraction: float = 0.1,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.path, self.seq_len, self.batch_size = path, seq_len, batch_size
         self.val_fraction, self.num_workers = val_fraction, num_workers
@@ -76,14 +82,27 @@ class TextDataModule(L.LightningDataModule):
 class CausalLM(OptimizerMixin, L.LightningModule):
     """A Llama-shaped causal LM. Every optimizer setting comes from :class:`OptimizerMixin`'s keyword arguments."""
 
-    def __init__(self, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
-                 max_position_embeddings: int = 256, gradient_checkpointing: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        intermediate_size: int = 128,
+        max_position_embeddings: int = 256,
+        gradient_checkpointing: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         config = LlamaConfig(
-            vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
-            max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+            vocab_size=VOCAB_SIZE,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=False,
         )
         self.model = LlamaForCausalLM(config)
         if gradient_checkpointing:

@@ -1,6 +1,6 @@
 """From transformers' Trainer to Lightning: an existing ``TrainingArguments`` becomes a Lightning run in three lines.
 
-    python examples/migrate.py [--max-steps N]
+python examples/migrate.py [--max-steps N]
 """
 
 from __future__ import annotations
@@ -11,19 +11,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning as L  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+import lightning as L
+from lm import CausalLM, TextDataModule
+from transformers import TrainingArguments
 
-from lightning_optims import OptimizerArguments  # noqa: E402
-from lm import CausalLM, TextDataModule  # noqa: E402
+from lightning_optims import OptimizerArguments
 
 
 def main(max_steps: int = 100) -> CausalLM:
     # what a transformers user already has (the APOLLO-Mini example of transformers' optimizer guide)
     training_args = TrainingArguments(
-        output_dir="./test-apollo_mini", max_steps=max_steps, per_device_train_batch_size=2,
-        optim="apollo_adamw", optim_target_modules=[r".*.attn.*", r".*.mlp.*"],
-        optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200", report_to=[],
+        output_dir="./test-apollo_mini",
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        optim="apollo_adamw",
+        optim_target_modules=[r".*.attn.*", r".*.mlp.*"],
+        optim_args="proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200",
+        report_to=[],
     )
 
     # the three lines: the same optimizer settings on a LightningModule, and a Trainer with the same budget

@@ -11,14 +11,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-
-from lm import CausalLM, TextDataModule  # noqa: E402
+from lightning.pytorch.cli import LightningCLI
+from lm import CausalLM, TextDataModule
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    cli = LightningCLI(CausalLM, TextDataModule, subclass_mode_model=True, args=args,
-                       save_config_kwargs={"overwrite": True})
+    cli = LightningCLI(
+        CausalLM, TextDataModule, subclass_mode_model=True, args=args, save_config_kwargs={"overwrite": True}
+    )
     if cli.trainer.log_dir is not None and cli.trainer.is_global_zero:
         print(f"logs: {Path(cli.trainer.log_dir).resolve()}")
     return cli

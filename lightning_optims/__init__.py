@@ -1,8 +1,8 @@
 """Hugging Face Trainer optimizer settings for PyTorch Lightning."""
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
-from lightning_optims.callbacks import GrokkingSignalCallback, ScheduleFreeCallback
 from lightning_optims.build import create_optimizer, create_scheduler
+from lightning_optims.callbacks import GrokkingSignalCallback, ScheduleFreeCallback
 from lightning_optims.in_backward import NonFiniteGradientError, NonFiniteLossError
 from lightning_optims.mixin import OptimizerMixin
 from lightning_optims.optim_args import Arg, OptimizerSettingError
@@ -17,8 +17,8 @@ from lightning_optims.registry import (
 
 __all__ = [
     "DEFAULT_OPTIM",
-    "GrokkingSignalCallback",
     "Arg",
+    "GrokkingSignalCallback",
     "NonFiniteGradientError",
     "NonFiniteLossError",
     "OptimizerArguments",

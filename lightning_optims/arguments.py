@@ -157,8 +157,9 @@ class OptimizerArguments:
 
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         try:
-            get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=1000,
-                          scheduler_specific_kwargs=kwargs or None)
+            get_scheduler(
+                name, optimizer, num_warmup_steps=1, num_training_steps=1000, scheduler_specific_kwargs=kwargs or None
+            )
         except (TypeError, ValueError) as err:
             raise OptimizerSettingError(
                 f"lr_scheduler_type={name!r} with lr_scheduler_kwargs={kwargs or None!r}: transformers' get_scheduler "
@@ -220,12 +221,15 @@ class OptimizerArguments:
             warnings.warn(
                 f"optim={spec.name!r} with lr_scheduler_type={self.lr_scheduler_type!r}: schedule-free optimizers "
                 "replace the schedule; 'constant' is recommended, other schedules work against the method",
-                UserWarning, stacklevel=3,
+                UserWarning,
+                stacklevel=3,
             )
         if spec.has_train_eval_modes and self.warmup_steps and "warmup_steps" not in spec.uses:
             warnings.warn(
                 f"optim={spec.name!r} needs no warmup, and warmup_steps={self.warmup_steps!r} applies a scheduler "
-                "warmup to it", UserWarning, stacklevel=3,
+                "warmup to it",
+                UserWarning,
+                stacklevel=3,
             )
 
     # -- conversions ----------------------------------------------------------------------------------------------

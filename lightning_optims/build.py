@@ -31,8 +31,9 @@ def create_optimizer(
     """
     spec = get_spec(args.optim)
     optimizer_cls = spec.load_class()
-    ctx = BuildContext(args=args, optim_args=dict(args.parsed_optim_args), model=model,
-                       num_training_steps=num_training_steps)
+    ctx = BuildContext(
+        args=args, optim_args=dict(args.parsed_optim_args), model=model, num_training_steps=num_training_steps
+    )
     kwargs: dict[str, Any] = {"lr": args.learning_rate, **spec.kwargs(ctx)}
     params: Any
     if spec.params == "decay_groups":
@@ -75,7 +76,8 @@ def _warn_if_rank_too_large(target_group: dict[str, Any], optim: str) -> None:
             f"matrices (e.g. {too_small[0]}): their projected optimizer state is no smaller than the matrix, so the "
             "low-rank method saves nothing there (benchmarks/optimizer_state.py: 4.6x AdamW's state for rank 256 on "
             "the 64-wide example model). Use a smaller rank or fewer target modules.",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -100,7 +102,7 @@ class ScheduledGroupsLambdaLR(torch.optim.lr_scheduler.LambdaLR):
 
     def get_lr(self) -> list[Any]:
         scheduled = self.scheduled_lrs()
-        return scheduled + [group["lr"] for group in self.optimizer.param_groups[len(scheduled):]]
+        return scheduled + [group["lr"] for group in self.optimizer.param_groups[len(scheduled) :]]
 
 
 class GreedyLRScheduler(GreedyLR, torch.optim.lr_scheduler.LRScheduler):

@@ -49,8 +49,13 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     module's ``backward`` hook), so Lightning's step counters and callbacks work as for any optimizer.
     """
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], clip_grad_norm: float | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        clip_grad_norm: float | None = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
         super().__init__(params, defaults)
         if bucket_bytes < 0:
             raise ValueError(f"bucket_bytes should be >= 0, got {bucket_bytes}")
@@ -137,8 +142,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         if self._reduce_grads:  # fixed buckets, reduced in order as soon as each is complete
             k = self._bucket_of[p]
             self._arrived[k] += 1
-            while self._next_bucket < len(self._buckets) and \
-                    self._arrived[self._next_bucket] == len(self._buckets[self._next_bucket]):
+            while self._next_bucket < len(self._buckets) and self._arrived[self._next_bucket] == len(
+                self._buckets[self._next_bucket]
+            ):
                 self._reduce_bucket(self._next_bucket)
                 self._next_bucket += 1
             return
@@ -274,7 +280,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             for p in self._pending:  # an exception mid-backward: drop what was not applied
                 p.grad = None
             if self._reduce_grads:
-                for bucket in self._buckets[self._next_bucket:]:
+                for bucket in self._buckets[self._next_bucket :]:
                     for p in bucket:
                         p.grad = None
             self._pending, self._pending_bytes = [], 0
@@ -354,8 +360,7 @@ def _state_like(p: torch.Tensor, shape: tuple[int, ...], local_size: int, sharde
     if not isinstance(p, DTensor):
         return zeros
     placements = [Shard(0)] if sharded else [Replicate()]
-    return DTensor.from_local(zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=(1,))
+    return DTensor.from_local(zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=(1,))
 
 
 def _trainable(model_or_params: nn.Module | Iterable[Any]) -> Iterable[Any]:
@@ -383,10 +388,17 @@ class Lomo(InBackwardOptimizer):
     shrinks, the scale grows back after ``scale_window`` steps without overflow. Its state is in the param groups.
     """
 
-    def __init__(self, model_or_params: nn.Module | Iterable[Any], lr: float = 1e-3, clip_grad_norm: float | None = None,
-                 clip_grad_value: float | None = None, weight_decay: float = 0.0,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, init_loss_scale: float = 2.0**32,
-                 scale_window: int = 1000) -> None:
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable[Any],
+        lr: float = 1e-3,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        weight_decay: float = 0.0,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        init_loss_scale: float = 2.0**32,
+        scale_window: int = 1000,
+    ) -> None:
         params = _trainable(model_or_params)
         defaults = dict(lr=lr, clip_grad_value=clip_grad_value, weight_decay=weight_decay)
         super().__init__(params, defaults, clip_grad_norm=clip_grad_norm, bucket_bytes=bucket_bytes)
@@ -405,13 +417,18 @@ class Lomo(InBackwardOptimizer):
     def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> None:
         # lomo_optim switches on when the loss is fp16; a transformers model computes its loss in fp32 from fp16
         # weights (the logits are upcast), and the gradients are fp16 all the same: look at the parameters too
-        if self._scaler is None and (loss.dtype == torch.float16 or any(
-                p.dtype == torch.float16 for g in self.param_groups for p in g["params"] if p.requires_grad)):
+        if self._scaler is None and (
+            loss.dtype == torch.float16
+            or any(p.dtype == torch.float16 for g in self.param_groups for p in g["params"] if p.requires_grad)
+        ):
             self.param_groups[0]["loss_scaler"] = {"scale": self.init_loss_scale, "iter": 0, "last_overflow": -1}
         if self._scaler is not None and self.clip_grad_norm is None:
-            warnings.warn("fp16 loss scaling needs the two-pass norm to see overflows before any update: clipping "
-                          "the gradient norm at 1.0 (as lomo_optim does); set max_grad_norm to choose the value",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                "fp16 loss scaling needs the two-pass norm to see overflows before any update: clipping "
+                "the gradient norm at 1.0 (as lomo_optim does); set max_grad_norm to choose the value",
+                UserWarning,
+                stacklevel=2,
+            )
             self.clip_grad_norm = 1.0
         overflowed_before = self._skipped
         super().fused_backward(loss, lr)
@@ -433,8 +450,12 @@ class Lomo(InBackwardOptimizer):
                 f"gradient overflow at fused step {self.steps_taken} with the loss scale already at 1: fp16 cannot "
                 "represent these gradients; training stops here"
             )
-        warnings.warn(f"[LOMO] gradient overflow at fused step {self.steps_taken}: step skipped, loss scale "
-                      f"{scaler['scale']:g} -> {scaler['scale'] / 2:g}", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"[LOMO] gradient overflow at fused step {self.steps_taken}: step skipped, loss scale "
+            f"{scaler['scale']:g} -> {scaler['scale'] / 2:g}",
+            UserWarning,
+            stacklevel=2,
+        )
         scaler["scale"] /= 2.0
         scaler["last_overflow"] = scaler["iter"]
         scaler["iter"] += 1
@@ -473,13 +494,29 @@ class AdaLomo(InBackwardOptimizer):
     ``self.state`` on the parameter's device; the step count is the group's ``step``.
     """
 
-    def __init__(self, model_or_params: nn.Module | Iterable[Any], lr: float = 1e-3, loss_scale: float = 2**10,
-                 eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0, decay_rate: float = -0.8,
-                 clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
-                 weight_decay: float = 0.0, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable[Any],
+        lr: float = 1e-3,
+        loss_scale: float = 2**10,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        weight_decay: float = 0.0,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
         params = _trainable(model_or_params)
-        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate,
-                        clip_grad_value=clip_grad_value, weight_decay=weight_decay, step=0)
+        defaults = dict(
+            lr=lr,
+            eps=tuple(eps),
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            clip_grad_value=clip_grad_value,
+            weight_decay=weight_decay,
+            step=0,
+        )
         self.loss_scale = loss_scale
         super().__init__(params, defaults, clip_grad_norm=clip_grad_norm, bucket_bytes=bucket_bytes)
 
@@ -528,7 +565,7 @@ class AdaLomo(InBackwardOptimizer):
             sq = _local(state["exp_avg_sq"])
             sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
             update = sq.rsqrt().mul_(grad)
-        update_rms = self._all_sum(update.square().sum()).sqrt() / (numel ** 0.5)
+        update_rms = self._all_sum(update.square().sum()).sqrt() / (numel**0.5)
         update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0))
         p_fp32 = local.detach().to(torch.float32)
         p_rms = float(self._all_sum(p_fp32.square().sum()).sqrt()) / math.sqrt(numel)

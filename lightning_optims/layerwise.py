@@ -49,8 +49,12 @@ class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
 
     low_rank_targets: Any = None  # (target parameters, target group options), set by create_optimizer
 
-    def __init__(self, optimizer_dict: dict[torch.Tensor, torch.optim.Optimizer], lr: float,
-                 inner_factory: Callable[[dict[str, Any]], torch.optim.Optimizer] | None = None) -> None:
+    def __init__(
+        self,
+        optimizer_dict: dict[torch.Tensor, torch.optim.Optimizer],
+        lr: float,
+        inner_factory: Callable[[dict[str, Any]], torch.optim.Optimizer] | None = None,
+    ) -> None:
         self.optimizer_dict = optimizer_dict
         self._inner_factory = inner_factory
         self._group_of: dict[torch.Tensor, int] = {}  # params of groups added later; the rest use group 0's lr
@@ -124,14 +128,17 @@ class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
             inner.load_state_dict(sd)
 
 
-def build_layerwise(optimizer_cls: type, param_groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> LayerwiseOptimizer:
+def build_layerwise(
+    optimizer_cls: type, param_groups: list[dict[str, Any]], kwargs: dict[str, Any]
+) -> LayerwiseOptimizer:
     """transformers' layer-wise construction: an optimizer per parameter with its group's options."""
     optimizer_dict: dict[torch.Tensor, torch.optim.Optimizer] = {}
     for group in param_groups:
         options = {k: v for k, v in group.items() if k != "params"}
         for param in group["params"]:
             optimizer_dict[param] = optimizer_cls([{"params": [param], **options}], **kwargs)
-    optimizer = LayerwiseOptimizer(optimizer_dict, lr=kwargs["lr"],
-                                   inner_factory=lambda group: optimizer_cls([group], **kwargs))
+    optimizer = LayerwiseOptimizer(
+        optimizer_dict, lr=kwargs["lr"], inner_factory=lambda group: optimizer_cls([group], **kwargs)
+    )
     optimizer.register_hooks()
     return optimizer

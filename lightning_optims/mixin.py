@@ -43,8 +43,14 @@ _METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 METRIC_SCHEDULER_MONITOR = "val_loss"
 #: the Lightning hooks the mixin implements: an override must call ``super()``, or the mixin's work is skipped
 MIXIN_HOOKS = (
-    "configure_optimizers", "configure_callbacks", "configure_gradient_clipping", "backward", "setup",
-    "on_save_checkpoint", "on_load_checkpoint", "on_train_start",
+    "configure_optimizers",
+    "configure_callbacks",
+    "configure_gradient_clipping",
+    "backward",
+    "setup",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+    "on_train_start",
 )
 _HOOK_ROLES = {
     "configure_optimizers": "building the optimizer and scheduler from the settings",
@@ -159,10 +165,18 @@ class OptimizerMixin:
         self._built_optimizer: Any = None
         self._built_scheduler: Any = None
         self.optimizer_arguments = OptimizerArguments(
-            optim=optim, optim_args=optim_args, optim_target_modules=optim_target_modules,
-            learning_rate=learning_rate, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
-            adam_epsilon=adam_epsilon, lr_scheduler_type=lr_scheduler_type, lr_scheduler_kwargs=lr_scheduler_kwargs,
-            warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+            optim=optim,
+            optim_args=optim_args,
+            optim_target_modules=optim_target_modules,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            adam_beta1=adam_beta1,
+            adam_beta2=adam_beta2,
+            adam_epsilon=adam_epsilon,
+            lr_scheduler_type=lr_scheduler_type,
+            lr_scheduler_kwargs=lr_scheduler_kwargs,
+            warmup_steps=warmup_steps,
+            max_grad_norm=max_grad_norm,
         )
 
     @property
@@ -254,8 +268,11 @@ class OptimizerMixin:
         else:
             total_steps = int(total)
         strategy = self.trainer.strategy
-        if isinstance(strategy, ModelParallelStrategy) and self.trainer.world_size > 1 and not is_sharded(
-                [p for p in self.optimized_module().parameters() if p.requires_grad]):
+        if (
+            isinstance(strategy, ModelParallelStrategy)
+            and self.trainer.world_size > 1
+            and not is_sharded([p for p in self.optimized_module().parameters() if p.requires_grad])
+        ):
             # (nothing averages gradients then: every process would train its own copy, silently)
             raise MisconfigurationException(
                 f"ModelParallelStrategy with {self.trainer.world_size} processes, and no parameter of "
@@ -278,8 +295,13 @@ class OptimizerMixin:
         scheduler = create_scheduler(optimizer, args, total_steps or 0)
         self._built_optimizer, self._built_scheduler, self._built_total_steps = optimizer, scheduler, total_steps
         if args.lr_scheduler_type in _METRIC_SCHEDULERS:
-            config = {"scheduler": scheduler, "interval": "epoch", "monitor": METRIC_SCHEDULER_MONITOR,
-                      "frequency": 1, "reduce_on_plateau": True}
+            config = {
+                "scheduler": scheduler,
+                "interval": "epoch",
+                "monitor": METRIC_SCHEDULER_MONITOR,
+                "frequency": 1,
+                "reduce_on_plateau": True,
+            }
         else:
             config = {"scheduler": scheduler, "interval": "step", "frequency": 1}
         return {"optimizer": optimizer, "lr_scheduler": config}
@@ -291,7 +313,9 @@ class OptimizerMixin:
         present = [] if self._trainer is None else self.trainer.callbacks  # type: ignore[attr-defined]
         needed = self.optimizer_spec.callback_classes()  # what the spec says this optimizer needs at run time
         if not getattr(self, "automatic_optimization", True) and self.optimizer_arguments.lr_scheduler_type not in (
-                "constant", *_METRIC_SCHEDULERS):
+            "constant",
+            *_METRIC_SCHEDULERS,
+        ):
             from lightning_optims.callbacks.manual import ManualSchedulerCheck
 
             needed.append(ManualSchedulerCheck)
@@ -442,14 +466,20 @@ class OptimizerMixin:
         spec = self.optimizer_spec
         if spec.updates_in_backward and trainer.gradient_clip_val:
             if spec.layerwise:
-                advice = "remove gradient_clip_val (nothing can clip a layer-wise optimizer: each parameter is " \
-                         "stepped as soon as its gradient exists)"
+                advice = (
+                    "remove gradient_clip_val (nothing can clip a layer-wise optimizer: each parameter is "
+                    "stepped as soon as its gradient exists)"
+                )
             elif args.max_grad_norm > 0:
-                advice = f"remove gradient_clip_val: max_grad_norm={args.max_grad_norm!r} already clips the global " \
-                         "gradient norm inside the fused backward"
+                advice = (
+                    f"remove gradient_clip_val: max_grad_norm={args.max_grad_norm!r} already clips the global "
+                    "gradient norm inside the fused backward"
+                )
             else:
-                advice = f"remove gradient_clip_val and set max_grad_norm={trainer.gradient_clip_val!r} (LOMO's " \
-                         "global-norm clipping, inside the fused backward)"
+                advice = (
+                    f"remove gradient_clip_val and set max_grad_norm={trainer.gradient_clip_val!r} (LOMO's "
+                    "global-norm clipping, inside the fused backward)"
+                )
             raise MisconfigurationException(
                 f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}) cannot clip optim={spec.name!r}: it "
                 f"updates each parameter during backward and leaves no gradient for the Trainer to clip; {advice}"
@@ -461,7 +491,11 @@ class OptimizerMixin:
                 "gradient_clip_val, or set max_grad_norm=0 to let the Trainer clip"
             )
         self._check_callbacks(trainer)
-        if not getattr(self, "automatic_optimization", True) and args.max_grad_norm > 0 and not spec.updates_in_backward:
+        if (
+            not getattr(self, "automatic_optimization", True)
+            and args.max_grad_norm > 0
+            and not spec.updates_in_backward
+        ):
             raise MisconfigurationException(
                 f"max_grad_norm={args.max_grad_norm!r} with manual optimization (automatic_optimization=False): "
                 "Lightning does not clip in manual optimization, so it would silently not apply. Set "

@@ -51,7 +51,11 @@ class GrokAdamW(grokadamw.GrokAdamW):
     optimizer that steps one parameter of a larger group at a time (sharded training): beta1 depends on it.
     """
 
-    global_index: dict[Any, int] = {}
+    global_index: dict[Any, int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.global_index = {}
+        super().__init__(*args, **kwargs)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -185,8 +189,11 @@ class APOLLOAdamW(ProjectorStateMixin, _UpstreamAPOLLOAdamW):
 def _galore(name: str) -> type:
     upstream = getattr(importlib.import_module("galore_torch"), name)
     # GaLore's AdamW steps a group without "rank" as plain AdamW, element by element; its Adafactor does not (RMS)
-    return type(name, (ProjectorStateMixin, upstream), {"__module__": __name__, "__doc__": upstream.__doc__,
-                                                       "elementwise_without_rank": name == "GaLoreAdamW"})
+    return type(
+        name,
+        (ProjectorStateMixin, upstream),
+        {"__module__": __name__, "__doc__": upstream.__doc__, "elementwise_without_rank": name == "GaLoreAdamW"},
+    )
 
 
 def __getattr__(name: str) -> Any:  # GaLore classes, built only when galore_torch is installed and asked for

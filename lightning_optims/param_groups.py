@@ -69,7 +69,10 @@ def _sample_linear_names(model: nn.Module) -> str:
 
 
 def low_rank_param_groups(
-    model: nn.Module, target_modules: str | list[str], optim: str, target_group_kwargs: dict[str, Any],
+    model: nn.Module,
+    target_modules: str | list[str],
+    optim: str,
+    target_group_kwargs: dict[str, Any],
     target_names: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """``[non-target params, target params + kwargs]`` (transformers' _setup_low_rank_optimizer), trainable

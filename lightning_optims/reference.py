@@ -22,7 +22,7 @@ def render_optim_args_reference() -> str:
         "# `optim_args` reference",
         "",
         "Rendered by `python -m lightning_optims.reference` from the tables the parser uses (a test keeps this page",
-        "equal to them). `optim_args` is a string (`\"rank=1,scale=128.0\"`) or a mapping; a key not listed for the",
+        'equal to them). `optim_args` is a string (`"rank=1,scale=128.0"`) or a mapping; a key not listed for the',
         "optimizer is refused with the accepted ones. Defaults are transformers' (or the optimizer package's where",
         "transformers passes none).",
         "",
@@ -30,17 +30,26 @@ def render_optim_args_reference() -> str:
     for name in registered_names():
         spec = get_spec(name)
         reads = ["learning_rate", *(s for s in _SETTINGS if s in spec.uses)]
-        lines += [f"## `{name}`", "", f"{spec.description}. Family `{spec.family}`"
-                  + (f", extra `{spec.extra}`" if spec.extra else "") + ".", "",
-                  "General settings it reads: " + ", ".join(f"`{r}`" for r in reads)
-                  + (" (and `optim_target_modules`, required)" if spec.needs_target_modules else "") + ".", ""]
+        lines += [
+            f"## `{name}`",
+            "",
+            f"{spec.description}. Family `{spec.family}`" + (f", extra `{spec.extra}`" if spec.extra else "") + ".",
+            "",
+            "General settings it reads: "
+            + ", ".join(f"`{r}`" for r in reads)
+            + (" (and `optim_target_modules`, required)" if spec.needs_target_modules else "")
+            + ".",
+            "",
+        ]
         if not spec.arguments:
             lines += ["No `optim_args` keys.", ""]
             continue
         lines += ["| key | type | default | accepted | notes |", "|---|---|---|---|---|"]
         for arg in spec.arguments:
             choices = ", ".join(f"`{c}`" for c in arg.choices) if arg.choices else "-"
-            lines.append(f"| `{arg.name}` | {arg.type.__name__} | {_cell(arg.default)} | {choices} | {arg.help or '-'} |")
+            lines.append(
+                f"| `{arg.name}` | {arg.type.__name__} | {_cell(arg.default)} | {choices} | {arg.help or '-'} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

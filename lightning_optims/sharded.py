@@ -106,9 +106,9 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             if isinstance(value, DTensor):
                 value = value.full_tensor() if whole else value.to_local()
             if key.startswith("projector."):
-                projector[key[len("projector."):]] = value
+                projector[key[len("projector.") :]] = value
             elif key.startswith("group."):
-                group_state[key[len("group."):]] = value
+                group_state[key[len("group.") :]] = value
             else:
                 state[key] = value
         if projector:
@@ -117,8 +117,9 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         return state, group_state
 
     @staticmethod
-    def _flatten_state(state: dict[str, Any], group_state: dict[str, Any],
-                       place: Callable[[str, Any], Any]) -> dict[str, Any]:
+    def _flatten_state(
+        state: dict[str, Any], group_state: dict[str, Any], place: Callable[[str, Any], Any]
+    ) -> dict[str, Any]:
         """One flat entry (torch's distributed checkpoint saves it like any optimizer's), each value as ``place``
         lays it out: a projector's fields under ``projector.`` (its class as an index); what the optimizer keeps in
         its param group (per parameter here, as each parameter has its own inner optimizer) under ``group.``."""
@@ -192,8 +193,13 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
 
     def _apollo_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
         """APOLLO's random projection of a matrix (proj=random, proj_type=std): stepped on this process's rows."""
-        return (getattr(self._optimizer_cls, "random_projection_on_rows", False) and "rank" in group and p.dim() == 2
-                and group.get("proj") == "random" and group.get("proj_type") == "std")
+        return (
+            getattr(self._optimizer_cls, "random_projection_on_rows", False)
+            and "rank" in group
+            and p.dim() == 2
+            and group.get("proj") == "random"
+            and group.get("proj_type") == "std"
+        )
 
     def _step_apollo_rows(self, p: DTensor, group: dict[str, Any]) -> None:
         """``apollo_torch.APOLLOAdamW.step`` for one matrix ``[m, n]``, computed on this process's rows of the
@@ -384,8 +390,9 @@ def _shard_like(value: Any, p: DTensor) -> Any:
         return value
     value = value.contiguous()
     local = _my_rows(value, p).clone()
-    return DTensor.from_local(local, p.device_mesh, [Shard(0)], run_check=False, shape=value.shape,
-                              stride=value.stride())
+    return DTensor.from_local(
+        local, p.device_mesh, [Shard(0)], run_check=False, shape=value.shape, stride=value.stride()
+    )
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -409,8 +416,9 @@ def _rows_as_dtensor(value: Any, p: DTensor) -> Any:
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     shape = (p.shape[0], *value.shape[1:])
-    return DTensor.from_local(value, p.device_mesh, [Shard(0)], run_check=False, shape=shape,
-                              stride=_contiguous_strides(shape))
+    return DTensor.from_local(
+        value, p.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=_contiguous_strides(shape)
+    )
 
 
 def is_sharded(params: list[torch.Tensor]) -> bool:
@@ -455,8 +463,11 @@ def sync_unused_parameters(module: torch.nn.Module) -> None:
 def _used_here(group: Any) -> list[tuple[Any, bool]]:
     """The group's trainable parameters FSDP2 has gathered, each with whether it has a gradient on this process (in
     this backward, or accumulated without reducing)."""
-    return [(fp, fp.unsharded_accumulated_grad is not None or fp.unsharded_param.grad is not None)
-            for fp in group.fsdp_params if hasattr(fp, "_unsharded_param") and fp.unsharded_param.requires_grad]
+    return [
+        (fp, fp.unsharded_accumulated_grad is not None or fp.unsharded_param.grad is not None)
+        for fp in group.fsdp_params
+        if hasattr(fp, "_unsharded_param") and fp.unsharded_param.requires_grad
+    ]
 
 
 def _post_backward_naming_unused(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
@@ -479,7 +490,8 @@ def _post_backward_naming_unused(group: Any, post_backward: Callable[..., Any]) 
                             "process used it, FSDP2's reduce-scatter fails (gloo: 'Connection reset by peer'; NCCL: "
                             "a hang): call self.model.set_reduce_scatter_unused_params(True) in configure_model, and "
                             "every optimizer of this package then gives one process's result",
-                            UserWarning, stacklevel=2,
+                            UserWarning,
+                            stacklevel=2,
                         )
         return post_backward(*args)
 

@@ -19,8 +19,14 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     """A 2-layer Llama with random weights built from a config (no download)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     model.train()
@@ -68,8 +74,12 @@ class RankInterleavedSampler(torch.utils.data.Sampler):
 
 def ddp_loader(batch_size: int, n: int = 32, seed: int = 1) -> DataLoader:
     """For DDP comparisons: pair with Trainer(use_distributed_sampler=False)."""
-    return DataLoader(TokenDataset(n, seed), batch_size=batch_size, sampler=RankInterleavedSampler(n),
-                      collate_fn=default_data_collator)
+    return DataLoader(
+        TokenDataset(n, seed),
+        batch_size=batch_size,
+        sampler=RankInterleavedSampler(n),
+        collate_fn=default_data_collator,
+    )
 
 
 class LlamaModule(OptimizerMixin, L.LightningModule):
@@ -135,14 +145,25 @@ class AuxHeadLlama(LlamaModule):
 
 
 def flagged_ddp_loader(batch_size: int, n: int = 16) -> DataLoader:
-    return DataLoader(FlaggedTokenDataset(n), batch_size=batch_size, sampler=RankInterleavedSampler(n),
-                      collate_fn=default_data_collator)
+    return DataLoader(
+        FlaggedTokenDataset(n),
+        batch_size=batch_size,
+        sampler=RankInterleavedSampler(n),
+        collate_fn=default_data_collator,
+    )
 
 
 def lightning_trainer(max_steps: int, **kwargs) -> L.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)

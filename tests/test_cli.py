@@ -26,8 +26,16 @@ def test_one_config_per_seed_example():
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_config_runs_through_lightning_cli(tmp_path, config):
-    cli = main(["fit", "--config", str(config), "--trainer.max_steps=3",
-                f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=2"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps=3",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.limit_val_batches=2",
+        ]
+    )
     assert cli.trainer.global_step == 3
     spec_name = cli.model.optimizer_arguments.optim
     assert type(cli.trainer.optimizers[0]).__name__  # built from the YAML's settings
@@ -37,8 +45,16 @@ def test_config_runs_through_lightning_cli(tmp_path, config):
 
 
 def test_yaml_values_reach_the_optimizer(tmp_path):
-    cli = main(["fit", "--config", str(ROOT / "examples/configs/apollo_mini.yaml"), "--trainer.max_steps=1",
-                f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=0"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "examples/configs/apollo_mini.yaml"),
+            "--trainer.max_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.limit_val_batches=0",
+        ]
+    )
     args = cli.model.optimizer_arguments
     assert args.optim_target_modules == [".*.attn.*", ".*.mlp.*"]
     assert args.parsed_optim_args["scale_type"] == "tensor" and args.parsed_optim_args["rank"] == 1
@@ -49,13 +65,29 @@ def test_yaml_values_reach_the_optimizer(tmp_path):
 
 
 def test_optim_args_as_a_mapping_and_command_line_override(tmp_path):
-    cli = main(["fit", "--config", str(ROOT / "examples/configs/apollo.yaml"), "--trainer.max_steps=1",
-                f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=0",
-                '--model.optim_args={"rank": 2, "scale_type": "tensor"}'])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "examples/configs/apollo.yaml"),
+            "--trainer.max_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.limit_val_batches=0",
+            '--model.optim_args={"rank": 2, "scale_type": "tensor"}',
+        ]
+    )
     assert cli.model.optimizer_arguments.parsed_optim_args["rank"] == 2
-    cli = main(["fit", "--config", str(ROOT / "examples/configs/adamw.yaml"), "--trainer.max_steps=1",
-                f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=0",
-                "--model.optim=grokadamw"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "examples/configs/adamw.yaml"),
+            "--trainer.max_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.limit_val_batches=0",
+            "--model.optim=grokadamw",
+        ]
+    )
     assert type(cli.trainer.optimizers[0]).__name__ == "GrokAdamW"
 
 
@@ -63,15 +95,29 @@ def test_help_lists_settings_defaults_and_names(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--model.help", "lm.CausalLM"])
     out = capsys.readouterr().out
-    for text in ("--model.optim OPTIM", "default: adamw_torch_fused", "--model.optim_target_modules",
-                 "--model.max_grad_norm", "default: 1.0", "apollo_adamw", "schedule_free_radam", "adalomo"):
+    for text in (
+        "--model.optim OPTIM",
+        "default: adamw_torch_fused",
+        "--model.optim_target_modules",
+        "--model.max_grad_norm",
+        "default: 1.0",
+        "apollo_adamw",
+        "schedule_free_radam",
+        "adalomo",
+    ):
         assert text in out, text
 
 
 def test_bad_value_fails_with_our_message(capsys):
     with pytest.raises((SystemExit, ValueError)) as info:  # the CLI exits; given args= it raises instead
-        main(["fit", "--config", str(ROOT / "examples/configs/apollo_mini.yaml"),
-              "--model.optim_args=proj=random,rank=1,scaletype=tensor"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "examples/configs/apollo_mini.yaml"),
+                "--model.optim_args=proj=random,rank=1,scaletype=tensor",
+            ]
+        )
     text = capsys.readouterr().err + str(info.value)
     assert "unknown key 'scaletype' for apollo_adamw" in text and "did you mean 'scale_type'" in text
 
@@ -80,8 +126,17 @@ def test_lightning_cli_optimizer_flag_is_refused(tmp_path):
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     with pytest.raises(MisconfigurationException, match="--optimizer"):
-        main(["fit", "--config", str(ROOT / "examples/configs/adamw.yaml"), "--trainer.max_steps=1",
-              f"--trainer.logger.init_args.save_dir={tmp_path}", "--optimizer=torch.optim.SGD", "--optimizer.lr=0.1"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "examples/configs/adamw.yaml"),
+                "--trainer.max_steps=1",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--optimizer=torch.optim.SGD",
+                "--optimizer.lr=0.1",
+            ]
+        )
 
 
 def readme_command(step: str) -> str:
@@ -97,9 +152,13 @@ def test_readme_main_job_command_works_as_written(tmp_path):
     assert install.startswith("pip install torch==2.13.0 -e") and "[examples]" in install
     command = shlex.split(run)
     assert command[:2] == ["python", "examples/train.py"]
-    proc = subprocess.run([sys.executable, *command[1:], "--trainer.max_steps=5",
-                           f"--trainer.logger.init_args.save_dir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *command[1:], "--trainer.max_steps=5", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = re.search(r"^logs: (.+)$", proc.stdout, re.M)
     assert logs and Path(logs.group(1), "metrics.csv").exists()

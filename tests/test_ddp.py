@@ -28,8 +28,10 @@ class SaveRankWeights(Callback):
         self.folder = folder
 
     def on_fit_end(self, trainer, pl_module):
-        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
-                   f"{self.folder}/rank{trainer.global_rank}.pt")
+        torch.save(
+            {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+            f"{self.folder}/rank{trainer.global_rank}.pt",
+        )
 
 
 # with weight decay, a parameter that no process computed a gradient for would still move if it were "updated" with
@@ -42,9 +44,17 @@ def fit(name: str, devices: int, folder, strategy: str = "ddp_fork", unused: boo
     extra = UNUSED_EXTRA.get(name, {}) if unused else {}
     module = cls(model=tiny_llama(), optim=name, learning_rate=1e-2, **FAMILIES[name], **extra)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy if devices > 1 else "auto", max_steps=STEPS,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[SaveRankWeights(str(folder))],
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy if devices > 1 else "auto",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[SaveRankWeights(str(folder))],
         use_distributed_sampler=False,
     )
     data = flagged_ddp_loader if unused else ddp_loader

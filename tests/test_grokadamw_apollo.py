@@ -25,11 +25,18 @@ def test_grokadamw_equals_upstream_step_by_step(optim_args):
     ours_model, ref_model = tiny_llama(), tiny_llama()
     ours = create_optimizer(ours_model, args)
     # upstream, built the way transformers' Trainer builds it (same groups and kwargs)
-    groups = [{**{k: v for k, v in g.items() if k != "params"},
-               "params": [dict(ref_model.named_parameters())[n] for n, p in ours_model.named_parameters()
-                          if any(p is q for q in g["params"])]} for g in ours.param_groups]
-    ref = grokadamw.GrokAdamW(groups, **{k: v for k, v in ours.defaults.items()
-                                         if k not in ("grokking_signal_fns",)})
+    groups = [
+        {
+            **{k: v for k, v in g.items() if k != "params"},
+            "params": [
+                dict(ref_model.named_parameters())[n]
+                for n, p in ours_model.named_parameters()
+                if any(p is q for q in g["params"])
+            ],
+        }
+        for g in ours.param_groups
+    ]
+    ref = grokadamw.GrokAdamW(groups, **{k: v for k, v in ours.defaults.items() if k not in ("grokking_signal_fns",)})
     assert isinstance(ours, grokadamw.GrokAdamW) and type(ours) is GrokAdamW
     for step, batch in enumerate(loader()):
         for opt, model in ((ours, ours_model), (ref, ref_model)):
@@ -39,7 +46,7 @@ def test_grokadamw_equals_upstream_step_by_step(optim_args):
             opt.step()
             opt.zero_grad()
         for (n, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
-            torch.testing.assert_close(a, b, atol=1e-7, rtol=0, msg=lambda m: f"step {step} {n}: {m}")
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=0, msg=lambda m, step=step, n=n: f"step {step} {n}: {m}")
     # the state is in optimizer.state, on the parameter's device, and in the state_dict
     p = next(ours_model.parameters())
     assert ours.state[p]["exp_avg"].device == p.device and ours.state[p]["step"] == 8
@@ -69,8 +76,14 @@ class SignalSpy(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         group = trainer.optimizers[0].param_groups[0]
         cb = next(c for c in trainer.callbacks if isinstance(c, GrokkingSignalCallback))
-        self.seen.append((group.get("train_loss"), group.get("eval_loss"), cb.last_signal,
-                          float(trainer.callback_metrics["grokking_signal"])))
+        self.seen.append(
+            (
+                group.get("train_loss"),
+                group.get("eval_loss"),
+                cb.last_signal,
+                float(trainer.callback_metrics["grokking_signal"]),
+            )
+        )
 
 
 def test_grokking_signal_follows_the_logged_losses():
@@ -103,8 +116,13 @@ def test_grokking_signal_functions_are_used():
 def fit_with_checkpoints(name: str, tmp_path, ckpt_path=None, **kwargs):
     module = LlamaModule(model=tiny_llama(), optim=name, learning_rate=1e-2, **kwargs)
     dirpath = tmp_path / ("resumed" if ckpt_path else "full")
-    trainer = lightning_trainer(-1, max_epochs=3, limit_val_batches=1, enable_checkpointing=True,
-                                callbacks=[ModelCheckpoint(dirpath=dirpath, save_top_k=-1, filename="{epoch}")])
+    trainer = lightning_trainer(
+        -1,
+        max_epochs=3,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=dirpath, save_top_k=-1, filename="{epoch}")],
+    )
     trainer.fit(module, loader(n=16), loader(n=8), ckpt_path=ckpt_path)
     return module, dirpath
 
@@ -136,13 +154,13 @@ def test_upstream_apollo_checkpoint_needs_unpickling(tmp_path):
     model, upstream_model = tiny_llama(), tiny_llama()
     ours = create_optimizer(model, args)
     upstream = Upstream(create_optimizer(upstream_model, args).param_groups)
-    for opt, model in ((ours, model), (upstream, upstream_model)):
-        model(**next(iter(loader()))).loss.backward()
+    for opt, net in ((ours, model), (upstream, upstream_model)):
+        net(**next(iter(loader()))).loss.backward()
         opt.step()
         opt.zero_grad()
     torch.save(upstream.state_dict(), tmp_path / "upstream.pt")
     torch.save(ours.state_dict(), tmp_path / "ours.pt")
-    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+    with pytest.raises(Exception, match=r"weights_only|Unsupported global"):
         torch.load(tmp_path / "upstream.pt", weights_only=True)
     sd = torch.load(tmp_path / "ours.pt", weights_only=True)
     fresh = create_optimizer(tiny_llama(), args)
@@ -161,14 +179,16 @@ def test_checkpoint_naming_another_class_is_refused():
 
 
 def test_apollo_layerwise_refusals():
-    module = LlamaModule(model=tiny_llama(), optim="apollo_adamw_layerwise", optim_target_modules="all-linear",
-                         max_grad_norm=0.0)
+    module = LlamaModule(
+        model=tiny_llama(), optim="apollo_adamw_layerwise", optim_target_modules="all-linear", max_grad_norm=0.0
+    )
     with pytest.raises(MisconfigurationException, match="accumulate_grad_batches=2"):
         lightning_trainer(2, accumulate_grad_batches=2).fit(module, loader())
 
 
 def test_apollo_layerwise_hooks_removed_after_fit():
-    module = LlamaModule(model=tiny_llama(), optim="apollo_adamw_layerwise", optim_target_modules="all-linear",
-                         max_grad_norm=0.0)
+    module = LlamaModule(
+        model=tiny_llama(), optim="apollo_adamw_layerwise", optim_target_modules="all-linear", max_grad_norm=0.0
+    )
     lightning_trainer(2).fit(module, loader())
     assert all(not p._post_accumulate_grad_hooks for p in module.parameters())

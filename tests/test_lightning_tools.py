@@ -84,7 +84,7 @@ def test_backbone_finetuning_trains_the_unfrozen_backbone(name):
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     if isinstance(scheduler, ScheduledGroupsLambdaLR):  # the groups built with still follow the schedule
         built = [float(lr) for lr in scheduler.scheduled_lrs()]  # (torchao keeps lr as a tensor)
-        assert [float(g["lr"]) for g in optimizer.param_groups[:len(built)]] == pytest.approx(built)
+        assert [float(g["lr"]) for g in optimizer.param_groups[: len(built)]] == pytest.approx(built)
     if name.startswith(("lomo", "adalomo")):
         assert all(p.grad is None for p in module.parameters())  # updated in backward, as the rest
     if name == "apollo_adamw":  # the unfrozen target matrices are projected like the others
@@ -101,8 +101,11 @@ def test_frozen_parameters_are_in_no_group(name):
     from lightning_optims.arguments import OptimizerArguments
 
     model = tiny_llama()
-    frozen = [model.model.embed_tokens.weight, model.model.layers[0].self_attn.q_proj.weight,
-              model.model.layers[1].input_layernorm.weight]
+    frozen = [
+        model.model.embed_tokens.weight,
+        model.model.layers[0].self_attn.q_proj.weight,
+        model.model.layers[1].input_layernorm.weight,
+    ]
     for p in frozen:
         p.requires_grad_(False)
     optimizer = create_optimizer(model, OptimizerArguments(**settings(name)))
@@ -178,8 +181,7 @@ class FirstAppliedLr(Callback):
 def test_tuner_lr_find_suggestion_is_the_lr_trained_with(tmp_path, name):
     module = HparamsModule(**settings(name, learning_rate=1e-5, lr_scheduler_type="constant"))
     trainer = lightning_trainer(-1, max_epochs=1, default_root_dir=tmp_path)
-    finder = Tuner(trainer).lr_find(module, train_dataloaders=loader(n=128), num_training=30, min_lr=1e-5,
-                                    max_lr=1.0)
+    finder = Tuner(trainer).lr_find(module, train_dataloaders=loader(n=128), num_training=30, min_lr=1e-5, max_lr=1.0)
     suggestion = finder.suggestion()
     assert suggestion is not None and suggestion != 1e-5
     assert module.learning_rate == suggestion == module.hparams.learning_rate
@@ -234,8 +236,14 @@ def test_every_scheduler_trains_under_lightning(scheduler):
 
     warmup = 0 if scheduler in ("constant", "reduce_lr_on_plateau", "greedy") else 2
     kwargs = SCHEDULER_KWARGS.get(scheduler)
-    module = LlamaModule(model=tiny_llama(), optim="adamw_torch", learning_rate=1e-2, lr_scheduler_type=scheduler,
-                         lr_scheduler_kwargs=kwargs, warmup_steps=warmup)
+    module = LlamaModule(
+        model=tiny_llama(),
+        optim="adamw_torch",
+        learning_rate=1e-2,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=kwargs,
+        warmup_steps=warmup,
+    )
     applied, losses = FirstAppliedLr(), ValLosses()
     trainer = lightning_trainer(-1, max_epochs=3, limit_val_batches=2, callbacks=[applied, losses])
     trainer.fit(module, loader(n=16), loader(n=8, seed=2))
@@ -247,8 +255,9 @@ def test_every_scheduler_trains_under_lightning(scheduler):
         assert len(losses.losses) == 3
     else:  # stepped after every optimizer step: the applied lrs are transformers' schedule
         reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
-        ref = get_scheduler(scheduler, reference, num_warmup_steps=warmup, num_training_steps=12,
-                            scheduler_specific_kwargs=kwargs)
+        ref = get_scheduler(
+            scheduler, reference, num_warmup_steps=warmup, num_training_steps=12, scheduler_specific_kwargs=kwargs
+        )
         expected = []
         for _ in range(12):
             expected.append(reference.param_groups[0]["lr"])
@@ -260,15 +269,17 @@ def test_every_scheduler_trains_under_lightning(scheduler):
 @pytest.mark.parametrize("scheduler", ["reduce_lr_on_plateau", "greedy"])
 def test_metric_schedulers_without_validation_are_refused(scheduler):
     module = LlamaModule(model=tiny_llama(), optim="adamw_torch", lr_scheduler_type=scheduler)
-    with pytest.raises(MisconfigurationException, match=f"lr_scheduler_type='{scheduler}' steps on the logged "
-                                                        "'val_loss'.*runs no validation"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=f"lr_scheduler_type='{scheduler}' steps on the logged 'val_loss'.*runs no validation",
+    ):
         lightning_trainer(1).fit(module, loader())
 
 
 def test_schedulers_that_transformers_cannot_build_are_refused_with_the_settings():
-    with pytest.raises(OptimizerSettingError, match="lr_scheduler_type='cosine_with_min_lr'.*min_lr"):
+    with pytest.raises(OptimizerSettingError, match=r"lr_scheduler_type='cosine_with_min_lr'.*min_lr"):
         LlamaModule(model=tiny_llama(), lr_scheduler_type="cosine_with_min_lr")
-    with pytest.raises(OptimizerSettingError, match="lr_scheduler_type='warmup_stable_decay'.*num_decay_steps"):
+    with pytest.raises(OptimizerSettingError, match=r"lr_scheduler_type='warmup_stable_decay'.*num_decay_steps"):
         LlamaModule(model=tiny_llama(), lr_scheduler_type="warmup_stable_decay")
 
 
@@ -279,8 +290,11 @@ def test_schedulers_that_transformers_cannot_build_are_refused_with_the_settings
 def test_gradient_accumulation_scheduler_is_refused_for_in_backward_optimizers(name):
     module = LlamaModule(model=tiny_llama(), **settings(name))
     callback = GradientAccumulationScheduler(scheduling={1: 2})
-    with pytest.raises(MisconfigurationException, match=r"GradientAccumulationScheduler\(scheduling=\{1: 2\}\) "
-                                                        f"cannot work with optim='{name}'"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"GradientAccumulationScheduler\(scheduling=\{1: 2\}\) "
+        f"cannot work with optim='{name}'",
+    ):
         lightning_trainer(1, callbacks=[callback]).fit(module, loader())
 
 
@@ -335,8 +349,12 @@ def test_ema_weight_averaging_leaves_the_average(name):
 def test_learning_rate_monitor_logs_the_applied_lr(tmp_path, name):
     module = LlamaModule(model=tiny_llama(), **settings(name, lr_scheduler_type="linear"))
     applied = FirstAppliedLr()
-    trainer = lightning_trainer(6, logger=CSVLogger(tmp_path), log_every_n_steps=1,
-                                callbacks=[LearningRateMonitor(logging_interval="step"), applied])
+    trainer = lightning_trainer(
+        6,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        callbacks=[LearningRateMonitor(logging_interval="step"), applied],
+    )
     trainer.fit(module, loader())
     import csv
 
@@ -423,13 +441,19 @@ def test_manual_optimization_trains_with_the_schedule(name):
 
 def test_manual_optimization_refuses_max_grad_norm_and_a_schedule_never_stepped():
     module = ManualModule(optim="adamw_torch", learning_rate=1e-2)  # max_grad_norm=1.0 by default
-    with pytest.raises(MisconfigurationException, match=r"max_grad_norm=1.0 with manual optimization.*"
-                                                        r"self.clip_gradients\(opt, gradient_clip_val=1.0"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"max_grad_norm=1.0 with manual optimization.*"
+        r"self.clip_gradients\(opt, gradient_clip_val=1.0",
+    ):
         lightning_trainer(1).fit(module, loader())
     module = ManualModule(step_scheduler=False, optim="adamw_torch", learning_rate=1e-2, max_grad_norm=0.0)
     trainer = lightning_trainer(4)
-    with pytest.raises(MisconfigurationException, match=r"stepped 0 times in 1 optimizer steps.*"
-                                                        r"self.lr_schedulers\(\).step\(\)"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"stepped 0 times in 1 optimizer steps.*"
+        r"self.lr_schedulers\(\).step\(\)",
+    ):
         trainer.fit(module, loader())
     assert trainer.global_step == 1  # refused after the first step, which used the first scheduled lr
 
@@ -442,7 +466,7 @@ OVERRIDES = {
     "configure_optimizers": "def configure_optimizers(self):\n    return torch.optim.SGD(self.parameters(), lr=0.1)",
     "configure_callbacks": "def configure_callbacks(self):\n    return []",
     "configure_gradient_clipping": "def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, "
-                                   "gradient_clip_algorithm=None):\n    pass",
+    "gradient_clip_algorithm=None):\n    pass",
     "backward": "def backward(self, loss, *args, **kwargs):\n    loss.backward()",
     "setup": "def setup(self, stage):\n    self.ready = True",
     "on_save_checkpoint": "def on_save_checkpoint(self, checkpoint):\n    checkpoint['mine'] = 1",
@@ -455,8 +479,8 @@ WITH_SUPER = {
     "configure_optimizers": "def configure_optimizers(self):\n    return super().configure_optimizers()",
     "configure_callbacks": "def configure_callbacks(self):\n    return [*super().configure_callbacks()]",
     "configure_gradient_clipping": "def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, "
-                                   "gradient_clip_algorithm=None):\n    super().configure_gradient_clipping("
-                                   "optimizer, gradient_clip_val, gradient_clip_algorithm)",
+    "gradient_clip_algorithm=None):\n    super().configure_gradient_clipping("
+    "optimizer, gradient_clip_val, gradient_clip_algorithm)",
     "backward": "def backward(self, loss, *args, **kwargs):\n    super().backward(loss, *args, **kwargs)",
     "setup": "def setup(self, stage):\n    super().setup(stage)\n    self.ready = True",
     "on_save_checkpoint": "def on_save_checkpoint(self, checkpoint):\n    super().on_save_checkpoint(checkpoint)",
@@ -479,8 +503,11 @@ def test_a_hook_overridden_without_super_is_refused_when_fit_starts(hook):
     module = _subclass(hook, with_super=False)(model=tiny_llama(), optim="lomo", max_grad_norm=0.0)
     before = module.model.lm_head.weight.detach().clone()
     trainer = lightning_trainer(2)
-    with pytest.raises(MisconfigurationException, match=rf"Override_{hook}\.{hook} overrides a hook that "
-                                                        rf"OptimizerMixin implements, without calling super\(\)\.{hook}"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=rf"Override_{hook}\.{hook} overrides a hook that "
+        rf"OptimizerMixin implements, without calling super\(\)\.{hook}",
+    ):
         trainer.fit(module, loader())
     assert trainer.global_step == 0 and torch.equal(before, module.model.lm_head.weight)
 

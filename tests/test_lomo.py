@@ -21,16 +21,18 @@ from tests.test_parity_transformers import cuda_calls_neutralised
 STEPS, BATCH = 6, 4
 
 
-def reference_run(name: str, lr: float, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
-                  checkpointing: bool = False):
+def reference_run(
+    name: str, lr: float, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0, checkpointing: bool = False
+):
     """A hand-written lomo_optim loop over the same batches (AdaLomo's .cuda() neutralised on this CPU)."""
     model = tiny_llama()
     if checkpointing:
         model.gradient_checkpointing_enable()
     cls = lomo_optim.AdaLomo if name == "adalomo" else lomo_optim.Lomo
     with cuda_calls_neutralised():
-        opt = cls(model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
-                  weight_decay=weight_decay)
+        opt = cls(
+            model, lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value, weight_decay=weight_decay
+        )
     for i, batch in enumerate(loader(BATCH)):
         if i == STEPS:
             break
@@ -42,8 +44,14 @@ def reference_run(name: str, lr: float, clip_grad_norm=None, clip_grad_value=Non
 
 
 def our_run(name: str, lr: float, max_grad_norm=0.0, optim_args=None, model=None, **trainer_kwargs):
-    module = LlamaModule(model=model or tiny_llama(), optim=name, learning_rate=lr, lr_scheduler_type="constant",
-                         max_grad_norm=max_grad_norm, optim_args=optim_args)
+    module = LlamaModule(
+        model=model or tiny_llama(),
+        optim=name,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=max_grad_norm,
+        optim_args=optim_args,
+    )
     lightning_trainer(STEPS, **trainer_kwargs).fit(module, loader(BATCH))
     return module
 
@@ -51,7 +59,7 @@ def our_run(name: str, lr: float, max_grad_norm=0.0, optim_args=None, model=None
 def assert_same_weights(ours: nn.Module, reference: nn.Module, atol: float = 1e-6) -> None:
     ref = reference.state_dict()
     for key, value in ours.state_dict().items():
-        torch.testing.assert_close(value, ref[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(value, ref[key], atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
 CASES = [
@@ -99,8 +107,9 @@ class ConstantGradient(OptimizerMixin, L.LightningModule):
 
 def test_applied_lr_follows_warmup_cosine():
     steps = 20
-    module = ConstantGradient(optim="lomo", learning_rate=0.1, lr_scheduler_type="cosine", warmup_steps=5,
-                              max_grad_norm=0.0)
+    module = ConstantGradient(
+        optim="lomo", learning_rate=0.1, lr_scheduler_type="cosine", warmup_steps=5, max_grad_norm=0.0
+    )
     lightning_trainer(steps).fit(module)
     # the expected schedule, from transformers' own scheduler on a dummy optimizer
     dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
@@ -133,11 +142,18 @@ def test_state_dict_carries_adalomo_state():
 @pytest.mark.parametrize("name", ["lomo", "adalomo"])
 def test_resume_equals_uninterrupted(tmp_path, name):
     def run(ckpt_path=None, dirpath=None):
-        module = LlamaModule(model=tiny_llama(), optim=name, learning_rate=1e-2, lr_scheduler_type="cosine",
-                             warmup_steps=2, max_grad_norm=1.0)
+        module = LlamaModule(
+            model=tiny_llama(),
+            optim=name,
+            learning_rate=1e-2,
+            lr_scheduler_type="cosine",
+            warmup_steps=2,
+            max_grad_norm=1.0,
+        )
         cb = [ModelCheckpoint(dirpath=dirpath, save_top_k=-1, filename="{epoch}")] if dirpath else []
         lightning_trainer(-1, max_epochs=3, enable_checkpointing=bool(dirpath), callbacks=cb).fit(
-            module, loader(BATCH, n=16), ckpt_path=ckpt_path)
+            module, loader(BATCH, n=16), ckpt_path=ckpt_path
+        )
         return module
 
     full = run(dirpath=tmp_path)
@@ -184,10 +200,13 @@ def test_plain_torch_checkpoint(name):
         torch.testing.assert_close(weights[1][key], weights[0][key], atol=1e-7, rtol=0)
 
 
-@pytest.mark.parametrize("trainer_kwargs, message", [
-    (dict(accumulate_grad_batches=2), "accumulate_grad_batches=2"),
-    (dict(gradient_clip_val=0.5), "max_grad_norm"),
-])
+@pytest.mark.parametrize(
+    "trainer_kwargs, message",
+    [
+        (dict(accumulate_grad_batches=2), "accumulate_grad_batches=2"),
+        (dict(gradient_clip_val=0.5), "max_grad_norm"),
+    ],
+)
 def test_refused_at_setup(trainer_kwargs, message):
     module = LlamaModule(model=tiny_llama(), optim="lomo", max_grad_norm=0.0)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -209,14 +228,16 @@ def test_non_finite_gradient_stops_with_the_step_named(name, max_grad_norm):
 
 
 def test_hooks_removed_after_fit_and_second_fit_works():
-    module = LlamaModule(model=tiny_llama(), optim="lomo", learning_rate=1e-2, lr_scheduler_type="constant",
-                         max_grad_norm=0.0)
+    module = LlamaModule(
+        model=tiny_llama(), optim="lomo", learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0
+    )
     lightning_trainer(3).fit(module, loader())
     assert all(not p._post_accumulate_grad_hooks for p in module.parameters())
     after_first = {k: v.clone() for k, v in module.state_dict().items()}
     lightning_trainer(3).fit(module, loader())  # a second fit: one update per step, not two
-    reference = LlamaModule(model=tiny_llama(), optim="lomo", learning_rate=1e-2, lr_scheduler_type="constant",
-                            max_grad_norm=0.0)
+    reference = LlamaModule(
+        model=tiny_llama(), optim="lomo", learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0
+    )
     reference.load_state_dict(after_first)
     opt = Lomo(reference.model, lr=1e-2)
     for i, batch in enumerate(loader()):
@@ -257,8 +278,9 @@ def test_per_parameter_mode_frees_each_gradient_during_backward():
 def test_fp16_dynamic_loss_scaling_skips_overflowed_steps():
     """16-true: fp16 weights and gradients. The first scales overflow the fp16 gradients: those steps are skipped
     with a warning and the scale halves, then training proceeds; the scaler's state is in the state_dict."""
-    module = LlamaModule(model=tiny_llama(), optim="lomo", learning_rate=1e-2, max_grad_norm=1.0,
-                         optim_args={"init_loss_scale": 2.0**24})
+    module = LlamaModule(
+        model=tiny_llama(), optim="lomo", learning_rate=1e-2, max_grad_norm=1.0, optim_args={"init_loss_scale": 2.0**24}
+    )
     before = {k: v.clone().half() for k, v in module.model.state_dict().items()}
     with pytest.warns(UserWarning, match="gradient overflow at fused step 1: step skipped, loss scale 1.67772e"):
         lightning_trainer(16, precision="16-true").fit(module, loader(n=64))

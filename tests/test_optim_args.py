@@ -11,8 +11,14 @@ from lightning_optims.optim_args import parse_optim_args
 
 APOLLO = get_spec("apollo_adamw").arguments
 KEYS = [a.name for a in APOLLO] + ["rnak", "", "x"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.sampled_from(["channel", "tensor", "random", "svd", "True", "1e3"]))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(["channel", "tensor", "random", "svd", "True", "1e3"]),
+)
 
 
 def check_typed(parsed: dict) -> None:
@@ -43,18 +49,36 @@ def test_mapping_input_is_typed_or_refused(mapping):
     check_typed(parsed)
 
 
-field_values = st.one_of(scalars, st.lists(st.text(max_size=5), max_size=2), st.dictionaries(st.text(max_size=5), scalars, max_size=2))
+field_values = st.one_of(
+    scalars, st.lists(st.text(max_size=5), max_size=2), st.dictionaries(st.text(max_size=5), scalars, max_size=2)
+)
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    optim=st.one_of(st.sampled_from(["adamw_torch", "apollo_adamw", "sgd", "grokadamw", "schedule_free_adamw", "lomo"]),
-                    st.text(max_size=8)),
+    optim=st.one_of(
+        st.sampled_from(["adamw_torch", "apollo_adamw", "sgd", "grokadamw", "schedule_free_adamw", "lomo"]),
+        st.text(max_size=8),
+    ),
     overrides=st.dictionaries(
-        st.sampled_from(["optim_args", "optim_target_modules", "learning_rate", "weight_decay", "adam_beta1",
-                         "adam_beta2", "adam_epsilon", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
-                         "max_grad_norm"]),
-        field_values, max_size=4),
+        st.sampled_from(
+            [
+                "optim_args",
+                "optim_target_modules",
+                "learning_rate",
+                "weight_decay",
+                "adam_beta1",
+                "adam_beta2",
+                "adam_epsilon",
+                "lr_scheduler_type",
+                "lr_scheduler_kwargs",
+                "warmup_steps",
+                "max_grad_norm",
+            ]
+        ),
+        field_values,
+        max_size=4,
+    ),
 )
 def test_settings_are_accepted_or_refused_with_our_error(optim, overrides):
     try:
@@ -63,12 +87,15 @@ def test_settings_are_accepted_or_refused_with_our_error(optim, overrides):
         pass
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("rank=1, scale=128.0 ,scale_type=tensor", {"rank": 1, "scale": 128.0, "scale_type": "tensor"}),
-    ("rank=1,", {"rank": 1}),
-    ("", {}),
-    ("update_proj_gap=1e3", {"update_proj_gap": 1000}),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("rank=1, scale=128.0 ,scale_type=tensor", {"rank": 1, "scale": 128.0, "scale_type": "tensor"}),
+        ("rank=1,", {"rank": 1}),
+        ("", {}),
+        ("update_proj_gap=1e3", {"update_proj_gap": 1000}),
+    ],
+)
 def test_string_forms(text, expected):
     parsed = parse_optim_args(text, APOLLO, "apollo_adamw")
     for key, value in expected.items():

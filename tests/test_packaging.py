@@ -39,8 +39,12 @@ def _imported_top_level_modules() -> set[str]:
                 names.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args \
-                    and isinstance(node.args[0], ast.Constant):
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", "") == "import_module"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 names.add(node.args[0].value.split(".")[0])
     for name in registered_names():
         spec = get_spec(name)
@@ -56,8 +60,11 @@ def _distribution(module: str) -> str:
 
 def test_required_dependencies_are_exactly_what_the_library_imports():
     required = {r.name.lower().replace("_", "-") for r in _requirements()}
-    optional = {r.name.lower().replace("_", "-") for extra in ("galore", "optimi", "torchao", "bitsandbytes")
-                for r in _requirements(extra)}
+    optional = {
+        r.name.lower().replace("_", "-")
+        for extra in ("galore", "optimi", "torchao", "bitsandbytes")
+        for r in _requirements(extra)
+    }
     imported = {_distribution(m) for m in _imported_top_level_modules()}
     assert required <= imported, f"required but never imported: {sorted(required - imported)}"
     missing = imported - required - optional
@@ -72,8 +79,11 @@ def test_test_only_packages_are_not_required():
 # the lowest version of each requirement the library is known to need, and why (a floor below it would install
 # a version that breaks); the floors in pyproject.toml are the versions the suite ran on when they were set
 KNOWN_NEEDS = {
-    "transformers": ("5.0", "TrainingArguments.warmup_steps as a float ratio (4.x has warmup_ratio), used by "
-                            "from_training_arguments; SchedulerType.GREEDY"),
+    "transformers": (
+        "5.0",
+        "TrainingArguments.warmup_steps as a float ratio (4.x has warmup_ratio), used by "
+        "from_training_arguments; SchedulerType.GREEDY",
+    ),
     "lightning": ("2.6", "lightning.pytorch.callbacks.WeightAveraging, checked against schedule-free"),
     "torch": ("2.13", "the only torch this suite runs on (pinned CPU build)"),
     "typing-extensions": ("4.4", "typing_extensions.override"),

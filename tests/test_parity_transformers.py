@@ -157,8 +157,17 @@ def test_rmsprop_bnb_optim_args_are_typed(tmp_path):
     assert ours.defaults["betas"] == (0.9, 0.5)  # bitsandbytes keeps (alpha, momentum) as betas
 
 
-@pytest.mark.parametrize("target_modules", ["all-linear", "all_linear", r".*\.mlp\..*", ["q_proj", "down_proj"],
-                                            ["model.layers.0.self_attn.v_proj"], [r"model\.layers\.1\..*"]])
+@pytest.mark.parametrize(
+    "target_modules",
+    [
+        "all-linear",
+        "all_linear",
+        r".*\.mlp\..*",
+        ["q_proj", "down_proj"],
+        ["model.layers.0.self_attn.v_proj"],
+        [r"model\.layers\.1\..*"],
+    ],
+)
 def test_target_module_matching_matches_trainer(tmp_path, target_modules):
     ta = training_arguments(tmp_path, "apollo_adamw", optim_target_modules=target_modules)
     hf_model, our_model = tiny_llama(), tiny_llama()
@@ -169,14 +178,27 @@ def test_target_module_matching_matches_trainer(tmp_path, target_modules):
 
 @pytest.mark.parametrize(
     "scheduler, kwargs, warmup",
-    [("linear", None, 3), ("cosine", {"num_cycles": 0.25}, 0.2), ("constant", None, 0),
-     ("constant_with_warmup", None, 0.3), ("polynomial", {"power": 2.0, "lr_end": 1e-5}, 2),
-     ("cosine_with_min_lr", {"min_lr_rate": 0.1}, 0.1), ("inverse_sqrt", None, 2)],
+    [
+        ("linear", None, 3),
+        ("cosine", {"num_cycles": 0.25}, 0.2),
+        ("constant", None, 0),
+        ("constant_with_warmup", None, 0.3),
+        ("polynomial", {"power": 2.0, "lr_end": 1e-5}, 2),
+        ("cosine_with_min_lr", {"min_lr_rate": 0.1}, 0.1),
+        ("inverse_sqrt", None, 2),
+    ],
 )
 def test_scheduler_matches_trainer(tmp_path, scheduler, kwargs, warmup):
-    ta = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, optim="adamw_torch", report_to=[],
-                           learning_rate=1e-2, lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs,
-                           warmup_steps=warmup)
+    ta = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        optim="adamw_torch",
+        report_to=[],
+        learning_rate=1e-2,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=kwargs,
+        warmup_steps=warmup,
+    )
     steps = 20
     hf = Trainer(model=tiny_llama(), args=ta)
     hf.create_optimizer_and_scheduler(num_training_steps=steps)
@@ -198,17 +220,38 @@ class _SequentialTrainer(Trainer):
         return SequentialSampler(self.train_dataset)
 
 
-TRAINING_PARITY = ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "rmsprop", "apollo_adamw", "grokadamw",
-                   "apollo_adamw_layerwise", "galore_adamw_layerwise",
-                   "galore_adamw", "stable_adamw", "lion_32bit", "lomo", "schedule_free_adamw", "schedule_free_sgd"]
+TRAINING_PARITY = [
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
+    "rmsprop",
+    "apollo_adamw",
+    "grokadamw",
+    "apollo_adamw_layerwise",
+    "galore_adamw_layerwise",
+    "galore_adamw",
+    "stable_adamw",
+    "lion_32bit",
+    "lomo",
+    "schedule_free_adamw",
+    "schedule_free_sgd",
+]
 
 
 @pytest.mark.slow
 def test_trainer_layerwise_ignores_the_schedule(tmp_path):
     """The fault documented above: after Trainer.train() the inner optimizers still have the initial lr, and no
     scheduler hook was registered (ours follow the schedule: tests/test_grokadamw_apollo.py)."""
-    ta = training_arguments(tmp_path, "apollo_adamw_layerwise", max_steps=3, per_device_train_batch_size=4,
-                            save_strategy="no", lr_scheduler_type="linear", warmup_steps=2)
+    ta = training_arguments(
+        tmp_path,
+        "apollo_adamw_layerwise",
+        max_steps=3,
+        per_device_train_batch_size=4,
+        save_strategy="no",
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+    )
     model = tiny_llama()
     trainer = _SequentialTrainer(model=model, args=ta, train_dataset=TokenDataset())
     trainer.train()
@@ -225,8 +268,17 @@ def test_training_matches_trainer(tmp_path, name):
     # transformers' layer-wise optimizers ignore the schedule (the Trainer builds it on accelerate's wrapper, which
     # hides the LayerWiseDummyOptimizer from get_scheduler): compare them where that makes no difference
     schedule = dict(lr_scheduler_type="constant", warmup_steps=0) if get_spec(name).layerwise else {}
-    ta = training_arguments(tmp_path, name, max_steps=steps, per_device_train_batch_size=batch, logging_steps=100,
-                            save_strategy="no", seed=0, dataloader_drop_last=False, **schedule)
+    ta = training_arguments(
+        tmp_path,
+        name,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        logging_steps=100,
+        save_strategy="no",
+        seed=0,
+        dataloader_drop_last=False,
+        **schedule,
+    )
     hf_model = tiny_llama()
     hf_trainer = _SequentialTrainer(model=hf_model, args=ta, train_dataset=TokenDataset())
     hf_trainer.train()
@@ -241,8 +293,9 @@ def test_training_matches_trainer(tmp_path, name):
     for key, value in hf_model.state_dict().items():
         torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=lambda m: f"{name} {key}: {m}")
     # the run moved the weights: equal weights are not just the initial ones
-    assert not torch.allclose(tiny_llama().state_dict()["model.layers.0.mlp.up_proj.weight"],
-                              ours["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.allclose(
+        tiny_llama().state_dict()["model.layers.0.mlp.up_proj.weight"], ours["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def test_lomo_max_grad_norm_takes_effect_here_not_in_the_trainer(tmp_path):

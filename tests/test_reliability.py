@@ -25,8 +25,9 @@ def require_usable(name: str) -> None:
 
 
 def test_every_registered_name_is_covered_or_listed():
-    print("\nreliability matrix: usable here:", len(USABLE), "| skipped (package or device missing):",
-          SKIPPED or "none")
+    print(
+        "\nreliability matrix: usable here:", len(USABLE), "| skipped (package or device missing):", SKIPPED or "none"
+    )
     assert set(USABLE) | set(SKIPPED) == {r.name for r in ROWS}
 
 
@@ -63,8 +64,9 @@ def test_resume_from_epoch_boundary_equals_uninterrupted(tmp_path, name):
     resumed, trainer = fit(name, ckpt_path=str(path))  # a new module and a new Trainer
     assert trainer.global_step == full.trainer.global_step
     for key, value in full.model.state_dict().items():
-        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0,
-                                   msg=lambda m: f"{name} {key}: {m}")
+        torch.testing.assert_close(
+            resumed.model.state_dict()[key], value, atol=1e-6, rtol=0, msg=lambda m, key=key: f"{name} {key}: {m}"
+        )
     # the fits moved the weights, and left no gradient hook behind
     assert not torch.equal(full.model.state_dict()["lm_head.weight"], tiny_llama().state_dict()["lm_head.weight"])
     assert all(not p._post_accumulate_grad_hooks for p in [*full.parameters(), *resumed.parameters()])
@@ -111,7 +113,8 @@ def test_changing_learning_rate_on_resume_is_applied(tmp_path, name):
         spies[lr] = LrSpy()
         module = LlamaModule(model=tiny_llama(), **settings(name, learning_rate=lr, lr_scheduler_type="linear"))
         lightning_trainer(-1, max_epochs=2, callbacks=[spies[lr]]).fit(
-            module, loader(n=16), ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+            module, loader(n=16), ckpt_path=str(tmp_path / "epoch=0.ckpt")
+        )
     # the same point of the same schedule, at half the peak learning rate
     assert spies[5e-3].lrs == pytest.approx([x / 2 for x in spies[1e-2].lrs])
     assert spies[1e-2].lrs[0] > 0
@@ -119,8 +122,9 @@ def test_changing_learning_rate_on_resume_is_applied(tmp_path, name):
 
 def test_loading_weights_into_another_optim_is_allowed(tmp_path):
     fit("adamw_torch", ckpt_dir=tmp_path, epochs=1)
-    module = LlamaModule.load_from_checkpoint(tmp_path / "epoch=0.ckpt", model=tiny_llama(), optim="grokadamw",
-                                              weights_only=True)
+    module = LlamaModule.load_from_checkpoint(
+        tmp_path / "epoch=0.ckpt", model=tiny_llama(), optim="grokadamw", weights_only=True
+    )
     assert module.optimizer_arguments.optim == "grokadamw"
 
 
@@ -164,8 +168,9 @@ class InterruptInValidation(Callback):
 @pytest.mark.parametrize("exception", [KeyboardInterrupt(), RuntimeError("boom")], ids=["interrupt", "error"])
 def test_exception_in_validation_leaves_a_consistent_state(name, exception):
     module = LlamaModule(model=tiny_llama(), **settings(name))
-    trainer = lightning_trainer(6, limit_val_batches=2, val_check_interval=2,
-                                callbacks=[InterruptInValidation(exception)])
+    trainer = lightning_trainer(
+        6, limit_val_batches=2, val_check_interval=2, callbacks=[InterruptInValidation(exception)]
+    )
     # Lightning turns a KeyboardInterrupt into SystemExit(1) after its on_exception hooks
     with pytest.raises(SystemExit if isinstance(exception, KeyboardInterrupt) else RuntimeError):
         trainer.fit(module, loader(), loader())

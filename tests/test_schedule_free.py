@@ -87,8 +87,14 @@ def make_module(variant: str, batch_norm: bool = False) -> L.LightningModule:
     if variant == "user_built":
         return UserBuiltModule(batch_norm)
     warmup = 0 if variant == "schedule_free_radam" else 2
-    return MixinModule(batch_norm, optim=variant, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=warmup,
-                       max_grad_norm=0.0)
+    return MixinModule(
+        batch_norm,
+        optim=variant,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=warmup,
+        max_grad_norm=0.0,
+    )
 
 
 def reference_optimizer(variant: str, model: nn.Module):
@@ -127,8 +133,14 @@ def reference_run(variant: str, epochs: int, val_every: int | None, n: int = 64)
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=str(tmp_path))
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
@@ -147,14 +159,13 @@ class SaveAt(Callback):
 def assert_weights(actual: dict, expected: dict, atol: float = 1e-6) -> None:
     assert actual.keys() >= expected.keys()
     for key, value in expected.items():
-        torch.testing.assert_close(actual[key], value, atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(actual[key], value, atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_mode_in_every_phase_and_checkpoint(tmp_path, variant):
     module = make_module(variant)
-    every_3 = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=3, save_top_k=-1,
-                              filename="{step}")
+    every_3 = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=3, save_top_k=-1, filename="{step}")
     on_val = ModelCheckpoint(dirpath=tmp_path / "val", save_top_k=-1, filename="{step}-val")
     callbacks = [every_3, on_val, SaveAt(5, str(tmp_path / "manual-step=5.ckpt"))]
     if variant == "user_built":
@@ -193,11 +204,14 @@ def test_checkpoints_do_not_change_the_trajectory(tmp_path, variant):
     runs = []
     for ckpt in (False, True):
         module = make_module(variant)
-        callbacks = [ModelCheckpoint(dirpath=tmp_path / str(ckpt), every_n_train_steps=1, save_top_k=-1)] if ckpt else []
+        callbacks = (
+            [ModelCheckpoint(dirpath=tmp_path / str(ckpt), every_n_train_steps=1, save_top_k=-1)] if ckpt else []
+        )
         if variant == "user_built":
             callbacks.append(ScheduleFreeCallback())
         trainer(tmp_path, max_epochs=2, limit_val_batches=0, enable_checkpointing=ckpt, callbacks=callbacks).fit(
-            module, loader())
+            module, loader()
+        )
         runs.append(module.net.state_dict())
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key
@@ -218,7 +232,8 @@ def test_resume_equals_uninterrupted(tmp_path, variant, with_validation):
 
     resumed = make_module(variant)  # fresh module, fresh Trainer
     trainer(tmp_path, max_epochs=3, callbacks=callbacks(tmp_path / "resumed"), **limit).fit(
-        resumed, loader(), ckpt_path=str(tmp_path / "full" / "epoch=0.ckpt"), **val)
+        resumed, loader(), ckpt_path=str(tmp_path / "full" / "epoch=0.ckpt"), **val
+    )
     for key, value in full.net.state_dict().items():
         assert torch.equal(resumed.net.state_dict()[key], value), key  # bit-exact
 
@@ -226,22 +241,26 @@ def test_resume_equals_uninterrupted(tmp_path, variant, with_validation):
 def test_resume_without_stored_train_weights_is_close(tmp_path):
     """exact_resume=False: the train point is re-derived from the averaged one (equal up to rounding)."""
     full = make_module("schedule_free_adamw")
-    cbs = lambda d: [ModelCheckpoint(dirpath=d, save_top_k=-1, filename="{epoch}"),  # noqa: E731
-                     ScheduleFreeCallback(exact_resume=False)]
+
+    def cbs(d):
+        return [ModelCheckpoint(dirpath=d, save_top_k=-1, filename="{epoch}"), ScheduleFreeCallback(exact_resume=False)]
+
     trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=cbs(tmp_path / "a")).fit(full, loader())
     ckpt = torch.load(tmp_path / "a" / "epoch=0.ckpt", weights_only=True)
     assert "train_weights" not in str(ckpt["callbacks"])
     resumed = make_module("schedule_free_adamw")
     trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=cbs(tmp_path / "b")).fit(
-        resumed, loader(), ckpt_path=str(tmp_path / "a" / "epoch=0.ckpt"))
+        resumed, loader(), ckpt_path=str(tmp_path / "a" / "epoch=0.ckpt")
+    )
     for key, value in full.net.state_dict().items():
         torch.testing.assert_close(resumed.net.state_dict()[key], value, atol=1e-5, rtol=0)
 
 
 def test_standalone_test_after_fit_sees_averaged_weights(tmp_path):
     module = make_module("schedule_free_adamw")
-    trainer(tmp_path, max_epochs=1, limit_val_batches=0,
-            callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")]).fit(module, loader())
+    trainer(
+        tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")]
+    ).fit(module, loader())
     ref_model, _ = reference_run("schedule_free_adamw", epochs=1, val_every=None)
     loaded = MixinModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     assert_weights(loaded.net.state_dict(), ref_model.state_dict())
@@ -252,8 +271,9 @@ def test_standalone_test_after_fit_sees_averaged_weights(tmp_path):
 
 def test_batch_norm_recalibration(tmp_path):
     module = make_module("schedule_free_adamw", batch_norm=True)
-    trainer(tmp_path, max_epochs=1, limit_val_batches=0,
-            callbacks=[ScheduleFreeCallback(bn_recalibration_batches=3)]).fit(module, loader())
+    trainer(
+        tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[ScheduleFreeCallback(bn_recalibration_batches=3)]
+    ).fit(module, loader())
     bn = module.net[1]
     # statistics of the averaged weights on the first 3 training batches (what the authors' recipe computes)
     expected = copy.deepcopy(module.net)

@@ -28,8 +28,7 @@ from tests.helpers import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "sharded_llama_fit.py"
-GATHERED = ["adafactor", "apollo_adamw", "apollo_mini", "galore_adamw", "galore_adafactor", "grokadamw",
-            "stable_adamw"]
+GATHERED = ["adafactor", "apollo_adamw", "apollo_mini", "galore_adamw", "galore_adafactor", "grokadamw", "stable_adamw"]
 # layer-wise: each parameter's gathered step in FSDP2's hook (no global clipping: max_grad_norm 0, as transformers)
 LAYERWISE = ["apollo_adamw_layerwise", "galore_adamw_layerwise", "galore_adafactor_layerwise"]
 OPTIMIZERS = ["lomo", "adalomo", *GATHERED, *LAYERWISE]
@@ -42,11 +41,26 @@ def _norms(optim: str) -> list[str]:
 
 def _resumed_norm(optim: str) -> str:
     return _norms(optim)[0]  # the run saved at each epoch end, and resumed
-CONTROLS = [("lomo", "1.0"), ("adalomo", "0"), ("adafactor", "1.0"), ("apollo_mini", "0"), ("galore_adamw_layerwise", "0")]
+
+
+CONTROLS = [
+    ("lomo", "1.0"),
+    ("adalomo", "0"),
+    ("adafactor", "1.0"),
+    ("apollo_mini", "0"),
+    ("galore_adamw_layerwise", "0"),
+]
 # a parameter unused on one process (and, in another step, on every process): one optimizer per family, the
 # in-backward ones with and without clipping
-UNUSED = [("adamw_torch", "1.0"), ("schedule_free_adamw", "0"), ("adafactor", "1.0"), ("apollo_mini", "1.0"),
-          ("grokadamw", "0"), ("lomo", "1.0"), ("adalomo", "0")]
+UNUSED = [
+    ("adamw_torch", "1.0"),
+    ("schedule_free_adamw", "0"),
+    ("adafactor", "1.0"),
+    ("apollo_mini", "1.0"),
+    ("grokadamw", "0"),
+    ("lomo", "1.0"),
+    ("adalomo", "0"),
+]
 
 
 def _name(optim: str, norm: str, kind: str = "") -> str:
@@ -72,8 +86,14 @@ def sharded_runs(tmp_path_factory) -> Path:
 
 def _launch(out: Path, runs: list[str], processes: int) -> None:
     env = {**os.environ, "SHARDED_TEST_PROCESSES": str(processes)}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "sharded", *runs], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1200, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "sharded", *runs],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
@@ -87,8 +107,10 @@ def resharded_runs(sharded_runs) -> Path:
         on_one.append(f"{_name(optim, norm, '-2to1')}:{optim}:{norm}:resume={_name(optim, norm)}")
         on_one.append(f"{_name(optim, norm, '-one')}:{optim}:{norm}:ckpt")
     _launch(sharded_runs, on_one, processes=1)
-    on_two = [f"{_name(o, _resumed_norm(o), '-1to2')}:{o}:{_resumed_norm(o)}:resume={_name(o, _resumed_norm(o), '-one')}"
-              for o in OPTIMIZERS]
+    on_two = [
+        f"{_name(o, _resumed_norm(o), '-1to2')}:{o}:{_resumed_norm(o)}:resume={_name(o, _resumed_norm(o), '-one')}"
+        for o in OPTIMIZERS
+    ]
     _launch(sharded_runs, on_two, processes=2)
     return sharded_runs
 
@@ -193,8 +215,14 @@ def test_fsdp2_unused_parameter_without_the_switch_is_named(tmp_path):
     """Without set_reduce_scatter_unused_params(True), FSDP2's reduce-scatter fails when one process used the head and
     the other not; the warning before it names the parameter and the switch."""
     env = {**os.environ, "SHARDED_TEST_UNUSED_SWITCH": "0"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "sharded", "x:adamw_torch:1.0:unused"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "sharded", "x:adamw_torch:1.0:unused"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode != 0
     assert "FSDP2: parameter aux.weight got no gradient on this process in this backward" in proc.stderr
     assert "set_reduce_scatter_unused_params(True)" in proc.stderr

@@ -27,8 +27,9 @@ SHARDS_BY_GATHERING = [n for n in USABLE if get_spec(n).shards_by_gathering]
 
 
 def run_script(optim: str, out: Path, mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), optim, str(out), mode], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), optim, str(out), mode], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -41,7 +42,7 @@ def test_model_parallel_two_cpu_processes_equal_one(tmp_path, name):
     a, b = torch.load(sharded, weights_only=True), torch.load(single, weights_only=True)
     assert a.keys() == b.keys()
     for key in b:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m, key=key: f"{name} {key}: {m}")
 
 
 @pytest.mark.slow
@@ -58,14 +59,21 @@ def test_model_parallel_without_fully_shard_is_refused(tmp_path):
     training its own copy (nothing averages the gradients): refused when fit starts."""
     proc = run_script("adamw_torch", tmp_path / "x.pt", "unsharded")
     assert proc.returncode != 0
-    assert "ModelParallelStrategy with 2 processes, and no parameter of ShardedMLP is sharded: configure_model must " \
-           "call fully_shard" in proc.stderr + proc.stdout
+    assert (
+        "ModelParallelStrategy with 2 processes, and no parameter of ShardedMLP is sharded: configure_model must "
+        "call fully_shard" in proc.stderr + proc.stdout
+    )
 
 
 def stand_in_trainer(strategy) -> SimpleNamespace:
     """What _check_trainer_settings reads of a Trainer (FSDP and DeepSpeed cannot be set up without CUDA here)."""
-    return SimpleNamespace(strategy=strategy, gradient_clip_val=None, accumulate_grad_batches=1, world_size=2,
-                           precision_plugin=SimpleNamespace())
+    return SimpleNamespace(
+        strategy=strategy,
+        gradient_clip_val=None,
+        accumulate_grad_batches=1,
+        world_size=2,
+        precision_plugin=SimpleNamespace(),
+    )
 
 
 STRATEGIES = {
@@ -75,8 +83,12 @@ STRATEGIES = {
 }
 
 
-REFUSED = [(strategy, name) for strategy in STRATEGIES for name in NOT_ELEMENTWISE
-           if not (strategy == "ModelParallelStrategy" and name in SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING)]
+REFUSED = [
+    (strategy, name)
+    for strategy in STRATEGIES
+    for name in NOT_ELEMENTWISE
+    if not (strategy == "ModelParallelStrategy" and name in SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING)
+]
 # (those run under ModelParallelStrategy: tests/test_sharded.py)
 
 
@@ -142,7 +154,9 @@ def test_finetuning_callbacks_are_refused_under_model_parallel():
     module = LlamaModule(model=tiny_llama(), **settings("adamw_torch"))
     trainer = stand_in_trainer(ModelParallelStrategy())
     trainer.callbacks = [BackboneFinetuning()]
-    with pytest.raises(MisconfigurationException, match="BackboneFinetuning cannot be used under ModelParallelStrategy"):
+    with pytest.raises(
+        MisconfigurationException, match="BackboneFinetuning cannot be used under ModelParallelStrategy"
+    ):
         module._check_trainer_settings(trainer)
     trainer = stand_in_trainer(DDPStrategy())
     trainer.callbacks = [BackboneFinetuning()]

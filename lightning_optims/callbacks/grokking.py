@@ -28,9 +28,13 @@ class GrokkingSignalCallback(Callback):
     The signal applied at each step is logged as ``log_name`` (set it to None to not log).
     """
 
-    def __init__(self, train_metric: str = "train_loss", val_metric: str = "val_loss",
-                 signal_fns: Sequence[Callable[[], float | None]] | None = None,
-                 log_name: str | None = "grokking_signal") -> None:
+    def __init__(
+        self,
+        train_metric: str = "train_loss",
+        val_metric: str = "val_loss",
+        signal_fns: Sequence[Callable[[], float | None]] | None = None,
+        log_name: str | None = "grokking_signal",
+    ) -> None:
         self.train_metric, self.val_metric = train_metric, val_metric
         self.signal_fns = list(signal_fns) if signal_fns is not None else None
         self.log_name = log_name
@@ -68,7 +72,10 @@ class GrokkingSignalCallback(Callback):
             signal = sum(values) / len(values) if values else None
         else:
             metrics = trainer.callback_metrics  # a property that builds a dict: read it once per step
-            train, val = self._metric(trainer, self.train_metric, metrics), self._metric(trainer, self.val_metric, metrics)
+            train, val = (
+                self._metric(trainer, self.train_metric, metrics),
+                self._metric(trainer, self.val_metric, metrics),
+            )
             for group in groups:
                 group["grokking_signal_fns"] = None
                 # keep the last value until a new one is logged: the groups travel in the optimizer's state_dict,

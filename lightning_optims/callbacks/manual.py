@@ -19,8 +19,9 @@ class ManualSchedulerCheck(Callback):
     optimization documents ``self.lr_schedulers().step()`` as the module's job)."""
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if pl_module.automatic_optimization:
             return
         for config in trainer.lr_scheduler_configs:

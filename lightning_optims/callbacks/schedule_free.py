@@ -89,8 +89,11 @@ class ScheduleFreeCallback(Callback):
         bn_forward: Callable[[L.LightningModule, Any, int], Any] | None = None,
         exact_resume: bool = True,
     ) -> None:
-        if isinstance(bn_recalibration_batches, bool) or not isinstance(bn_recalibration_batches, int) \
-                or bn_recalibration_batches < 0:
+        if (
+            isinstance(bn_recalibration_batches, bool)
+            or not isinstance(bn_recalibration_batches, int)
+            or bn_recalibration_batches < 0
+        ):
             raise ValueError(f"bn_recalibration_batches={bn_recalibration_batches!r}: expected an int >= 0")
         self.bn_recalibration_batches = bn_recalibration_batches
         self.bn_forward = bn_forward
@@ -140,12 +143,14 @@ class ScheduleFreeCallback(Callback):
                 f"{type(pl_module).__name__} has BatchNorm layers and uses a schedule-free optimizer: their running "
                 "statistics are those of the training weights, not of the averaged weights used for evaluation. "
                 "Set ScheduleFreeCallback(bn_recalibration_batches=N) to recompute them before evaluation.",
-                UserWarning, stacklevel=2,
+                UserWarning,
+                stacklevel=2,
             )
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._to_train(trainer, pl_module)
 
     @override
@@ -184,8 +189,10 @@ class ScheduleFreeCallback(Callback):
             for opt in training:
                 opt.eval()
             # what Lightning captured shares storage with the live parameters: replace it with copies
-            checkpoint["state_dict"] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                                        for k, v in trainer.strategy.lightning_module_state_dict().items()}
+            checkpoint["state_dict"] = {
+                k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                for k, v in trainer.strategy.lightning_module_state_dict().items()
+            }
             states = checkpoint.get("optimizer_states")
             if states is not None:
                 for i, opt in enumerate(trainer.optimizers):

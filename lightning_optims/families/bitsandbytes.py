@@ -20,7 +20,10 @@ _ADEMAMIX_ARGUMENTS = (
 )
 # transformers passes RMSprop's optim_args through as strings; here they are typed (bitsandbytes' defaults)
 _RMSPROP_ARGUMENTS = (
-    Arg("alpha", float, 0.99), Arg("eps", float, 1e-8), Arg("momentum", float, 0.0), Arg("centered", bool, False),
+    Arg("alpha", float, 0.99),
+    Arg("eps", float, 1e-8),
+    Arg("momentum", float, 0.0),
+    Arg("centered", bool, False),
 )
 
 
@@ -90,10 +93,17 @@ for _name, _kind, _bits, _paged in (
     ("rmsprop_bnb_8bit", "rmsprop", 8, False),
     ("rmsprop_bnb_32bit", "rmsprop", 32, False),
 ):
-    register(OptimizerSpec(
-        name=_name, target=f"bitsandbytes.optim:{_CLASSES[_kind]}", family="bitsandbytes",
-        arguments=_ADEMAMIX_ARGUMENTS if _kind == "ademamix" else _RMSPROP_ARGUMENTS if _kind == "rmsprop" else (),
-        kwargs=_kwargs(_kind, _bits, _paged), uses=_USES[_kind], packages=("bitsandbytes",), extra="bitsandbytes",
-        post_build=_embeddings_in_32bit if _bits == 8 else None,
-        description=f"bitsandbytes.optim.{_CLASSES[_kind]} ({_bits}-bit{', paged' if _paged else ''})",
-    ))
+    register(
+        OptimizerSpec(
+            name=_name,
+            target=f"bitsandbytes.optim:{_CLASSES[_kind]}",
+            family="bitsandbytes",
+            arguments=_ADEMAMIX_ARGUMENTS if _kind == "ademamix" else _RMSPROP_ARGUMENTS if _kind == "rmsprop" else (),
+            kwargs=_kwargs(_kind, _bits, _paged),
+            uses=_USES[_kind],
+            packages=("bitsandbytes",),
+            extra="bitsandbytes",
+            post_build=_embeddings_in_32bit if _bits == 8 else None,
+            description=f"bitsandbytes.optim.{_CLASSES[_kind]} ({_bits}-bit{', paged' if _paged else ''})",
+        )
+    )

@@ -19,9 +19,17 @@ def _grokadamw(ctx: BuildContext) -> dict:
     return dict(ctx.optim_args)
 
 
-register(OptimizerSpec(
-    name="grokadamw", target="lightning_optims.optimizers:GrokAdamW", family="grokadamw", arguments=GROKADAMW_ARGUMENTS,
-    kwargs=_grokadamw, uses=WEIGHT_DECAY, packages=("grokadamw",), shards_by_gathering=True,
-    callbacks=("lightning_optims.callbacks.grokking:GrokkingSignalCallback",),
-    description="GrokAdamW (grokadamw's update, state in optimizer.state)",
-))
+register(
+    OptimizerSpec(
+        name="grokadamw",
+        target="lightning_optims.optimizers:GrokAdamW",
+        family="grokadamw",
+        arguments=GROKADAMW_ARGUMENTS,
+        kwargs=_grokadamw,
+        uses=WEIGHT_DECAY,
+        packages=("grokadamw",),
+        shards_by_gathering=True,
+        callbacks=("lightning_optims.callbacks.grokking:GrokkingSignalCallback",),
+        description="GrokAdamW (grokadamw's update, state in optimizer.state)",
+    )
+)

@@ -41,9 +41,17 @@ def _kwargs(ctx: BuildContext) -> dict:
 
 
 for _name, _cls, _arguments in (("lomo", "Lomo", _COMMON + _LOMO), ("adalomo", "AdaLomo", _COMMON + _ADALOMO)):
-    register(OptimizerSpec(
-        name=_name, target=f"lightning_optims.in_backward:{_cls}", family="lomo", params="model",
-        arguments=_arguments, kwargs=_kwargs, updates_in_backward=True, shards_in_backward=True,
-        callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",),
-        description=f"{_cls} (fused backward; lomo_optim's update rule)",
-    ))
+    register(
+        OptimizerSpec(
+            name=_name,
+            target=f"lightning_optims.in_backward:{_cls}",
+            family="lomo",
+            params="model",
+            arguments=_arguments,
+            kwargs=_kwargs,
+            updates_in_backward=True,
+            shards_in_backward=True,
+            callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",),
+            description=f"{_cls} (fused backward; lomo_optim's update rule)",
+        )
+    )

@@ -11,10 +11,18 @@ def _stable_adamw(ctx: BuildContext) -> dict:
     return {**ctx.adam_kwargs, "weight_decay": ctx.args.weight_decay, **ctx.optim_args}
 
 
-register(OptimizerSpec(
-    name="stable_adamw", target="optimi:StableAdamW", family="optimi",
-    # transformers casts kahan_sum / decouple_lr with bool(), so "False" meant True there; here it means False
-    arguments=(Arg("decouple_lr", bool, False), Arg("max_lr", float, None), Arg("kahan_sum", bool, None)),
-    kwargs=_stable_adamw, uses=ADAM | WEIGHT_DECAY, packages=("optimi",), extra="optimi", shards_by_gathering=True,
-    description="optimi.StableAdamW",
-))
+register(
+    OptimizerSpec(
+        name="stable_adamw",
+        target="optimi:StableAdamW",
+        family="optimi",
+        # transformers casts kahan_sum / decouple_lr with bool(), so "False" meant True there; here it means False
+        arguments=(Arg("decouple_lr", bool, False), Arg("max_lr", float, None), Arg("kahan_sum", bool, None)),
+        kwargs=_stable_adamw,
+        uses=ADAM | WEIGHT_DECAY,
+        packages=("optimi",),
+        extra="optimi",
+        shards_by_gathering=True,
+        description="optimi.StableAdamW",
+    )
+)

@@ -48,11 +48,18 @@ for _name, _cls, _adam, _warmup in (
     ("schedule_free_radam", "RAdamScheduleFree", True, False),
     ("schedule_free_sgd", "SGDScheduleFree", False, True),
 ):
-    register(OptimizerSpec(
-        name=_name, target=f"schedulefree:{_cls}", family="schedule_free", arguments=SCHEDULE_FREE_ARGUMENTS,
-        kwargs=_kwargs(_adam, _warmup),
-        uses=(ADAM if _adam else frozenset()) | WEIGHT_DECAY | (WARMUP if _warmup else frozenset()),
-        packages=("schedulefree",), has_train_eval_modes=True, elementwise=True,
-        callbacks=("lightning_optims.callbacks.schedule_free:ScheduleFreeCallback",),
-        description=f"schedulefree.{_cls}",
-    ))
+    register(
+        OptimizerSpec(
+            name=_name,
+            target=f"schedulefree:{_cls}",
+            family="schedule_free",
+            arguments=SCHEDULE_FREE_ARGUMENTS,
+            kwargs=_kwargs(_adam, _warmup),
+            uses=(ADAM if _adam else frozenset()) | WEIGHT_DECAY | (WARMUP if _warmup else frozenset()),
+            packages=("schedulefree",),
+            has_train_eval_modes=True,
+            elementwise=True,
+            callbacks=("lightning_optims.callbacks.schedule_free:ScheduleFreeCallback",),
+            description=f"schedulefree.{_cls}",
+        )
+    )

@@ -18,34 +18,79 @@ def _from_optim_args(ctx: BuildContext) -> dict:
     return dict(ctx.optim_args)
 
 
-register(OptimizerSpec(
-    name="adamw_torch", target="torch.optim:AdamW", family="torch", elementwise=True, kwargs=_adamw, uses=ADAM | WEIGHT_DECAY,
-    description="torch.optim.AdamW",
-))
-register(OptimizerSpec(
-    name="adamw_torch_fused", target="torch.optim:AdamW", family="torch", elementwise=True, kwargs=_adamw_fused,
-    uses=ADAM | WEIGHT_DECAY, description="torch.optim.AdamW(fused=True); transformers' default on torch >= 2.8",
-))
-register(OptimizerSpec(
-    name="adafactor", target="transformers.optimization:Adafactor", family="torch", shards_by_gathering=True,
-    kwargs=lambda ctx: {"scale_parameter": False, "relative_step": False}, uses=WEIGHT_DECAY,
-    description="transformers.optimization.Adafactor with relative_step=False, scale_parameter=False",
-))
+register(
+    OptimizerSpec(
+        name="adamw_torch",
+        target="torch.optim:AdamW",
+        family="torch",
+        elementwise=True,
+        kwargs=_adamw,
+        uses=ADAM | WEIGHT_DECAY,
+        description="torch.optim.AdamW",
+    )
+)
+register(
+    OptimizerSpec(
+        name="adamw_torch_fused",
+        target="torch.optim:AdamW",
+        family="torch",
+        elementwise=True,
+        kwargs=_adamw_fused,
+        uses=ADAM | WEIGHT_DECAY,
+        description="torch.optim.AdamW(fused=True); transformers' default on torch >= 2.8",
+    )
+)
+register(
+    OptimizerSpec(
+        name="adafactor",
+        target="transformers.optimization:Adafactor",
+        family="torch",
+        shards_by_gathering=True,
+        kwargs=lambda ctx: {"scale_parameter": False, "relative_step": False},
+        uses=WEIGHT_DECAY,
+        description="transformers.optimization.Adafactor with relative_step=False, scale_parameter=False",
+    )
+)
 # transformers also reads `weight_decay` from optim_args for these three, but its decay / no-decay groups override
 # it, so it never takes effect there: it is not accepted here (use the weight_decay setting).
-register(OptimizerSpec(
-    name="sgd", target="torch.optim:SGD", family="torch", elementwise=True, kwargs=_from_optim_args, uses=WEIGHT_DECAY,
-    arguments=(Arg("momentum", float, 0.0), Arg("dampening", float, 0.0), Arg("nesterov", bool, False)),
-    description="torch.optim.SGD",
-))
-register(OptimizerSpec(
-    name="adagrad", target="torch.optim:Adagrad", family="torch", elementwise=True, kwargs=_from_optim_args, uses=WEIGHT_DECAY,
-    arguments=(Arg("lr_decay", float, 0.0), Arg("eps", float, 1e-10)),
-    description="torch.optim.Adagrad",
-))
-register(OptimizerSpec(
-    name="rmsprop", target="torch.optim:RMSprop", family="torch", elementwise=True, kwargs=_from_optim_args, uses=WEIGHT_DECAY,
-    arguments=(Arg("momentum", float, 0.0), Arg("alpha", float, 0.99), Arg("eps", float, 1e-8),
-               Arg("centered", bool, False)),
-    description="torch.optim.RMSprop",
-))
+register(
+    OptimizerSpec(
+        name="sgd",
+        target="torch.optim:SGD",
+        family="torch",
+        elementwise=True,
+        kwargs=_from_optim_args,
+        uses=WEIGHT_DECAY,
+        arguments=(Arg("momentum", float, 0.0), Arg("dampening", float, 0.0), Arg("nesterov", bool, False)),
+        description="torch.optim.SGD",
+    )
+)
+register(
+    OptimizerSpec(
+        name="adagrad",
+        target="torch.optim:Adagrad",
+        family="torch",
+        elementwise=True,
+        kwargs=_from_optim_args,
+        uses=WEIGHT_DECAY,
+        arguments=(Arg("lr_decay", float, 0.0), Arg("eps", float, 1e-10)),
+        description="torch.optim.Adagrad",
+    )
+)
+register(
+    OptimizerSpec(
+        name="rmsprop",
+        target="torch.optim:RMSprop",
+        family="torch",
+        elementwise=True,
+        kwargs=_from_optim_args,
+        uses=WEIGHT_DECAY,
+        arguments=(
+            Arg("momentum", float, 0.0),
+            Arg("alpha", float, 0.99),
+            Arg("eps", float, 1e-8),
+            Arg("centered", bool, False),
+        ),
+        description="torch.optim.RMSprop",
+    )
+)

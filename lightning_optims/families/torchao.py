@@ -11,9 +11,16 @@ def _torchao(ctx: BuildContext) -> dict:
 
 
 for _name, _cls in (("adamw_torch_4bit", "AdamW4bit"), ("adamw_torch_8bit", "AdamW8bit")):
-    register(OptimizerSpec(
-        name=_name, target=f"torchao.optim:{_cls}", family="torchao",
-        arguments=(Arg("block_size", int, 256), Arg("bf16_stochastic_round", bool, False)),
-        kwargs=_torchao, uses=ADAM | WEIGHT_DECAY, packages=("torchao",), extra="torchao",
-        description=f"torchao.optim.{_cls}",
-    ))
+    register(
+        OptimizerSpec(
+            name=_name,
+            target=f"torchao.optim:{_cls}",
+            family="torchao",
+            arguments=(Arg("block_size", int, 256), Arg("bf16_stochastic_round", bool, False)),
+            kwargs=_torchao,
+            uses=ADAM | WEIGHT_DECAY,
+            packages=("torchao",),
+            extra="torchao",
+            description=f"torchao.optim.{_cls}",
+        )
+    )

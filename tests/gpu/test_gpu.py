@@ -24,17 +24,33 @@ pytestmark = pytest.mark.gpu
 
 
 def cuda_trainer(max_steps: int, **kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cuda", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    limit_val_batches=0)
+    defaults = dict(
+        accelerator="cuda",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
 
 def test_fused_adamw_on_cuda_matches_trainer(tmp_path):
-    ta = TrainingArguments(output_dir=str(tmp_path), optim="adamw_torch_fused", learning_rate=1e-3, max_steps=6,
-                           per_device_train_batch_size=4, warmup_steps=2, weight_decay=0.05, report_to=[],
-                           save_strategy="no")
+    ta = TrainingArguments(
+        output_dir=str(tmp_path),
+        optim="adamw_torch_fused",
+        learning_rate=1e-3,
+        max_steps=6,
+        per_device_train_batch_size=4,
+        warmup_steps=2,
+        weight_decay=0.05,
+        report_to=[],
+        save_strategy="no",
+    )
     hf = tiny_llama()
     _SequentialTrainer(model=hf, args=ta, train_dataset=TokenDataset()).train()
     module = LlamaModule(model=tiny_llama(), **OptimizerArguments.from_training_arguments(ta).as_kwargs())
@@ -76,11 +92,16 @@ def test_deepspeed_refuses_lomo():
 
 def test_schedule_free_resume_on_cuda(tmp_path):
     def run(ckpt_path=None):
-        module = LlamaModule(model=tiny_llama(), optim="schedule_free_adamw", lr_scheduler_type="constant",
-                             learning_rate=1e-2)
-        cuda_trainer(-1, max_epochs=3, enable_checkpointing=True, default_root_dir=str(tmp_path),
-                     callbacks=[ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")]).fit(
-            module, loader(n=16), ckpt_path=ckpt_path)
+        module = LlamaModule(
+            model=tiny_llama(), optim="schedule_free_adamw", lr_scheduler_type="constant", learning_rate=1e-2
+        )
+        cuda_trainer(
+            -1,
+            max_epochs=3,
+            enable_checkpointing=True,
+            default_root_dir=str(tmp_path),
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")],
+        ).fit(module, loader(n=16), ckpt_path=ckpt_path)
         return module
 
     full = run()
@@ -102,22 +123,38 @@ def _sharded_llama(tmp_path, sharded_runs: list[str], single_runs: list[str]) ->
     processes = min(torch.cuda.device_count(), 2)
     env = {**os.environ, "SHARDED_TEST_ACCELERATOR": "cuda", "SHARDED_TEST_PROCESSES": str(processes)}
     for mode, these in (("sharded", sharded_runs), ("single", single_runs)):
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), mode, *these], cwd=root, env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), mode, *these],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize(("optim", "norm"), [("lomo", "1.0"), ("adalomo", "1.0"), ("apollo_mini", "1.0"),
-                                             ("apollo_adamw", "1.0"), ("adafactor", "1.0"), ("grokadamw", "1.0"),
-                                             ("apollo_adamw_layerwise", "0")])
+@pytest.mark.parametrize(
+    ("optim", "norm"),
+    [
+        ("lomo", "1.0"),
+        ("adalomo", "1.0"),
+        ("apollo_mini", "1.0"),
+        ("apollo_adamw", "1.0"),
+        ("adafactor", "1.0"),
+        ("grokadamw", "1.0"),
+        ("apollo_adamw_layerwise", "0"),
+    ],
+)
 def test_fsdp2_on_cuda_nccl_equals_one_device(tmp_path, optim, norm):
     """ModelParallelStrategy on CUDA against one device without sharding, and an epoch-boundary resume."""
-    _sharded_llama(tmp_path, [f"full:{optim}:{norm}:ckpt", f"resumed:{optim}:{norm}:resume=full"],
-                   [f"single:{optim}:{norm}"])
+    _sharded_llama(
+        tmp_path, [f"full:{optim}:{norm}:ckpt", f"resumed:{optim}:{norm}:resume=full"], [f"single:{optim}:{norm}"]
+    )
     full, resumed, single = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("full", "resumed", "single"))
     for key in single:
-        torch.testing.assert_close(full[key], single[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
-        torch.testing.assert_close(resumed[key], full[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(full[key], single[key], atol=1e-4, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "lomo"])
@@ -126,4 +163,4 @@ def test_fsdp2_on_cuda_nccl_parameter_unused_on_some_processes(tmp_path, optim):
     _sharded_llama(tmp_path, [f"full:{optim}:1.0:unused"], [f"single:{optim}:1.0:unused"])
     full, single = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("full", "single"))
     for key in single:
-        torch.testing.assert_close(full[key], single[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(full[key], single[key], atol=1e-4, rtol=0, msg=lambda m, key=key: f"{key}: {m}")

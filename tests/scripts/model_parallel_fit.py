@@ -14,25 +14,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_optims import OptimizerMixin  # noqa: E402
-from tests.helpers import RankInterleavedSampler  # noqa: E402
+from lightning_optims import OptimizerMixin
+from tests.helpers import RankInterleavedSampler
 
 
 class ShardedMLP(OptimizerMixin, L.LightningModule):
     def __init__(self, shard: bool, **kwargs) -> None:
         super().__init__(**kwargs)
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 32), nn.Tanh(),
-                                 nn.Linear(32, 1))
+        self.net = nn.Sequential(
+            nn.Linear(8, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
+        )
         self.shard = shard
 
     def configure_model(self) -> None:
@@ -53,8 +54,10 @@ class SaveFullWeights(Callback):
         self.path = path
 
     def on_fit_end(self, trainer, pl_module):
-        full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
-                for k, v in pl_module.state_dict().items()}
+        full = {
+            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
+            for k, v in pl_module.state_dict().items()
+        }
         if trainer.is_global_zero:
             torch.save(full, self.path)
 
@@ -78,10 +81,16 @@ def main(optim: str, out: str, mode: str) -> None:
         extra["weight_decay"] = 0.01
     module = ShardedMLP(mode == "sharded", optim=optim, learning_rate=1e-2, **extra)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2 if sharded else 1,
+        accelerator="cpu",
+        devices=2 if sharded else 1,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
-        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=[SaveFullWeights(out)],
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[SaveFullWeights(out)],
     )
     trainer.fit(module, loader)
 

@@ -22,15 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
-from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import default_data_collator
 
-from tests.helpers import FlaggedTokenDataset, LlamaModule, RankInterleavedSampler, ddp_loader, tiny_llama  # noqa: E402
-from transformers import default_data_collator  # noqa: E402
+from tests.helpers import FlaggedTokenDataset, LlamaModule, RankInterleavedSampler, ddp_loader, tiny_llama
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 2, 2, 4  # BATCH: the combined batch of a step, split over the processes
 # tests/gpu runs the same fits on CUDA (NCCL) with as many processes as there are devices; tests/test_sharded.py
@@ -118,14 +118,16 @@ class SaveFullWeights(Callback):
         self.steps += 1
 
     def on_fit_end(self, trainer, pl_module):
-        full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().float()
-                for k, v in pl_module.model.state_dict().items()}
+        full = {
+            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().float()
+            for k, v in pl_module.model.state_dict().items()
+        }
         if trainer.is_global_zero:
             torch.save(full, self.path)
             self.path.with_suffix(".steps").write_text(str(self.steps))
 
 
-def shard_local_step(self, p, group, index, check_finite=False) -> None:  # noqa: ARG001
+def shard_local_step(self, p, group, index, check_finite=False) -> None:
     """The control of GatheredStepOptimizer: the upstream optimizer on this process's rows alone (its statistics,
     norms, factorisations and projections then see half of each tensor)."""
     steppers = self.__dict__.setdefault("_local_steppers", {})
@@ -142,9 +144,8 @@ def shard_local_step(self, p, group, index, check_finite=False) -> None:  # noqa
 
 
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
-    from lightning_optims.in_backward import InBackwardOptimizer
-
     from lightning_optims import mixin
+    from lightning_optims.in_backward import InBackwardOptimizer
     from lightning_optims.sharded import GatheredStepOptimizer
 
     all_sum, sync_unused = InBackwardOptimizer._all_sum, mixin.sync_unused_parameters
@@ -159,19 +160,31 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     callbacks: list = [SaveFullWeights(out / f"{name}.pt")]
     if option == "ckpt":
         callbacks.append(ModelCheckpoint(dirpath=out / f"{name}-ckpt", save_top_k=-1, filename="{epoch}"))
-    resume = out / f"{option[len('resume='):]}-ckpt" / "epoch=0.ckpt" if option.startswith("resume=") else None
+    resume = out / f"{option[len('resume=') :]}-ckpt" / "epoch=0.ckpt" if option.startswith("resume=") else None
     trainer = L.Trainer(
-        accelerator=ACCELERATOR, devices=PROCESSES if sharded else 1,
+        accelerator=ACCELERATOR,
+        devices=PROCESSES if sharded else 1,
         strategy=ModelParallelStrategy(data_parallel_size=PROCESSES, tensor_parallel_size=1) if sharded else "auto",
-        max_epochs=EPOCHS, logger=False, enable_checkpointing=option == "ckpt", enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-        callbacks=callbacks, default_root_dir=out,
+        max_epochs=EPOCHS,
+        logger=False,
+        enable_checkpointing=option == "ckpt",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        default_root_dir=out,
     )
     per_process, n = BATCH // PROCESSES if sharded else BATCH, BATCH * STEPS_PER_EPOCH
     data = ddp_loader(per_process, n=n)
     if option.startswith("unused"):
-        data = torch.utils.data.DataLoader(FlaggedTokenDataset(n, flagged=(0,)), batch_size=per_process,
-                                           sampler=RankInterleavedSampler(n), collate_fn=default_data_collator)
+        data = torch.utils.data.DataLoader(
+            FlaggedTokenDataset(n, flagged=(0,)),
+            batch_size=per_process,
+            sampler=RankInterleavedSampler(n),
+            collate_fn=default_data_collator,
+        )
     try:
         trainer.fit(module, data, ckpt_path=resume)
     finally:
