@@ -13,7 +13,12 @@ from transformers.optimization import GreedyLR
 
 from lightning_optims.arguments import OptimizerArguments
 from lightning_optims.layerwise import build_layerwise
-from lightning_optims.param_groups import decay_param_groups, low_rank_param_groups, target_parameter_names
+from lightning_optims.param_groups import (
+    all_params_group,
+    decay_param_groups,
+    low_rank_param_groups,
+    target_parameter_names,
+)
 from lightning_optims.registry import BuildContext, get_spec
 from lightning_optims.sharded import GatheredLayerwiseOptimizer, GatheredStepOptimizer, is_sharded
 
@@ -48,7 +53,7 @@ def create_optimizer(
         wanted = set(names)
         low_rank_targets = ([p for n, p in model.named_parameters() if n in wanted], target_kwargs)
     else:
-        params = [p for p in model.parameters() if p.requires_grad]  # frozen parameters are in no group
+        params = all_params_group(model)
     sharded = spec.shards_by_gathering and is_sharded([p for g in params for p in g["params"]])
     if spec.layerwise and sharded:
         optimizer = GatheredLayerwiseOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors, in the hooks

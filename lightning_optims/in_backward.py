@@ -69,6 +69,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}")
         self.clip_grad_norm = clip_grad_norm
         self.clip_coef: torch.Tensor | None = None
+        #: the global L2 norm of the last fused backward's gradients (unscaled, before any clipping), over every
+        #: process; ``None`` before the first one, and after a ``step`` whose closure ran no fused backward
+        self.last_grad_norm: torch.Tensor | None = None
         self.steps_taken = 0  # fused backwards run, for error messages
         self._active = False
         self._norm_pass = False
@@ -89,6 +92,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         self._nbytes = {p: _local(p).numel() * p.element_size() for p in self._group_index}
         self._shard_group = _shard_group(list(self._group_index))
+        # where the step's small tensors live (a collective backend such as NCCL takes tensors on its device only)
+        self._device = next((_local(p).device for p in self._group_index), torch.device("cpu"))
         for p in self._group_index:
             if p.requires_grad and p not in self._hooked:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
@@ -202,13 +207,16 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         scale = self._grad_scale()
         if scale != 1.0:
             torch._foreach_div_(grads, scale)
-        if self._norm_pass:
-            self._norms.extend(torch._foreach_norm(grads, 2.0))
-            return
-        # after a norm pass every gradient was already seen finite; otherwise check this bucket before writing it
-        if self.clip_coef is None and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, 2.0))).all()):
-            self._bad = True
-            grads = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]  # leave those elements unchanged
+        if self._norm_pass or self.clip_coef is None:
+            # the norm pass, or (without clipping) the one pass: each gradient's norm, for the logged global norm
+            # and, without a norm pass, to check this bucket before writing it
+            norms = torch.stack(torch._foreach_norm(grads, 2.0))
+            self._norms.append(norms)
+            if self._norm_pass:
+                return
+            if not bool(torch.isfinite(norms).all()):
+                self._bad = True
+                grads = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]  # leave those elements unchanged
         with torch.no_grad():
             self._update_bucket(params, grads)
 
@@ -255,18 +263,21 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         scale = self._grad_scale()
         scaled = loss * scale if scale != 1.0 else loss
         self.clip_coef = None
+        self.last_grad_norm = None
+        self._norms = []
         self._active = True
         try:
             if self.clip_grad_norm is not None:
-                self._norm_pass, self._norms = True, []
+                self._norm_pass = True
                 self._start_pass()
                 scaled.backward(retain_graph=True)
                 self._finish_pass()
                 self._norm_pass = False
-                total = torch.norm(torch.stack(self._norms), 2.0) if self._norms else torch.tensor(0.0)
+                total = self._local_norm()
                 if self._shard_group is not None:  # the norm over every shard of every parameter
                     total = self._all_sum(total.square()).sqrt()
                 self._norms = []
+                self.last_grad_norm = total
                 if not torch.isfinite(total):
                     self._on_non_finite_norm(total)
                     return
@@ -284,8 +295,17 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                     for p in bucket:
                         p.grad = None
             self._pending, self._pending_bytes = [], 0
-        if self._shard_group is not None:  # every process stops, or none (a lone error would hang the others)
-            self._bad = bool(self._all_sum(torch.tensor(float(self._bad))) > 0)
+        if self.last_grad_norm is None:  # no norm pass: the norms measured as the gradients were applied
+            total = self._local_norm()
+            if self._shard_group is not None:
+                # one collective: the squared norm over every shard, and whether any process saw a non-finite
+                # gradient (every process stops, or none: a lone error would hang the others)
+                summed = self._all_sum(
+                    torch.stack([total.square(), torch.tensor(float(self._bad), device=total.device)])
+                )
+                total, self._bad = summed[0].sqrt(), bool(summed[1] > 0)
+            self.last_grad_norm = total
+            self._norms = []
         if self._bad:
             self._bad = False
             raise NonFiniteGradientError(
@@ -293,6 +313,16 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 "elements were left unchanged and training stops here (lower the learning rate, check the data, or "
                 "enable clipping with max_grad_norm)"
             )
+
+    def _local_norm(self) -> torch.Tensor:
+        """The L2 norm of the gradients measured in this backward pass (this process's parts under FSDP2)."""
+        if not self._norms:
+            return torch.zeros((), device=self._device)
+        return torch.linalg.vector_norm(torch.cat(self._norms), 2.0)
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the last fused backward (see :attr:`last_grad_norm`)."""
+        return self.last_grad_norm
 
     def _on_non_finite_norm(self, total: torch.Tensor) -> None:
         raise NonFiniteGradientError(
@@ -309,6 +339,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         if closure is None:
             return None
         before = self.steps_taken
+        self.last_grad_norm = None
         with torch.enable_grad():
             loss = closure()
         if self.steps_taken == before and any(p.grad is not None for p in self._group_index):
@@ -382,10 +413,11 @@ class Lomo(InBackwardOptimizer):
     """LOMO: SGD fused into backward (``lomo_optim.Lomo``'s update rule, fp32 arithmetic).
 
     With fp16 weights (``precision="16-true"``) or an fp16 loss it switches on LOMO's dynamic loss scaling, as
-    lomo_optim does for an fp16 loss: the loss is multiplied by the scale, the gradients divided by it, the two-pass norm is forced on
-    (clip at 1.0 when no ``clip_grad_norm`` was set) so that an overflow is seen before anything is written, and an
-    overflowed step is skipped with a warning while the scale halves. Unlike lomo_optim, whose scale only ever
-    shrinks, the scale grows back after ``scale_window`` steps without overflow. Its state is in the param groups.
+    lomo_optim does for an fp16 loss: the loss is multiplied by the scale, the gradients divided by it, the two-pass
+    norm is forced on (clip at 1.0 when no ``clip_grad_norm`` was set) so that an overflow is seen before anything
+    is written, and an overflowed step is skipped with a warning while the scale halves. Unlike lomo_optim, whose
+    scale only ever shrinks, the scale grows back after ``scale_window`` steps without overflow. Its state is in the
+    param groups.
     """
 
     def __init__(

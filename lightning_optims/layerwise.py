@@ -14,9 +14,33 @@ __all__ = ["LayerwiseOptimizer", "StepHooks", "build_layerwise"]
 
 
 class StepHooks:
-    """A post-accumulate-grad hook on each parameter of :meth:`_hooked_params` that steps it (:meth:`_step_one`)."""
+    """A post-accumulate-grad hook on each parameter of :meth:`_hooked_params` that steps it (:meth:`_step_one`),
+    and the global norm of the gradients those hooks saw in a step (:meth:`grad_norm`): each gradient is gone once
+    its parameter has stepped, so the norm is summed as they pass."""
 
     _hook_handles: list[Any]
+    _grad_sq: torch.Tensor | None = None
+
+    def _start_step(self) -> None:
+        """Before the backward of a step: the gradient norm starts from nothing."""
+        self._grad_sq = None
+
+    def _measure(self, grad: torch.Tensor) -> torch.Tensor:
+        """Add ``grad`` (this process's part) to the step's squared norm; returns its norm (fp32)."""
+        norm = torch.linalg.vector_norm(grad, 2.0, dtype=torch.float32)
+        self._grad_sq = norm.square() if self._grad_sq is None else self._grad_sq + norm.square()
+        return norm
+
+    def _sum_over_processes(self, squared: torch.Tensor) -> torch.Tensor:
+        """The squared norm of every process's parts (a sharded engine sums over its shards)."""
+        return squared
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global L2 norm of the gradients of the last step (before anything was applied), or ``None`` if no
+        gradient arrived in it."""
+        if self._grad_sq is None:
+            return None
+        return self._sum_over_processes(self._grad_sq).sqrt()
 
     def _hooked_params(self) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -60,7 +84,8 @@ class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
         self._group_of: dict[torch.Tensor, int] = {}  # params of groups added later; the rest use group 0's lr
         # group 0 holds the parameters built with (their lr is its lr); Lightning's BaseFinetuning maps every
         # parameter of the groups to a module name, so no placeholder tensor may stand here
-        super().__init__(list(optimizer_dict) or [torch.zeros(1, requires_grad=True)], {"lr": lr})
+        params = list(optimizer_dict) or [torch.zeros(1, requires_grad=True)]
+        super().__init__([{"params": params, "name": "all"}], {"lr": lr})
         self._hook_handles: list[Any] = []
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -74,7 +99,10 @@ class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
             raise TypeError("this LayerwiseOptimizer was built without an inner_factory: it cannot add param groups")
         for part in split_added_group(param_group, self.low_rank_targets):
             part.pop("follows_group", None)  # each parameter has its own inner optimizer: one group per lr is enough
-            super().add_param_group({"params": part["params"], "lr": part.get("lr", self.param_groups[0]["lr"])})
+            named = {"name": part["name"]} if "name" in part else {}
+            super().add_param_group(
+                {"params": part["params"], "lr": part.get("lr", self.param_groups[0]["lr"]), **named}
+            )
             index = len(self.param_groups) - 1
             options = {k: v for k, v in part.items() if k not in ("params", "lr")}
             for param in self.param_groups[index]["params"]:
@@ -85,7 +113,9 @@ class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
 
     def _step_one(self, param: torch.Tensor) -> None:
         if param.grad is not None:
-            if not bool(torch.isfinite(param.grad).all()):
+            norm = self._measure(param.grad)
+            # (a finite gradient whose fp32 norm overflows is still finite: look at its elements then)
+            if not bool(torch.isfinite(norm)) and not bool(torch.isfinite(param.grad).all()):
                 param.grad = None
                 raise NonFiniteGradientError(
                     "non-finite gradient in a layer-wise optimizer: this parameter was not updated and training "
@@ -104,6 +134,7 @@ class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         if closure is None:
             return None
+        self._start_step()
         with torch.enable_grad():
             return closure()
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import ScheduledGroupsLambdaLR, create_optimizer, create_scheduler
+from lightning_optims.grad_norm import gradient_norm, norm_value
 from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
 from lightning_optims.sharded import is_sharded, sync_unused_parameters
@@ -341,28 +342,48 @@ class OptimizerMixin:
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
+        """Log ``grad_norm`` (the global norm before clipping, as transformers' Trainer logs it, also with
+        ``max_grad_norm=0``), refuse a non-finite one, then clip at ``max_grad_norm``."""
+        trainer = self.trainer  # type: ignore[attr-defined]
         if self.optimizer_spec.updates_in_backward:
-            return  # no gradient is left after backward: clipping happened inside it (max_grad_norm)
+            # no gradient is left after backward: clipping happened inside it (max_grad_norm), and the engine
+            # measured the norm as the gradients passed
+            engine = trainer.optimizers[0] if trainer.optimizers else optimizer
+            self._log_grad_norm(engine.grad_norm() if hasattr(engine, "grad_norm") else None)
+            return
+        max_norm = self.optimizer_arguments.max_grad_norm
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if not (_plain_data_parallel(trainer.strategy) or isinstance(trainer.strategy, ModelParallelStrategy)):
+            # FSDP1 / DeepSpeed flatten or partition the gradients: their precision plugin clips, no norm here
+            if gradient_clip_val:
+                super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
+            elif max_norm > 0:
+                self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")  # type: ignore[attr-defined]
+            return
+        # one device, DDP (whole averaged gradients) or FSDP2 (DTensor gradients: the norm is reduced over the mesh):
+        # torch's clip_grad_norm_ in two halves, so that the norm is logged and a non-finite one refused before the
+        # optimizer writes it into the weights
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        total = gradient_norm(params)
+        value = norm_value(total)
+        self._log_grad_norm(value)
+        if scaler is None and not bool(torch.isfinite(value)):  # (with a GradScaler the step is the scaler's to skip)
+            raise NonFiniteGradientError(
+                f"non-finite gradient norm ({value.item()}) at global step {self.global_step}: the optimizer "  # type: ignore[attr-defined]
+                "step was not taken and training stops here"
+            )
         if gradient_clip_val:
             # Trainer(gradient_clip_val=...) with max_grad_norm=0 (anything else was refused at configure_optimizers)
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
-            return
-        max_norm = self.optimizer_arguments.max_grad_norm
-        if max_norm <= 0:
-            return
-        trainer = self.trainer  # type: ignore[attr-defined]
-        if _plain_data_parallel(trainer.strategy) and getattr(trainer.precision_plugin, "scaler", None) is None:
-            # what Lightning's clip_gradients does here (torch's clip_grad_norm_ over the optimizer's parameters),
-            # keeping the total norm to refuse a non-finite one before the optimizer writes it into the weights
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            total = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if not bool(torch.isfinite(total)):
-                raise NonFiniteGradientError(
-                    f"non-finite gradient norm ({total.item()}) at global step {self.global_step}: the optimizer "  # type: ignore[attr-defined]
-                    "step was not taken and training stops here"
-                )
-        else:  # sharded strategies and GradScaler: Lightning's precision plugin knows how to clip there
+        elif max_norm > 0 and scaler is not None:  # Lightning's precision plugin clips with its scaler
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")  # type: ignore[attr-defined]
+        elif max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+    def _log_grad_norm(self, norm: torch.Tensor | None) -> None:
+        """``grad_norm`` at every optimizer step, through ``self.log``: every logger and the progress bar see it."""
+        if norm is not None:
+            self.log("grad_norm", norm.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 

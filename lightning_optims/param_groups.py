@@ -24,12 +24,13 @@ def decay_parameter_names(model: nn.Module) -> list[str]:
 
 
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """``[decay params with weight_decay, the rest with 0.0]``, trainable parameters only (Trainer.create_optimizer)."""
+    """``[decay params with weight_decay, the rest with 0.0]``, trainable parameters only (Trainer.create_optimizer),
+    named ``decay`` and ``no_decay`` (Lightning's ``LearningRateMonitor`` logs ``lr-AdamW/decay``)."""
     decay = set(decay_parameter_names(model))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
-        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay, "name": "decay"},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 
@@ -76,13 +77,18 @@ def low_rank_param_groups(
     target_names: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """``[non-target params, target params + kwargs]`` (transformers' _setup_low_rank_optimizer), trainable
-    parameters only (transformers also puts frozen ones in these groups)."""
+    parameters only (transformers also puts frozen ones in these groups), named ``full_rank`` and ``low_rank``."""
     targets = set(target_names if target_names is not None else target_parameter_names(model, target_modules, optim))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
-        {"params": [p for n, p in named if n not in targets]},
-        {"params": [p for n, p in named if n in targets], **target_group_kwargs},
+        {"params": [p for n, p in named if n not in targets], "name": "full_rank"},
+        {"params": [p for n, p in named if n in targets], **target_group_kwargs, "name": "low_rank"},
     ]
+
+
+def all_params_group(model: nn.Module) -> list[dict[str, Any]]:
+    """One group of every trainable parameter (a frozen one is in no group), named ``all``."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
 
 
 def split_added_group(group: dict[str, Any], low_rank_targets: Any) -> list[dict[str, Any]]:
@@ -106,6 +112,8 @@ def split_added_group(group: dict[str, Any], low_rank_targets: Any) -> list[dict
     projected = {**group, **options, "params": chosen}
     if len(chosen) == len(params):
         return [projected]
+    if "name" in group:  # (LearningRateMonitor refuses two groups of one name)
+        projected["name"] = f"{group['name']}_low_rank"
     return [{**group, "params": [p for p in params if id(p) not in target_ids], "follows_group": None}, projected]
 
 

@@ -348,6 +348,7 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
     def _step_one(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
+        self._measure(p.grad.to_local())
         with torch.no_grad():
             self._step(p, self.param_groups[self._group_of[p]], 0, check_finite=True)  # type: ignore[arg-type]
         p.grad = None
@@ -357,11 +358,19 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
             raise TypeError("a layer-wise optimizer under FSDP2 cannot take a param group added during training")
         super().add_param_group(param_group)
 
+    def _sum_over_processes(self, squared: torch.Tensor) -> torch.Tensor:
+        """One all-reduce of the step's squared norm over the mesh that shards the parameters."""
+        mesh = next(iter(self._group_of)).device_mesh  # type: ignore[attr-defined]
+        squared = squared.clone()
+        torch.distributed.all_reduce(squared, op=torch.distributed.ReduceOp.SUM, group=mesh.get_group())
+        return squared
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Runs the closure (its backward steps every parameter in the hooks); a gradient set without backward (torch's
         distributed checkpoint initialising the state with zero gradients and lr 0) is stepped here."""
         loss = None
+        self._start_step()
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()

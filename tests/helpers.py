@@ -15,8 +15,9 @@ VOCAB = 64
 SEQ = 8
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    """A 2-layer Llama with random weights built from a config (no download)."""
+def tiny_llama(seed: int = 0, layers: int = 2, bias: bool = False) -> LlamaForCausalLM:
+    """A 2-layer Llama with random weights built from a config (no download); ``bias``: its linear layers have
+    biases (Llama's have none)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -27,6 +28,8 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
         num_key_value_heads=2,
         max_position_embeddings=32,
         tie_word_embeddings=False,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     model = LlamaForCausalLM(config)
     model.train()

@@ -74,12 +74,17 @@ def cuda_calls_neutralised():
         torch.Tensor.cuda = original  # type: ignore[method-assign]
 
 
+# the key our groups add (for Lightning's LearningRateMonitor, tests/test_lightning_tools.py); every other is compared
+GROUP_NAME = "name"
+
+
+def options(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("params", GROUP_NAME)}
+
+
 def named_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[tuple[list[str], dict]]:
     names = {id(p): n for n, p in model.named_parameters()}
-    return [
-        ([names[id(p)] for p in g["params"]], {k: v for k, v in g.items() if k != "params"})
-        for g in optimizer.param_groups
-    ]
+    return [([names[id(p)] for p in g["params"]], options(g)) for g in optimizer.param_groups]
 
 
 def test_every_transformers_name_is_registered_or_explained():
@@ -123,8 +128,8 @@ def test_construction_matches_trainer(tmp_path, name):
         assert hf_inner.keys() == our_inner.keys()
         for n in hf_inner:
             assert isinstance(our_inner[n], type(hf_inner[n]))
-            hf_groups = [{k: v for k, v in g.items() if k != "params"} for g in hf_inner[n].param_groups]
-            our_groups = [{k: v for k, v in g.items() if k != "params"} for g in our_inner[n].param_groups]
+            hf_groups = [options(g) for g in hf_inner[n].param_groups]
+            our_groups = [options(g) for g in our_inner[n].param_groups]
             assert hf_groups == our_groups, n
         ours.remove_hooks()
         return
@@ -142,6 +147,11 @@ def test_construction_matches_trainer(tmp_path, name):
     assert isinstance(ours, type(hf_opt))
     assert named_groups(ours, our_model) == named_groups(hf_opt, hf_model)
     assert {k: v for k, v in ours.defaults.items()} == {k: v for k, v in hf_opt.defaults.items()}
+    # each group is named after what sets it apart (LearningRateMonitor logs lr-<class>/<name>)
+    expected = {"decay_groups": ["decay", "no_decay"], "low_rank": ["full_rank", "low_rank"], "model": ["all"]}[
+        spec.params
+    ]
+    assert [g.get(GROUP_NAME) for g in ours.param_groups] == expected
     # low-rank: the target group holds exactly the projected linear weights
     if spec.needs_target_modules:
         target_names = named_groups(ours, our_model)[1][0]
@@ -155,6 +165,24 @@ def test_rmsprop_bnb_optim_args_are_typed(tmp_path):
         Trainer(model=tiny_llama(), args=ta).create_optimizer()
     ours = create_optimizer(tiny_llama(), OptimizerArguments.from_training_arguments(ta))
     assert ours.defaults["betas"] == (0.9, 0.5)  # bitsandbytes keeps (alpha, momentum) as betas
+
+
+def _decay_groups_match_on_a_model_with_biases(tmp_path, name):
+    ta = training_arguments(tmp_path, name, weight_decay=0.1)
+    hf_model, our_model = tiny_llama(bias=True), tiny_llama(bias=True)
+    hf_opt = Trainer(model=hf_model, args=ta).create_optimizer()
+    ours = create_optimizer(our_model, OptimizerArguments.from_training_arguments(ta))
+    assert named_groups(ours, our_model) == named_groups(hf_opt, hf_model)
+    return named_groups(ours, our_model)
+
+
+@pytest.mark.parametrize("name", ["adamw_torch", "adafactor", "grokadamw", "schedule_free_adamw", "sgd"])
+def test_decay_groups_match_trainer_on_a_model_with_biases(tmp_path, name):
+    """Llama has no biases: with them, the no-decay rules (bias, norms) are compared with the Trainer's too."""
+    (decay, decay_options), (no_decay, no_decay_options) = _decay_groups_match_on_a_model_with_biases(tmp_path, name)
+    biases = [n for n in no_decay if n.endswith(".bias")]
+    assert len(biases) == 2 * 7 and not any(n.endswith(".bias") for n in decay)  # q/k/v/o, gate/up/down per layer
+    assert decay_options["weight_decay"] == 0.1 and no_decay_options["weight_decay"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -291,7 +319,7 @@ def test_training_matches_trainer(tmp_path, name):
 
     ours = module.model.state_dict()
     for key, value in hf_model.state_dict().items():
-        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=lambda m, key=key: f"{name} {key}: {m}")
     # the run moved the weights: equal weights are not just the initial ones
     assert not torch.allclose(
         tiny_llama().state_dict()["model.layers.0.mlp.up_proj.weight"], ours["model.layers.0.mlp.up_proj.weight"]
