@@ -19,17 +19,31 @@ FAMILIES = {
     "schedule_free_adamw": dict(lr_scheduler_type="constant"),
     "lomo": dict(max_grad_norm=1.0),
     "adalomo": dict(max_grad_norm=0.0),
+    # settings in which the scale of the gradient changes the update, so that an engine that summed the processes'
+    # gradients instead of averaging them would end elsewhere: LOMO without clipping is SGD, and AdaLomo's update is
+    # g / sqrt(mean g^2 + eps_sq), scale-free unless eps_sq is comparable to g^2 (here: ~1e-6 to 1e-4)
+    "lomo_unclipped": dict(optim="lomo", max_grad_norm=0.0),
+    "adalomo_eps": dict(optim="adalomo", max_grad_norm=0.0, optim_args="eps_sq=1e-4"),
 }
 STEPS, PER_RANK = 3, 2
 
 
 class SaveRankWeights(Callback):
+    """Each process's weights at the end, and the ``grad_norm`` it logged at each step."""
+
     def __init__(self, folder: str) -> None:
         self.folder = folder
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.norms.append(float(trainer.callback_metrics["grad_norm"]))
 
     def on_fit_end(self, trainer, pl_module):
         torch.save(
-            {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+            {
+                "weights": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                "grad_norms": torch.tensor(self.norms),
+            },
             f"{self.folder}/rank{trainer.global_rank}.pt",
         )
 
@@ -39,10 +53,21 @@ class SaveRankWeights(Callback):
 UNUSED_EXTRA = {"lomo": dict(optim_args="weight_decay=0.1"), "adalomo": dict(optim_args="weight_decay=0.1")}
 
 
-def fit(name: str, devices: int, folder, strategy: str = "ddp_fork", unused: bool = False):
-    cls = AuxHeadLlama if unused else LlamaModule
-    extra = UNUSED_EXTRA.get(name, {}) if unused else {}
-    module = cls(model=tiny_llama(), optim=name, learning_rate=1e-2, **FAMILIES[name], **extra)
+class ScaledLoss(LlamaModule):
+    """The loss times ``loss_factor`` (for the control of the scale-sensitive cases)."""
+
+    loss_factor = 1.0
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * self.loss_factor
+
+
+def fit(name: str, devices: int, folder, strategy: str = "ddp_fork", unused: bool = False, loss_factor: float = 1.0):
+    cls = AuxHeadLlama if unused else (ScaledLoss if loss_factor != 1.0 else LlamaModule)
+    settings = {"optim": name, **FAMILIES[name]}
+    extra = UNUSED_EXTRA.get(settings["optim"], {}) if unused else {}
+    module = cls(model=tiny_llama(), learning_rate=1e-2, **settings, **extra)
+    module.loss_factor = loss_factor
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -62,32 +87,54 @@ def fit(name: str, devices: int, folder, strategy: str = "ddp_fork", unused: boo
     return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(devices)]
 
 
+def test_each_scale_sensitive_case_moves_with_the_gradient_scale(tmp_path):
+    """The two cases meant to catch a summed (not averaged) gradient: one process trained on its gradient doubled
+    (loss times 2) ends far from the normal run, so a doubled gradient under DDP could not pass as equal."""
+    for name in ("lomo_unclipped", "adalomo_eps"):
+        folders = [tmp_path / name / kind for kind in ("normal", "doubled")]
+        for folder in folders:
+            folder.mkdir(parents=True)
+        (normal,) = fit(name, 1, folders[0])
+        (doubled,) = fit(name, 1, folders[1], loss_factor=2.0)
+        gap = max((normal["weights"][k] - doubled["weights"][k]).abs().max().item() for k in normal["weights"])
+        assert gap > 1e-3, f"{name}: a doubled gradient moved the weights by {gap} only"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_ddp_replicas_identical_and_equal_to_one_process(tmp_path, name):
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()
-    rank0, rank1 = fit(name, 2, tmp_path / "ddp")
-    (single,) = fit(name, 1, tmp_path / "one")
+    run0, run1 = fit(name, 2, tmp_path / "ddp")
+    (one,) = fit(name, 1, tmp_path / "one")
+    rank0, rank1, single = run0["weights"], run1["weights"], one["weights"]
     initial = tiny_llama().state_dict()
     for key, value in single.items():
         assert torch.equal(rank0[key], rank1[key]), f"{name}: replicas differ at {key}"
-        torch.testing.assert_close(rank0[key], value, atol=1e-5, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+        torch.testing.assert_close(rank0[key], value, atol=1e-5, rtol=0, msg=lambda m, key=key: f"{name} {key}: {m}")
     moved = single["model.model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(moved, initial["model.layers.0.mlp.up_proj.weight"])
+    # grad_norm at each step: the norm of the averaged gradient, the same on both processes, as one process has it
+    assert len(one["grad_norms"]) == STEPS and bool((one["grad_norms"] > 0).all())
+    assert torch.equal(run0["grad_norms"], run1["grad_norms"])
+    # step 1 starts from the same weights: only the order of the sums differs; later steps start from weights equal
+    # within the 1e-5 above, and the norm follows them (measured up to 3e-5 relative: GrokAdamW's third step)
+    torch.testing.assert_close(run0["grad_norms"][0], one["grad_norms"][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(run0["grad_norms"], one["grad_norms"], rtol=1e-4, atol=0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n in FAMILIES[n].get("optim", n)])
 def test_ddp_parameter_unused_on_one_rank_equals_one_process(tmp_path, name):
     """The aux head is used by sample 0 (rank 0, step 0) and sample 5 (rank 1, step 1) only: in each of those steps
     the other rank computes no gradient for it, and in the later steps no rank does."""
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()
-    rank0, rank1 = fit(name, 2, tmp_path / "ddp", strategy="ddp_fork_find_unused_parameters_true", unused=True)
-    (single,) = fit(name, 1, tmp_path / "one", unused=True)
+    run0, run1 = fit(name, 2, tmp_path / "ddp", strategy="ddp_fork_find_unused_parameters_true", unused=True)
+    (one,) = fit(name, 1, tmp_path / "one", unused=True)
+    rank0, rank1, single = run0["weights"], run1["weights"], one["weights"]
     initial = AuxHeadLlama(model=tiny_llama()).state_dict()
     for key, value in single.items():
         assert torch.equal(rank0[key], rank1[key]), f"{name}: replicas differ at {key}"
-        torch.testing.assert_close(rank0[key], value, atol=1e-5, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+        torch.testing.assert_close(rank0[key], value, atol=1e-5, rtol=0, msg=lambda m, key=key: f"{name} {key}: {m}")
     assert not torch.equal(single["aux.weight"], initial["aux.weight"])  # the head was trained

@@ -7,15 +7,17 @@ under ``ModelParallelStrategy`` on 2 CPU processes (gloo) with every decoder lay
 (FSDP2, DTensor parameters sharded on dim 0), each process taking half of every batch, or on one process with the
 combined batches. The full weights go to ``OUT_DIR/NAME.pt``. OPTION: ``ckpt`` saves a checkpoint at each epoch end
 (in ``OUT_DIR/NAME-ckpt``); ``resume=OTHER`` resumes from run OTHER's epoch-0 checkpoint; ``local`` is the control
-with the statistics left shard-local (in-backward: no collective; gathered: the optimizer on this process's rows); ``unused`` fits a model whose head ``aux`` is used by sample 0
-only (step 0 of each epoch: one process uses it, the other not; step 1: no process), with FSDP2's
-``set_reduce_scatter_unused_params(True)``; ``unused-torch`` is its control, with that switch alone (torch's
-zeros for every unused parameter, without this package's rule). All runs of a launch share its two processes (one launch, many
-fits, as Lightning allows), in the order given.
+with the statistics left shard-local (in-backward: no collective; gathered: the optimizer on this process's
+rows); ``unused`` fits a model whose head ``aux`` is used by sample 0 only (step 0 of each epoch: one process
+uses it, the other not; step 1: no process), with FSDP2's ``set_reduce_scatter_unused_params(True)``;
+``unused-torch`` is its control, with that switch alone (torch's zeros for every unused parameter, without this
+package's rule). All runs of a launch share its two processes (one launch, many fits, as Lightning allows), in the
+order given.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,7 +32,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import default_data_collator
 
-from tests.helpers import FlaggedTokenDataset, LlamaModule, RankInterleavedSampler, ddp_loader, tiny_llama
+from tests.helpers import (
+    FlaggedTokenDataset,
+    LlamaModule,
+    RankInterleavedSampler,
+    TokenDataset,
+    ddp_loader,
+    tiny_llama,
+)
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 2, 2, 4  # BATCH: the combined batch of a step, split over the processes
 # tests/gpu runs the same fits on CUDA (NCCL) with as many processes as there are devices; tests/test_sharded.py
@@ -108,14 +117,18 @@ class ShardedAuxLlama(ShardedLlama):
 
 
 class SaveFullWeights(Callback):
-    """The full weights at the end, and the steps this fit took (``NAME.steps``: a resumed fit takes fewer)."""
+    """The full weights at the end, the steps this fit took (``NAME.steps``: a resumed fit takes fewer) and the
+    ``grad_norm`` logged at each optimizer step (``NAME.norms``, JSON)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.steps = 0
+        self.norms: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps += 1
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.norms.append(float(trainer.callback_metrics["grad_norm"]))
 
     def on_fit_end(self, trainer, pl_module):
         full = {
@@ -125,6 +138,7 @@ class SaveFullWeights(Callback):
         if trainer.is_global_zero:
             torch.save(full, self.path)
             self.path.with_suffix(".steps").write_text(str(self.steps))
+            self.path.with_suffix(".norms").write_text(json.dumps(self.norms))
 
 
 def shard_local_step(self, p, group, index, check_finite=False) -> None:
@@ -161,8 +175,12 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     if option == "ckpt":
         callbacks.append(ModelCheckpoint(dirpath=out / f"{name}-ckpt", save_top_k=-1, filename="{epoch}"))
     resume = out / f"{option[len('resume=') :]}-ckpt" / "epoch=0.ckpt" if option.startswith("resume=") else None
+    # micro: one process on the combined batch of each step, its gradient accumulated over the processes' halves in
+    # their order, as FSDP2 sums them (the same arithmetic: a whole batch in one matmul rounds otherwise)
+    micro = not sharded and option == "micro"
     trainer = L.Trainer(
         accelerator=ACCELERATOR,
+        accumulate_grad_batches=2 if micro else 1,
         devices=PROCESSES if sharded else 1,
         strategy=ModelParallelStrategy(data_parallel_size=PROCESSES, tensor_parallel_size=1) if sharded else "auto",
         max_epochs=EPOCHS,
@@ -178,6 +196,9 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     )
     per_process, n = BATCH // PROCESSES if sharded else BATCH, BATCH * STEPS_PER_EPOCH
     data = ddp_loader(per_process, n=n)
+    if micro:  # the batches of step s: [4s, 4s + 2] (process 0's), then [4s + 1, 4s + 3] (process 1's)
+        halves = [[s * BATCH + r, s * BATCH + r + 2] for s in range(STEPS_PER_EPOCH) for r in range(2)]
+        data = torch.utils.data.DataLoader(TokenDataset(n), batch_sampler=halves, collate_fn=default_data_collator)
     if option.startswith("unused"):
         data = torch.utils.data.DataLoader(
             FlaggedTokenDataset(n, flagged=(0,)),
