@@ -192,3 +192,51 @@ def test_apollo_layerwise_hooks_removed_after_fit():
     )
     lightning_trainer(2).fit(module, loader())
     assert all(not p._post_accumulate_grad_hooks for p in module.parameters())
+
+
+class RecordInnerLrs(Callback):
+    """The lr each layer-wise inner optimizer has when it steps, and the scheduled lr of that step (the outer group's,
+    which Lightning's scheduler sets: read as the step's batch starts)."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[float] = []
+        self.applied: list[set[float]] = []
+
+    def on_train_start(self, trainer, pl_module):
+        for inner in trainer.optimizers[0].optimizer_dict.values():
+            step = inner.step
+
+            def recording_step(*args, _inner=inner, _step=step, **kwargs):
+                self.applied[-1].add(_inner.param_groups[0]["lr"])
+                return _step(*args, **kwargs)
+
+            inner.step = recording_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.scheduled.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.applied.append(set())
+
+
+@pytest.mark.parametrize("name", ["apollo_adamw_layerwise", "galore_adamw_layerwise"])
+def test_layerwise_inner_optimizers_apply_the_scheduled_lr(name):
+    """Each parameter's optimizer steps with the lr the schedule gives that step (warmup, then linear decay), not
+    the lr it was built with: the fault of transformers' layer-wise optimizers, which keep their first lr
+    (tests/test_parity_transformers.py::test_trainer_layerwise_ignores_the_schedule)."""
+    if name.startswith("galore") and not HAS_GALORE:
+        pytest.skip("galore-torch is not installed")
+    steps = 5
+    module = LlamaModule(
+        model=tiny_llama(),
+        optim=name,
+        optim_target_modules="all-linear",
+        optim_args="rank=2",
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        max_grad_norm=0.0,
+    )
+    record = RecordInnerLrs()
+    lightning_trainer(steps, callbacks=[record]).fit(module, loader())
+    # warmup from 0, peak at step 2, then down: five different rates, each applied by every inner optimizer
+    assert record.scheduled == pytest.approx([0.0, 5e-3, 1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+    assert record.applied == [{lr} for lr in record.scheduled]

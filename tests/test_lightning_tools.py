@@ -521,6 +521,33 @@ def test_a_hook_overridden_with_super_trains(hook):
     assert trainer.global_step == 2 and not torch.equal(before, module.model.lm_head.weight)
 
 
+def _fit_is_refused_naming(module: LlamaModule, owner: str, hook: str) -> None:
+    before = module.model.lm_head.weight.detach().clone()
+    trainer = lightning_trainer(2)
+    with pytest.raises(MisconfigurationException, match=rf"{owner}\.{hook} overrides a hook that OptimizerMixin"):
+        trainer.fit(module, loader())
+    assert trainer.global_step == 0 and torch.equal(before, module.model.lm_head.weight)
+
+
+@pytest.mark.parametrize("hook", MIXIN_HOOKS)
+def test_a_hook_overridden_without_super_in_a_base_class_is_refused(hook):
+    """The user's base class overrides the hook; the class fitted adds nothing: still refused, naming the base."""
+    base = _subclass(hook, with_super=False)
+    user = type("UserModule", (base,), {})
+    _fit_is_refused_naming(user(model=tiny_llama(), optim="lomo", max_grad_norm=0.0), base.__name__, hook)
+
+
+@pytest.mark.parametrize("hook", MIXIN_HOOKS)
+def test_a_hook_that_calls_super_for_another_hook_is_refused(hook):
+    """``super()`` appears in the override, for another hook: the mixin's ``hook`` is still never called."""
+    other = "on_fit_start" if hook != "on_fit_start" else "on_fit_end"
+    namespace: dict = {}
+    body = f"    def {hook}(self, *args, **kwargs):\n        super().{other}()\n"
+    exec(f"class Other_{hook}(LlamaModule):\n{body}", {"LlamaModule": LlamaModule}, namespace)
+    module = namespace[f"Other_{hook}"](model=tiny_llama(), optim="lomo", max_grad_norm=0.0)
+    _fit_is_refused_naming(module, f"Other_{hook}", hook)
+
+
 def test_lomo_backward_that_skips_the_fused_backward_at_run_time_is_refused_before_any_update():
     class Conditional(LlamaModule):
         def backward(self, loss, *args, **kwargs):
