@@ -8,9 +8,9 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from transformers import TrainingArguments
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
@@ -131,7 +131,8 @@ class OptimizerArguments:
                     f"lr_scheduler_kwargs={dict(kwargs)!r} has no effect with lr_scheduler_type={name!r}, "
                     "which takes no extra arguments"
                 )
-            params = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters
+            schedule = cast("Callable[..., Any]", TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)])
+            params = inspect.signature(schedule).parameters
             if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
                 accepted = [p for p in params if p not in _FILLED_BY_GET_SCHEDULER]
                 for key in kwargs:
@@ -233,6 +234,11 @@ class OptimizerArguments:
             )
 
     # -- conversions ----------------------------------------------------------------------------------------------
+
+    @property
+    def scheduler_kwargs(self) -> dict[str, Any] | None:
+        """``lr_scheduler_kwargs`` as validated: a mapping (a JSON string was parsed), or ``None``."""
+        return cast("dict[str, Any] | None", self.lr_scheduler_kwargs)
 
     def as_kwargs(self) -> dict[str, Any]:
         """The fields as keyword arguments (for ``OptimizerMixin.__init__`` or ``dataclasses.replace``)."""

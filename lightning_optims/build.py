@@ -46,8 +46,10 @@ def create_optimizer(
     elif spec.params == "low_rank":
         assert spec.target_group_kwargs is not None  # register() guarantees it
         target_kwargs = spec.target_group_kwargs(ctx)
-        names = target_parameter_names(model, args.optim_target_modules, spec.name)
-        params = low_rank_param_groups(model, args.optim_target_modules, spec.name, target_kwargs, names)
+        targets = args.optim_target_modules
+        assert targets is not None  # OptimizerArguments refuses a low-rank optim without optim_target_modules
+        names = target_parameter_names(model, targets, spec.name)
+        params = low_rank_param_groups(model, targets, spec.name, target_kwargs, names)
         _warn_if_rank_too_large(params[1], spec.name)
         # frozen targets too: a group added during training (BaseFinetuning unfreezing them) projects them as well
         wanted = set(names)
@@ -55,6 +57,7 @@ def create_optimizer(
     else:
         params = all_params_group(model)
     sharded = spec.shards_by_gathering and is_sharded([p for g in params for p in g["params"]])
+    optimizer: Any
     if spec.layerwise and sharded:
         optimizer = GatheredLayerwiseOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors, in the hooks
     elif spec.layerwise:
@@ -101,7 +104,7 @@ class ScheduledGroupsLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     given to it by whoever added it (``BackboneFinetuning`` sets its backbone group's lr every epoch).
     """
 
-    def scheduled_lrs(self) -> list[float]:
+    def scheduled_lrs(self) -> list[Any]:
         """The learning rates of the groups built with, at the current step."""
         return [base_lr * factor(self.last_epoch) for factor, base_lr in zip(self.lr_lambdas, self.base_lrs)]
 
@@ -110,7 +113,8 @@ class ScheduledGroupsLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         return scheduled + [group["lr"] for group in self.optimizer.param_groups[len(scheduled) :]]
 
 
-class GreedyLRScheduler(GreedyLR, torch.optim.lr_scheduler.LRScheduler):
+# (GreedyLR's step / get_last_lr keep their own signatures: the LRScheduler base is only what Lightning checks for)
+class GreedyLRScheduler(GreedyLR, torch.optim.lr_scheduler.LRScheduler):  # type: ignore[misc]
     """transformers' ``GreedyLR`` as a Lightning-compatible scheduler (Lightning accepts only ``LRScheduler`` and
     ``ReduceLROnPlateau`` instances); the behaviour is ``GreedyLR``'s. Stepped with the monitored metric after each
     validation, as the Trainer steps it after each evaluation."""
@@ -125,13 +129,13 @@ def create_scheduler(
     added later keeps its own), ``greedy`` a :class:`GreedyLRScheduler`.
     """
     if args.lr_scheduler_type == "greedy":
-        return GreedyLRScheduler(optimizer, **(args.lr_scheduler_kwargs or {}))
+        return GreedyLRScheduler(optimizer, **(args.scheduler_kwargs or {}))
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,
         num_warmup_steps=num_warmup_steps(args, num_training_steps),
         num_training_steps=num_training_steps,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+        scheduler_specific_kwargs=args.scheduler_kwargs,
     )
     if type(scheduler) is torch.optim.lr_scheduler.LambdaLR:
         scheduler.__class__ = ScheduledGroupsLambdaLR  # same state; only get_lr differs, for added groups

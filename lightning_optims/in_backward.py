@@ -330,7 +330,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}: no parameter was updated and training stops here"
         )
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Run ``closure`` (forward + :meth:`fused_backward`); the updates happen inside it.
 
         A closure whose backward did not go through :meth:`fused_backward` (a module's ``backward`` override that

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
+    Callback,
     GradientAccumulationScheduler,
     StochasticWeightAveraging,
     WeightAveraging,
@@ -23,6 +24,7 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRSchedulerConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -107,7 +109,13 @@ def _runs_validation(trainer: Any, module: Any) -> bool:
     return source is None or source.is_defined()
 
 
-class OptimizerMixin:
+if TYPE_CHECKING:  # the mixin is only ever used before LightningModule in a module's bases: type it as one
+    from lightning.pytorch import LightningModule as _MixinBase
+else:
+    _MixinBase = object
+
+
+class OptimizerMixin(_MixinBase):
     """Mix into a ``LightningModule`` (``class M(OptimizerMixin, L.LightningModule)``).
 
     Takes every :class:`OptimizerArguments` field as a keyword argument (typed, so LightningCLI shows them in
@@ -193,7 +201,7 @@ class OptimizerMixin:
         new = OptimizerArguments(**{**old.as_kwargs(), **changes})
         trainer = getattr(self, "_trainer", None)
         running = trainer is not None and trainer.state.status == TrainerStatus.RUNNING
-        if running and self._built_optimizer is not None and self._built_optimizer in trainer.optimizers:
+        if running and self._built_optimizer is not None and self._built_optimizer in trainer.optimizers:  # type: ignore[union-attr]  # (running: trainer is set)
             fixed = [k for k in changes if k != "learning_rate" and getattr(new, k) != getattr(old, k)]
             if fixed:
                 raise MisconfigurationException(
@@ -211,7 +219,7 @@ class OptimizerMixin:
 
     def _scale_learning_rate(self, ratio: float) -> None:
         """Multiply the learning rate of the running fit: the optimizer's groups and the scheduler's base rates."""
-        trainer = self.trainer  # type: ignore[attr-defined]
+        trainer = self.trainer
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] *= ratio
@@ -239,7 +247,7 @@ class OptimizerMixin:
 
     def optimized_module(self) -> nn.Module:
         """The module whose parameters are optimized and whose module names the settings refer to."""
-        return self  # type: ignore[return-value]
+        return self
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
 
@@ -252,9 +260,9 @@ class OptimizerMixin:
                 "optimizer settings: set the optimizer through the model's settings (--model.optim=..., "
                 "--model.learning_rate=..., --model.lr_scheduler_type=...) and remove --optimizer / --lr_scheduler"
             )
-        super().setup(stage)  # type: ignore[misc]
+        super().setup(stage)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         args = self.optimizer_arguments
         self._check_hook_overrides()
         self._check_trainer_settings()
@@ -283,7 +291,7 @@ class OptimizerMixin:
         optimizer = create_optimizer(self.optimized_module(), args, num_training_steps=total_steps)
         if isinstance(strategy, ModelParallelStrategy):
             # FSDP2 groups with set_reduce_scatter_unused_params(True): parameters used on some processes only
-            sync_unused_parameters(self)  # type: ignore[arg-type]
+            sync_unused_parameters(self)
         if isinstance(optimizer, InBackwardOptimizer):
             # the engine averages each gradient itself: DDP's reducer must not prepare a reduction it never sees
             wrapped = self.trainer.strategy.model
@@ -292,9 +300,10 @@ class OptimizerMixin:
         if self.optimizer_spec.has_train_eval_modes:
             # train mode from the start (no weight moves: there is no second sequence yet), so that steps taken
             # without ScheduleFreeCallback (the learning-rate finder's trial run replaces all callbacks) work
-            optimizer.train()
+            optimizer.train()  # type: ignore[attr-defined]  # (schedule-free optimizers have train() / eval())
         scheduler = create_scheduler(optimizer, args, total_steps or 0)
         self._built_optimizer, self._built_scheduler, self._built_total_steps = optimizer, scheduler, total_steps
+        config: LRSchedulerConfigType
         if args.lr_scheduler_type in _METRIC_SCHEDULERS:
             config = {
                 "scheduler": scheduler,
@@ -308,10 +317,11 @@ class OptimizerMixin:
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     def configure_callbacks(self) -> list[Any]:
-        callbacks: list[Any] = list(super().configure_callbacks() or [])  # type: ignore[misc]
-        if self._trainer is not None and self.trainer.state.fn == "fit":  # type: ignore[attr-defined]
+        returned = super().configure_callbacks()  # (Lightning accepts one callback or a sequence)
+        callbacks: list[Any] = [returned] if isinstance(returned, Callback) else list(returned or [])
+        if self._trainer is not None and self.trainer.state.fn == "fit":
             self._check_hook_overrides()
-        present = [] if self._trainer is None else self.trainer.callbacks  # type: ignore[attr-defined]
+        present = [] if self._trainer is None else getattr(self.trainer, "callbacks", [])
         needed = self.optimizer_spec.callback_classes()  # what the spec says this optimizer needs at run time
         if not getattr(self, "automatic_optimization", True) and self.optimizer_arguments.lr_scheduler_type not in (
             "constant",
@@ -326,25 +336,25 @@ class OptimizerMixin:
         return callbacks
 
     def backward(self, loss: Any, *args: Any, **kwargs: Any) -> None:
-        trainer = self.trainer  # type: ignore[attr-defined]
+        trainer = self.trainer
         if getattr(trainer.precision_plugin, "scaler", None) is None and not bool(torch.isfinite(loss.detach()).all()):
             # (with a GradScaler an overflowing step is the scaler's to skip)
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.detach().float().mean().item()}) at global step {self.global_step} "  # type: ignore[attr-defined]
+                f"non-finite loss ({loss.detach().float().mean().item()}) at global step {self.global_step} "
                 "(before backward: no weight was changed by this step); training stops here"
             )
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if isinstance(optimizer, InBackwardOptimizer):
             optimizer.fused_backward(loss)  # updates every parameter as its gradient arrives
             return
-        super().backward(loss, *args, **kwargs)  # type: ignore[misc]
+        super().backward(loss, *args, **kwargs)
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
         """Log ``grad_norm`` (the global norm before clipping, as transformers' Trainer logs it, also with
         ``max_grad_norm=0``), refuse a non-finite one, then clip at ``max_grad_norm``."""
-        trainer = self.trainer  # type: ignore[attr-defined]
+        trainer = self.trainer
         if self.optimizer_spec.updates_in_backward:
             # no gradient is left after backward: clipping happened inside it (max_grad_norm), and the engine
             # measured the norm as the gradients passed
@@ -356,9 +366,9 @@ class OptimizerMixin:
         if not (_plain_data_parallel(trainer.strategy) or isinstance(trainer.strategy, ModelParallelStrategy)):
             # FSDP1 / DeepSpeed flatten or partition the gradients: their precision plugin clips, no norm here
             if gradient_clip_val:
-                super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
+                super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             elif max_norm > 0:
-                self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")  # type: ignore[attr-defined]
+                self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
             return
         # one device, DDP (whole averaged gradients) or FSDP2 (DTensor gradients: the norm is reduced over the mesh):
         # torch's clip_grad_norm_ in two halves, so that the norm is logged and a non-finite one refused before the
@@ -369,32 +379,32 @@ class OptimizerMixin:
         self._log_grad_norm(value)
         if scaler is None and not bool(torch.isfinite(value)):  # (with a GradScaler the step is the scaler's to skip)
             raise NonFiniteGradientError(
-                f"non-finite gradient norm ({value.item()}) at global step {self.global_step}: the optimizer "  # type: ignore[attr-defined]
+                f"non-finite gradient norm ({value.item()}) at global step {self.global_step}: the optimizer "
                 "step was not taken and training stops here"
             )
         if gradient_clip_val:
             # Trainer(gradient_clip_val=...) with max_grad_norm=0 (anything else was refused at configure_optimizers)
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         elif max_norm > 0 and scaler is not None:  # Lightning's precision plugin clips with its scaler
-            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")  # type: ignore[attr-defined]
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         elif max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
     def _log_grad_norm(self, norm: torch.Tensor | None) -> None:
         """``grad_norm`` at every optimizer step, through ``self.log``: every logger and the progress bar see it."""
         if norm is not None:
-            self.log("grad_norm", norm.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+            self.log("grad_norm", norm.detach(), on_step=True, on_epoch=False)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[_CHECKPOINT_KEY] = {"settings": self.optimizer_arguments.as_kwargs()}
-        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get(_CHECKPOINT_KEY, {}).get("settings")
-        trainer = self._trainer  # type: ignore[attr-defined]
+        trainer = self._trainer
         if saved is None or trainer is None or trainer.state.fn != "fit":
             return  # loading weights (load_from_checkpoint, validate, test...) does not load optimizer state
         current = self.optimizer_arguments.as_kwargs()
@@ -421,7 +431,7 @@ class OptimizerMixin:
         if ratio != 1.0:
             self._scale_learning_rate(ratio)
         self._resync_schedule()
-        super().on_train_start()  # type: ignore[misc]
+        super().on_train_start()
 
     def _resync_schedule(self) -> None:
         """Before the first step of a fit, make the schedule agree with what happened since configure_optimizers:
@@ -431,7 +441,7 @@ class OptimizerMixin:
         - ``LearningRateFinder`` wrote its suggestion into every group's lr (warmup included): the groups get the
           scheduled lr of the current step again, now from the new base rate.
         """
-        trainer = self.trainer  # type: ignore[attr-defined]
+        trainer = self.trainer
         if self._built_optimizer is None or self._built_optimizer not in trainer.optimizers:
             return
         configs = [c for c in trainer.lr_scheduler_configs if c.scheduler is self._built_scheduler]
@@ -482,7 +492,7 @@ class OptimizerMixin:
 
     def _check_trainer_settings(self, trainer: Any = None) -> None:
         """Refuse, before any step, Trainer settings this optimizer cannot honour (called by configure_optimizers)."""
-        trainer = trainer if trainer is not None else self.trainer  # type: ignore[attr-defined]
+        trainer = trainer if trainer is not None else self.trainer
         args = self.optimizer_arguments
         spec = self.optimizer_spec
         if spec.updates_in_backward and trainer.gradient_clip_val:

@@ -14,7 +14,7 @@ import importlib
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from apollo_torch import APOLLOAdamW as _UpstreamAPOLLOAdamW
@@ -33,7 +33,10 @@ def _import_keeping_root_logger(name: str) -> Any:
     return module
 
 
-grokadamw = _import_keeping_root_logger("grokadamw")
+if TYPE_CHECKING:
+    import grokadamw
+else:
+    grokadamw = _import_keeping_root_logger("grokadamw")
 
 __all__ = ["APOLLOAdamW", "GrokAdamW", "ProjectorStateMixin", "grokking_signal"]
 
@@ -123,7 +126,13 @@ def _projector_from_state(state: dict[str, Any]) -> Any:
     return projector
 
 
-class ProjectorStateMixin:
+if TYPE_CHECKING:  # mixed into an optimizer class, before it in the bases: type it as one
+    _OptimizerBase = torch.optim.Optimizer
+else:
+    _OptimizerBase = object
+
+
+class ProjectorStateMixin(_OptimizerBase):
     """``state_dict`` with projector objects as plain data; ``load_state_dict`` rebuilds them.
 
     A param group added during training (``BaseFinetuning``) is split as the build splits the model: target modules
@@ -138,21 +147,21 @@ class ProjectorStateMixin:
         for part in parts:
             if "follows_group" in part:
                 part["follows_group"] = len(self.param_groups) + 1  # the part added right after it
-            super().add_param_group(part)  # type: ignore[misc]
+            super().add_param_group(part)
         if self._seeded_projections:
             position = 0  # as APOLLOAdamW.__init__: 1-based position among all parameters, trainable ones seeded
-            for group in self.param_groups:  # type: ignore[attr-defined]
+            for group in self.param_groups:
                 for p in group["params"]:
                     position += 1
-                    if p.requires_grad and "seed" not in self.state[p]:  # type: ignore[attr-defined]
-                        self.state[p]["seed"] = position  # type: ignore[attr-defined]
+                    if p.requires_grad and "seed" not in self.state[p]:
+                        self.state[p]["seed"] = position
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        follow_leader_lrs(self.param_groups)  # type: ignore[attr-defined]
-        return super().step(closure)  # type: ignore[misc]
+        follow_leader_lrs(self.param_groups)
+        return super().step(closure)
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()  # type: ignore[misc]
+        sd = super().state_dict()
         state = {}
         for index, entry in sd["state"].items():
             if "projector" in entry:
@@ -169,8 +178,8 @@ class ProjectorStateMixin:
             if isinstance(projector, dict) and _MARK in projector:
                 entry = {**entry, "projector": _projector_from_state(projector)}
             state[index] = entry
-        super().load_state_dict({**state_dict, "state": state})  # type: ignore[misc]
-        for p, entry in self.state.items():  # type: ignore[attr-defined]
+        super().load_state_dict({**state_dict, "state": state})
+        for p, entry in self.state.items():
             projector = entry.get("projector")
             if projector is not None:  # its tensors follow the parameter (torch moves only the state's own tensors)
                 for key, value in vars(projector).items():

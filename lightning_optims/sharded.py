@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -76,7 +76,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             if key != "params":
                 inner_group[key] = value
         proxy = p.full_tensor().detach().clone()
-        proxy.grad = p.grad.full_tensor().to(proxy.dtype)
+        proxy.grad = _grad(p).full_tensor().to(proxy.dtype)
         inner_group["params"] = [proxy]
         state, group_state = self._unflatten_state(self.state.get(p, {}))
         inner_group.update(group_state)  # what the optimizer keeps in its group (optimi's step count, ...)
@@ -177,7 +177,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
     def _step(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
         """One parameter's step: on this process's rows where the math allows (with small collectives), else on
         the whole tensors gathered."""
-        if check_finite and not _all_finite(p.grad):
+        if check_finite and not _all_finite(_grad(p)):
             from lightning_optims.in_backward import NonFiniteGradientError
 
             raise NonFiniteGradientError(
@@ -213,12 +213,12 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         ``r * n`` numbers), after which every process holds it and its moments whole; each keeps its rows of ``O``
         (``[m, r]``); the limiter's norm is one more sum. State tensors are ``DTensor`` s, sharded on the
         parameter's rows or replicated, so the distributed checkpoint saves and reshards them."""
-        inner = self._inner_for(p, group)
+        inner: Any = self._inner_for(p, group)  # (APOLLOAdamW: scale_front, disable_nl, its projector)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
         state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
         if not state:
             state["seed"] = self._position[p]
-        grad, rows = p.grad.to_local().to(p.dtype), p.to_local()
+        grad, rows = _grad(p).to_local().to(p.dtype), p.to_local()
         m, n = p.shape
         right = m >= n
         mesh_group = p.device_mesh.get_group()
@@ -315,7 +315,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             if key != "params":
                 inner_group[key] = value
         rows = p.to_local().detach()  # (the parameter's own storage: updated in place)
-        rows.grad = p.grad.to_local().detach().to(rows.dtype)
+        rows.grad = _grad(p).to_local().detach().to(rows.dtype)
         inner_group["params"] = [rows]
         inner.state[rows], group_state = self._unflatten_state(self.state.get(p, {}), whole=False)
         inner_group.update(group_state)
@@ -348,9 +348,9 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
     def _step_one(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
-        self._measure(p.grad.to_local())
+        self._measure(_grad(p).to_local())
         with torch.no_grad():
-            self._step(p, self.param_groups[self._group_of[p]], 0, check_finite=True)  # type: ignore[arg-type]
+            self._step(cast(DTensor, p), self.param_groups[self._group_of[p]], 0, check_finite=True)
         p.grad = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -360,7 +360,7 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
 
     def _sum_over_processes(self, squared: torch.Tensor) -> torch.Tensor:
         """One all-reduce of the step's squared norm over the mesh that shards the parameters."""
-        mesh = next(iter(self._group_of)).device_mesh  # type: ignore[attr-defined]
+        mesh = cast(DTensor, next(iter(self._group_of))).device_mesh
         squared = squared.clone()
         torch.distributed.all_reduce(squared, op=torch.distributed.ReduceOp.SUM, group=mesh.get_group())
         return squared
@@ -376,6 +376,11 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
                 loss = closure()
         super().step()
         return loss
+
+
+def _grad(p: torch.Tensor) -> DTensor:
+    """The gradient of an FSDP2 parameter that has one (a ``DTensor``, as only those are stepped)."""
+    return cast(DTensor, p.grad)
 
 
 def _dim0_sharded(p: torch.Tensor) -> bool:
@@ -426,7 +431,7 @@ def _rows_as_dtensor(value: Any, p: DTensor) -> Any:
         return value
     shape = (p.shape[0], *value.shape[1:])
     return DTensor.from_local(
-        value, p.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=_contiguous_strides(shape)
+        value, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=_contiguous_strides(shape)
     )
 
 
@@ -462,10 +467,11 @@ def sync_unused_parameters(module: torch.nn.Module) -> None:
             if getattr(group, _UNUSED_SYNC, False):
                 continue  # (a later fit of the same module)
             if group.reduce_scatter_unused_params:
-                group.post_backward = _post_backward_with_used_flags(group, group.post_backward)
+                # (FSDP2's per-group hook, wrapped on this instance)
+                group.post_backward = _post_backward_with_used_flags(group, group.post_backward)  # type: ignore[method-assign]
                 group.reduce_scatter_unused_params = False  # (the zeros are ours now, only where needed)
             else:
-                group.post_backward = _post_backward_naming_unused(group, group.post_backward)
+                group.post_backward = _post_backward_naming_unused(group, group.post_backward)  # type: ignore[method-assign]
             setattr(group, _UNUSED_SYNC, True)
 
 

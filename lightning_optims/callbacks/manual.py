@@ -30,9 +30,14 @@ class ManualSchedulerCheck(Callback):
             steps = trainer.global_step
             if config.scheduler.last_epoch < steps // max(config.frequency, 1):
                 raise MisconfigurationException(
-                    f"lr_scheduler_type={pl_module.optimizer_arguments.lr_scheduler_type!r} was stepped "
+                    f"lr_scheduler_type={_lr_scheduler_type(pl_module)!r} was stepped "
                     f"{config.scheduler.last_epoch} times in {steps} optimizer steps: in manual optimization "
                     "Lightning does not step schedulers, so the learning rate would stay where it is. Call "
                     "self.lr_schedulers().step() after each opt.step() in training_step (or use "
                     "lr_scheduler_type='constant')"
                 )
+
+
+def _lr_scheduler_type(module: Any) -> str:
+    """The ``lr_scheduler_type`` setting of a module with :class:`~lightning_optims.OptimizerMixin`."""
+    return module.optimizer_arguments.lr_scheduler_type

@@ -122,7 +122,9 @@ class ScheduleFreeCallback(Callback):
 
     def _restore_resume_weights(self, optimizers: list[Any], pl_module: L.LightningModule) -> None:
         weights, self._resume_weights = self._resume_weights, None
-        names = {p: n for n, p in pl_module.named_parameters()}
+        if weights is None:
+            return
+        names: dict[torch.Tensor, str] = {p: n for n, p in pl_module.named_parameters()}
         with torch.no_grad():
             for opt in optimizers:
                 if in_train_mode(opt):
@@ -182,7 +184,7 @@ class ScheduleFreeCallback(Callback):
         training = [opt for opt in self._optimizers(trainer) if in_train_mode(opt)]
         if not training:
             return  # already in eval mode: what Lightning captured is the averaged point
-        names = {p: n for n, p in pl_module.named_parameters()}
+        names: dict[torch.Tensor, str] = {p: n for n, p in pl_module.named_parameters()}
         params = [p for opt in training for p in _averaged_params(opt)]
         with torch.no_grad():
             train_point = [p.detach().clone() for p in params]
@@ -244,6 +246,7 @@ def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def _training_step_without_logging(pl_module: L.LightningModule, batch: Any, batch_idx: int) -> Any:
+    # (the recalibration batches must not log as training steps: the instance's log methods are silenced meanwhile)
     pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
     try:
