@@ -156,6 +156,24 @@ def flagged_ddp_loader(batch_size: int, n: int = 16) -> DataLoader:
     )
 
 
+def assert_unavailable_for_its_reason(name: str, reason: str) -> None:
+    """``reason`` (why ``name`` is not usable here) is true, checked without the registry's own check: a package it
+    names does not import, or it needs CUDA and none is available."""
+    import importlib
+
+    from lightning_optims import get_spec
+
+    spec = get_spec(name)
+    assert name in reason, reason
+    for package in spec.packages:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            assert repr(package) in reason and (spec.extra or "lightning_optims") in reason, reason
+            return
+    assert spec.device == "cuda" and not torch.cuda.is_available() and "CUDA" in reason, reason
+
+
 def lightning_trainer(max_steps: int, **kwargs) -> L.Trainer:
     defaults = dict(
         accelerator="cpu",

@@ -81,10 +81,20 @@ field_values = st.one_of(
     ),
 )
 def test_settings_are_accepted_or_refused_with_our_error(optim, overrides):
+    """Any input: refused with our error naming a setting as the user wrote it (``key=...`` or ``key: ...``), or
+    accepted as validated values that rebuild the same settings."""
     try:
-        OptimizerArguments(optim=optim, **overrides)
-    except OptimizerSettingError:
-        pass
+        args = OptimizerArguments(optim=optim, **overrides)
+    except OptimizerSettingError as error:
+        named = [key for key in ("optim", *overrides) if f"{key}=" in str(error) or f"{key}:" in str(error)]
+        assert named, f"the refusal names none of the settings given: {error}"
+        return
+    assert args.optim == optim and get_spec(optim).name == optim  # a registered name, as given
+    for key, value in overrides.items():
+        assert key in args.as_kwargs()
+        if key in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm"):
+            assert isinstance(getattr(args, key), float) and getattr(args, key) >= 0, (key, value)
+    assert OptimizerArguments(**args.as_kwargs()) == args
 
 
 @pytest.mark.parametrize(

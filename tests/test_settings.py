@@ -164,12 +164,15 @@ def test_false_string_is_false():
 
 
 def test_every_registered_name_validates_with_defaults():
+    """No optim_args: every declared key takes its documented default (transformers'), and nothing else is set."""
     for row in available_optimizers():
         spec = get_spec(row.name)
         extra = {"optim_target_modules": "all-linear"} if spec.needs_target_modules else {}
         if spec.layerwise:
             extra["max_grad_norm"] = 0.0
-        OptimizerArguments(optim=row.name, **extra)
+        args = OptimizerArguments(optim=row.name, **extra)
+        assert args.optim == row.name and args.optim_args is None
+        assert args.parsed_optim_args == {a.name: a.default for a in spec.arguments}, row.name
 
 
 def test_missing_package_names_the_extra(monkeypatch):
@@ -218,12 +221,14 @@ def test_trainer_gradient_clip_val_alone_clips(monkeypatch):
     import torch
 
     calls = []
-    real = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(
-        torch.nn.utils,
-        "clip_grad_norm_",
-        lambda p, max_norm, *a, **k: calls.append(max_norm) or real(p, max_norm, *a, **k),
-    )
+    # Lightning clips with clip_grad_norm_; the mixin computes the norm once (it logs it) and clips with it
+    for name in ("clip_grad_norm_", "clip_grads_with_norm_"):
+        real = getattr(torch.nn.utils, name)
+        monkeypatch.setattr(
+            torch.nn.utils,
+            name,
+            lambda p, max_norm, *a, _real=real, **k: calls.append(max_norm) or _real(p, max_norm, *a, **k),
+        )
     lightning_trainer(2, gradient_clip_val=0.25).fit(LlamaModule(optim="adamw_torch", max_grad_norm=0.0), loader())
     assert calls == [0.25, 0.25]
     calls.clear()
