@@ -282,7 +282,8 @@ TRAINING_PARITY = [
 @pytest.mark.slow
 def test_trainer_layerwise_ignores_the_schedule(tmp_path):
     """The fault documented above: after Trainer.train() the inner optimizers still have the initial lr, and no
-    scheduler hook was registered (ours follow the schedule: tests/test_grokadamw_apollo.py)."""
+    scheduler hook was registered (ours follow the schedule:
+    tests/test_grokadamw_apollo.py::test_layerwise_inner_optimizers_apply_the_scheduled_lr)."""
     ta = training_arguments(
         tmp_path,
         "apollo_adamw_layerwise",

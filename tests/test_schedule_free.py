@@ -156,7 +156,8 @@ class SaveAt(Callback):
             trainer.save_checkpoint(self.path)
 
 
-def assert_weights(actual: dict, expected: dict, atol: float = 1e-6) -> None:
+def assert_weights(actual: dict, expected: dict, atol: float = 0.0) -> None:
+    """Equal weights: bit-identical unless a tolerance measured for the case is given."""
     assert actual.keys() >= expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(actual[key], value, atol=atol, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
@@ -184,7 +185,8 @@ def test_mode_in_every_phase_and_checkpoint(tmp_path, variant):
 
     # the module holds the averaged weights after fit, equal to a hand-written loop followed by eval()
     ref_model, points = reference_run(variant, epochs=2, val_every=4)
-    assert_weights(module.net.state_dict(), ref_model.state_dict())
+    # (the live run also went through eval()/train() lerps at each validation: rounding, measured at most 4.7e-10)
+    assert_weights(module.net.state_dict(), ref_model.state_dict(), atol=1e-8)
     assert not in_train_mode(t.optimizers[0])
 
     # every checkpoint: averaged weights of its step, optimizer in eval mode
@@ -195,7 +197,9 @@ def test_mode_in_every_phase_and_checkpoint(tmp_path, variant):
         groups = ckpt["optimizer_states"][0]["param_groups"]
         assert all(g["train_mode"] is False for g in groups), path
         weights = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
-        assert_weights(weights, points[ckpt["global_step"]])
+        # the reference points come from the eval() lerp of a live run that goes on training (train() lerps back):
+        # equal up to that rounding, measured at most 4.7e-10
+        assert_weights(weights, points[ckpt["global_step"]], atol=1e-8)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
