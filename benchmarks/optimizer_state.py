@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_optims import OptimizerArguments, create_optimizer
-from lightning_optims.param_groups import low_rank_param_groups
+from lightning_optims.param_groups import low_rank_param_groups, target_parameter_names
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {
@@ -78,9 +78,8 @@ def state_bytes(config: LlamaConfig, settings: dict) -> tuple[int, int]:
         model = LlamaForCausalLM(config)
     args = OptimizerArguments(**settings)
     if args.optim_target_modules is not None:
-        groups = low_rank_param_groups(
-            model, args.optim_target_modules, args.optim, {"target": True}
-        )  # which parameters are targets, as create_optimizer decides
+        names = target_parameter_names(model, args.optim_target_modules, args.optim)
+        groups = low_rank_param_groups(model, names, {"target": True})  # the targets, as create_optimizer decides
         kinds = [(tuple(p.shape), i == 1) for i, g in enumerate(groups) for p in g["params"]]
     else:
         kinds = [(tuple(p.shape), False) for p in model.parameters()]

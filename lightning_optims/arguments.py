@@ -7,7 +7,6 @@ import inspect
 import json
 import math
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -19,6 +18,7 @@ from transformers.trainer_utils import SchedulerType
 from lightning_optims.optim_args import OptimizerSettingError, closest, parse_optim_args
 from lightning_optims.param_groups import is_all_linear
 from lightning_optims.registry import get_spec
+from lightning_optims.warn import warn_user
 
 __all__ = ["DEFAULT_OPTIM", "OptimizerArguments"]
 
@@ -40,7 +40,7 @@ def _number(name: str, value: Any) -> float:
         raise OptimizerSettingError(f"{name}={value!r}: expected a number")
     if not math.isfinite(value):
         raise OptimizerSettingError(f"{name}={value!r}: expected a finite number")
-    return value
+    return float(value)
 
 
 @dataclass
@@ -72,15 +72,14 @@ class OptimizerArguments:
             raise OptimizerSettingError(f"optim={self.optim!r}: expected an optimizer name (a string)")
         spec = get_spec(self.optim)
 
-        _number("learning_rate", self.learning_rate)
-        if self.learning_rate < 0:
-            raise OptimizerSettingError(f"learning_rate={self.learning_rate!r}: expected a number >= 0")
-        for name in ("weight_decay", "adam_epsilon", "max_grad_norm"):
+        for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm"):
             if _number(name, getattr(self, name)) < 0:
                 raise OptimizerSettingError(f"{name}={getattr(self, name)!r}: expected a number >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= _number(name, getattr(self, name)) < 1.0:
                 raise OptimizerSettingError(f"{name}={getattr(self, name)!r}: expected a number in [0, 1)")
+        for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "adam_beta1", "adam_beta2"):
+            setattr(self, name, float(getattr(self, name)))  # (a YAML `learning_rate: 1` is an int: typed as declared)
         self._check_warmup()
         self._check_scheduler(spec)
         self._check_target_modules(spec)
@@ -219,18 +218,14 @@ class OptimizerArguments:
 
     def _warn_against_recommendations(self, spec) -> None:
         if spec.has_train_eval_modes and self.lr_scheduler_type != "constant":
-            warnings.warn(
+            warn_user(
                 f"optim={spec.name!r} with lr_scheduler_type={self.lr_scheduler_type!r}: schedule-free optimizers "
-                "replace the schedule; 'constant' is recommended, other schedules work against the method",
-                UserWarning,
-                stacklevel=3,
+                "replace the schedule; 'constant' is recommended, other schedules work against the method"
             )
         if spec.has_train_eval_modes and self.warmup_steps and "warmup_steps" not in spec.uses:
-            warnings.warn(
+            warn_user(
                 f"optim={spec.name!r} needs no warmup, and warmup_steps={self.warmup_steps!r} applies a scheduler "
-                "warmup to it",
-                UserWarning,
-                stacklevel=3,
+                "warmup to it"
             )
 
     # -- conversions ----------------------------------------------------------------------------------------------

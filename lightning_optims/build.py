@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from lightning_optims.param_groups import (
 )
 from lightning_optims.registry import BuildContext, get_spec
 from lightning_optims.sharded import GatheredLayerwiseOptimizer, GatheredStepOptimizer, is_sharded
+from lightning_optims.warn import warn_user
 
 __all__ = ["GreedyLRScheduler", "ScheduledGroupsLambdaLR", "create_optimizer", "create_scheduler", "num_warmup_steps"]
 
@@ -49,7 +49,7 @@ def create_optimizer(
         targets = args.optim_target_modules
         assert targets is not None  # OptimizerArguments refuses a low-rank optim without optim_target_modules
         names = target_parameter_names(model, targets, spec.name)
-        params = low_rank_param_groups(model, targets, spec.name, target_kwargs, names)
+        params = low_rank_param_groups(model, names, target_kwargs)
         _warn_if_rank_too_large(params[1], spec.name)
         # frozen targets too: a group added during training (BaseFinetuning unfreezing them) projects them as well
         wanted = set(names)
@@ -77,15 +77,13 @@ def _warn_if_rank_too_large(target_group: dict[str, Any], optim: str) -> None:
     rank = target_group.get("rank")
     if rank is None:
         return
-    too_small = [tuple(p.shape) for p in target_group["params"] if p.dim() == 2 and rank >= min(p.shape)]
+    too_small = [tuple(p.shape) for p in target_group["params"] if rank >= min(p.shape)]  # (nn.Linear weights)
     if too_small:
-        warnings.warn(
+        warn_user(
             f"optim_args rank={rank} for {optim} is not below the smaller dimension of {len(too_small)} target "
             f"matrices (e.g. {too_small[0]}): their projected optimizer state is no smaller than the matrix, so the "
             "low-rank method saves nothing there (benchmarks/optimizer_state.py: 4.6x AdamW's state for rank 256 on "
-            "the 64-wide example model). Use a smaller rank or fewer target modules.",
-            UserWarning,
-            stacklevel=3,
+            "the 64-wide example model). Use a smaller rank or fewer target modules."
         )
 
 

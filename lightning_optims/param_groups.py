@@ -70,15 +70,12 @@ def _sample_linear_names(model: nn.Module) -> str:
 
 
 def low_rank_param_groups(
-    model: nn.Module,
-    target_modules: str | list[str],
-    optim: str,
-    target_group_kwargs: dict[str, Any],
-    target_names: list[str] | None = None,
+    model: nn.Module, target_names: list[str], target_group_kwargs: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """``[non-target params, target params + kwargs]`` (transformers' _setup_low_rank_optimizer), trainable
-    parameters only (transformers also puts frozen ones in these groups), named ``full_rank`` and ``low_rank``."""
-    targets = set(target_names if target_names is not None else target_parameter_names(model, target_modules, optim))
+    """``[non-target params, target params + kwargs]`` (transformers' _setup_low_rank_optimizer) for the targets
+    :func:`target_parameter_names` chose, trainable parameters only (transformers also puts frozen ones in these
+    groups), named ``full_rank`` and ``low_rank``."""
+    targets = set(target_names)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
         {"params": [p for n, p in named if n not in targets], "name": "full_rank"},

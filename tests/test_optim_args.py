@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_optims import OptimizerArguments, OptimizerSettingError, get_spec
-from lightning_optims.optim_args import parse_optim_args
+from lightning_optims.optim_args import Arg, parse_optim_args, split_optim_args
 
 APOLLO = get_spec("apollo_adamw").arguments
 KEYS = [a.name for a in APOLLO] + ["rnak", "", "x"]
@@ -93,7 +93,7 @@ def test_settings_are_accepted_or_refused_with_our_error(optim, overrides):
     for key, value in overrides.items():
         assert key in args.as_kwargs()
         if key in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm"):
-            assert isinstance(getattr(args, key), float) and getattr(args, key) >= 0, (key, value)
+            assert type(getattr(args, key)) is float and getattr(args, key) >= 0 and getattr(args, key) == value
     assert OptimizerArguments(**args.as_kwargs()) == args
 
 
@@ -110,3 +110,12 @@ def test_string_forms(text, expected):
     parsed = parse_optim_args(text, APOLLO, "apollo_adamw")
     for key, value in expected.items():
         assert parsed[key] == value and type(parsed[key]) is type(value)
+
+
+def test_empty_fragments_are_skipped_not_the_end():
+    assert split_optim_args("rank=1,,scale=2.0,") == {"rank": "1", "scale": "2.0"}
+
+
+def test_an_argument_of_an_unsupported_type_is_a_registry_bug():
+    with pytest.raises(TypeError, match=r"unsupported Arg type <class 'list'>"):
+        Arg("x", list, None).convert("a", "some_optim")

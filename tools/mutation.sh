@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q "mutmut==3.8.1"
 rm -rf mutants
-mutmut run --max-children "${MUTMUT_CHILDREN:-2}" || true
+OMP_NUM_THREADS=1 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" || true
 mutmut results --all true > mutation-results.txt || true
 echo "killed: $(grep -c ': killed' mutation-results.txt || true)"
 echo "survived: $(grep -c ': survived' mutation-results.txt || true)"
