@@ -16,7 +16,6 @@ from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 from transformers.trainer_utils import SchedulerType
 
 from lightning_optims.optim_args import OptimizerSettingError, closest, parse_optim_args
-from lightning_optims.param_groups import is_all_linear
 from lightning_optims.registry import get_spec
 from lightning_optims.warn import warn_user
 
@@ -138,7 +137,7 @@ class OptimizerArguments:
                     if key not in accepted:
                         raise OptimizerSettingError(
                             f"lr_scheduler_kwargs: unknown key {key!r} for lr_scheduler_type={name!r}"
-                            f"{closest(str(key), accepted)} (accepted: {', '.join(accepted) or 'none'})"
+                            f"{closest(str(key), accepted)} (accepted: {', '.join(accepted)})"
                         )
         self._check_scheduler_builds(name, dict(kwargs))
         if self.warmup_steps and name in _NO_WARMUP_SCHEDULERS and "warmup_steps" not in spec.uses:
@@ -183,7 +182,7 @@ class OptimizerArguments:
         if isinstance(targets, tuple):
             targets = self.optim_target_modules = list(targets)
         if isinstance(targets, str):
-            patterns = [] if is_all_linear(targets) else [targets]
+            patterns = [targets]  # ('all-linear' compiles too)
         elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
             patterns = targets
         else:
@@ -245,6 +244,5 @@ class OptimizerArguments:
         values = {}
         for f in dataclasses.fields(cls):
             if f.init:
-                value = getattr(training_args, f.name)
-                values[f.name] = getattr(value, "value", value)  # enums -> their string value
+                values[f.name] = getattr(training_args, f.name)  # (enum members are read in __post_init__)
         return cls(**values)

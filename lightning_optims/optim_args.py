@@ -92,7 +92,7 @@ class Arg:
 
 def closest(name: str, candidates: list[str] | tuple[str, ...]) -> str:
     """A ``did you mean`` suffix for an unknown name, or an empty string."""
-    matches = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    matches = difflib.get_close_matches(name, list(candidates))  # (difflib's defaults: 3 at most, similarity 0.6)
     if not matches:
         return ""
     return "; did you mean " + " or ".join(repr(m) for m in matches) + "?"

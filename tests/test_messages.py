@@ -44,8 +44,8 @@ REFUSALS = [
         "warmup_steps=2.5: a float must be a ratio in [0, 1); give a number of steps as an int",
     ),
     (
-        lambda: A(lr_scheduler_type="cosin"),
-        f"lr_scheduler_type='cosin' is not a known scheduler; did you mean 'cosine'? (accepted: "
+        lambda: A(lr_scheduler_type="linaer"),
+        f"lr_scheduler_type='linaer' is not a known scheduler; did you mean 'linear'? (accepted: "
         f"{', '.join(SCHEDULER_NAMES)})",
     ),
     (
@@ -113,6 +113,12 @@ REFUSALS = [
         lambda: A(optim="sgd", adam_beta1=0.8),
         "adam_beta1=0.8 has no effect with optim='sgd', which transformers builds without it (it reads: "
         "learning_rate, weight_decay); remove it, or use optim_args where the optimizer accepts the key",
+    ),
+    (
+        lambda: A(optim="lion_32bit", adam_epsilon=1e-6),
+        "adam_epsilon=1e-06 has no effect with optim='lion_32bit', which transformers builds without it (it reads: "
+        "learning_rate, adam_beta1, adam_beta2, weight_decay); remove it, or use optim_args where the optimizer "
+        "accepts the key",
     ),
     (
         lambda: A(optim="apollo_adamw_layerwise", optim_target_modules="all-linear"),
@@ -260,6 +266,15 @@ WARNINGS = [
         "optim='schedule_free_radam' needs no warmup, and warmup_steps=3 applies a scheduler warmup to it",
     ),
     (
+        lambda: create_optimizer(
+            tiny_llama(), A(optim="apollo_adamw", optim_target_modules=["q_proj", "gate_proj"], optim_args="rank=16")
+        ),
+        "optim_args rank=16 for apollo_adamw is not below the smaller dimension of 4 target matrices (e.g. (16, 16)): "
+        "their projected optimizer state is no smaller than the matrix, so the low-rank method saves nothing there "
+        "(benchmarks/optimizer_state.py: 4.6x AdamW's state for rank 256 on the 64-wide example model). Use a "
+        "smaller rank or fewer target modules.",
+    ),
+    (
         lambda: create_optimizer(tiny_llama(), A(**TARGETED, optim_args="rank=16")),
         "optim_args rank=16 for apollo_adamw is not below the smaller dimension of 15 target matrices (e.g. (16, 16)): "
         "their projected optimizer state is no smaller than the matrix, so the low-rank method saves nothing there "
@@ -302,6 +317,7 @@ def test_a_warning_through_the_mixin_points_at_the_users_module():
     ("settings", "quiet"),
     [
         (dict(optim="schedule_free_adamw", lr_scheduler_type="constant"), True),
+        (dict(optim="schedule_free_adamw", lr_scheduler_type="constant", warmup_steps=3), True),  # its own warmup
         (dict(optim="schedule_free_adamw", lr_scheduler_type="constant_with_warmup", warmup_steps=3), False),
         (dict(optim="adamw_torch", lr_scheduler_type="linear", warmup_steps=3), True),
         (dict(**TARGETED, optim_args="rank=15"), True),  # rank below every target matrix's smaller side (16)
@@ -364,3 +380,8 @@ def test_every_message_names_the_setting_as_written():
     )
     for _, message in REFUSALS:
         assert re.match("|".join(names), message), message
+
+
+def test_a_whole_float_for_an_int_argument_is_that_int():
+    parsed = parse_optim_args({"rank": 2.0, "update_proj_gap": "1e3"}, APOLLO, "apollo_adamw")
+    assert (parsed["rank"], type(parsed["rank"]), parsed["update_proj_gap"]) == (2, int, 1000)

@@ -3,6 +3,7 @@ projected and not, the unprojected part following its leader's lr), and the sche
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import pytest
@@ -134,3 +135,17 @@ def test_schedules_that_are_not_lambdas_keep_their_class():
 @pytest.mark.parametrize(("warmup", "expected"), [(0, 0), (1, 1), (3, 3), (0.25, 3), (0.5, 5), (0.01, 1)])
 def test_warmup_steps_and_ratios(warmup, expected):
     assert num_warmup_steps(OptimizerArguments(warmup_steps=warmup), 10) == expected
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("bitsandbytes"), reason="bitsandbytes is not installed")
+def test_an_8bit_optimizer_keeps_the_embeddings_in_32bit_state():
+    """transformers registers this override after building an 8-bit bitsandbytes optimizer; so does the build."""
+    import bitsandbytes
+
+    model = tiny_llama()
+    create_optimizer(model, OptimizerArguments(optim="adamw_8bit"))
+    overrides = bitsandbytes.optim.GlobalOptimManager.get_instance().module_weight_config_triple
+    assert any(
+        m is model.model.embed_tokens and name == "weight" and cfg == {"optim_bits": 32} for m, name, cfg in overrides
+    )
+    assert not any(m is model.lm_head for m, _, _ in overrides)
