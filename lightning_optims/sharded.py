@@ -470,7 +470,7 @@ def sync_unused_parameters(module: torch.nn.Module) -> None:
                 # (FSDP2's per-group hook, wrapped on this instance)
                 group.post_backward = _post_backward_with_used_flags(group, group.post_backward)  # type: ignore[method-assign]
                 group.reduce_scatter_unused_params = False  # (the zeros are ours now, only where needed)
-            else:
+            else:  # (wrapped on this instance, as above)
                 group.post_backward = _post_backward_naming_unused(group, group.post_backward)  # type: ignore[method-assign]
             setattr(group, _UNUSED_SYNC, True)
 
