@@ -71,14 +71,15 @@ class OptimizerArguments:
             raise OptimizerSettingError(f"optim={self.optim!r}: expected an optimizer name (a string)")
         spec = get_spec(self.optim)
 
+        # each stored as the float it validates to (a YAML `learning_rate: 1` is an int: typed as declared)
         for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm"):
             if _number(name, getattr(self, name)) < 0:
                 raise OptimizerSettingError(f"{name}={getattr(self, name)!r}: expected a number >= 0")
+            setattr(self, name, float(getattr(self, name)))
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= _number(name, getattr(self, name)) < 1.0:
                 raise OptimizerSettingError(f"{name}={getattr(self, name)!r}: expected a number in [0, 1)")
-        for name in ("learning_rate", "weight_decay", "adam_epsilon", "max_grad_norm", "adam_beta1", "adam_beta2"):
-            setattr(self, name, float(getattr(self, name)))  # (a YAML `learning_rate: 1` is an int: typed as declared)
+            setattr(self, name, float(getattr(self, name)))
         self._check_warmup()
         self._check_scheduler(spec)
         self._check_target_modules(spec)

@@ -7,6 +7,7 @@ import re
 import warnings
 
 import pytest
+from torch import nn
 from transformers import TrainingArguments
 
 from lightning_optims import OptimizerArguments, OptimizerSettingError, create_optimizer, get_spec
@@ -206,9 +207,7 @@ REFUSALS = [
         "'model.layers.0.self_attn.v_proj', ...",
     ),
     (
-        lambda: create_optimizer(
-            torch_nn().Sequential(torch_nn().Linear(2, 2)), A(optim="apollo_adamw", optim_target_modules="x")
-        ),
+        lambda: create_optimizer(nn.Sequential(nn.Linear(2, 2)), A(optim="apollo_adamw", optim_target_modules="x")),
         "optim_target_modules='x' selects no nn.Linear module of Sequential for apollo_adamw; module names look "
         "like '0'",
     ),
@@ -223,24 +222,15 @@ REFUSALS = [
         "like '0', '1', '2', ...",
     ),
     (
-        lambda: create_optimizer(
-            torch_nn().Sequential(torch_nn().ReLU()), A(optim="apollo_adamw", optim_target_modules="x")
-        ),
+        lambda: create_optimizer(nn.Sequential(nn.ReLU()), A(optim="apollo_adamw", optim_target_modules="x")),
         "optim_target_modules='x' selects no nn.Linear module of Sequential for apollo_adamw; module names look "
         "like (the model has no nn.Linear module)",
     ),
 ]
 
 
-def linears(n: int):
-    nn = torch_nn()
+def linears(n: int) -> nn.Sequential:
     return nn.Sequential(*[nn.Linear(2, 2) for _ in range(n)])
-
-
-def torch_nn():
-    import torch
-
-    return torch.nn
 
 
 @pytest.mark.parametrize(("call", "message"), REFUSALS, ids=range(len(REFUSALS)))

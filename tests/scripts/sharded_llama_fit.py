@@ -180,7 +180,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     micro = not sharded and option == "micro"
     trainer = L.Trainer(
         accelerator=ACCELERATOR,
-        accumulate_grad_batches=2 if micro else 1,
+        accumulate_grad_batches=PROCESSES if micro else 1,
         devices=PROCESSES if sharded else 1,
         strategy=ModelParallelStrategy(data_parallel_size=PROCESSES, tensor_parallel_size=1) if sharded else "auto",
         max_epochs=EPOCHS,
@@ -196,9 +196,14 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     )
     per_process, n = BATCH // PROCESSES if sharded else BATCH, BATCH * STEPS_PER_EPOCH
     data = ddp_loader(per_process, n=n)
-    if micro:  # the batches of step s: [4s, 4s + 2] (process 0's), then [4s + 1, 4s + 3] (process 1's)
-        halves = [[s * BATCH + r, s * BATCH + r + 2] for s in range(STEPS_PER_EPOCH) for r in range(2)]
-        data = torch.utils.data.DataLoader(TokenDataset(n), batch_sampler=halves, collate_fn=default_data_collator)
+    if micro:  # step s: each process's part of it, as RankInterleavedSampler deals them (process 0's first)
+        part = BATCH // PROCESSES
+        parts = [
+            list(range(r, n, PROCESSES))[s * part : (s + 1) * part]
+            for s in range(STEPS_PER_EPOCH)
+            for r in range(PROCESSES)
+        ]
+        data = torch.utils.data.DataLoader(TokenDataset(n), batch_sampler=parts, collate_fn=default_data_collator)
     if option.startswith("unused"):
         data = torch.utils.data.DataLoader(
             FlaggedTokenDataset(n, flagged=(0,)),
