@@ -1,14 +1,18 @@
-"""The ``optim_args`` reference (``docs/optim_args.md``), rendered from the registry's own tables.
+"""Pages of ``docs/`` rendered from the package's own tables, so that they cannot drift from what the code does
+(``tests/test_packaging.py`` checks that each committed page is what this renders):
 
-``python -m lightning_optims.reference > docs/optim_args.md`` writes it; ``tests/test_packaging.py`` checks that the
-committed page is what this renders, so the page cannot drift from what the parser accepts.
+- ``python -m lightning_optims.reference > docs/optim_args.md``: the ``optim_args`` each optimizer accepts;
+- ``python -m lightning_optims.reference rules > docs/compatibility.md``: the compatibility rules.
 """
 
 from __future__ import annotations
 
-from lightning_optims.registry import get_spec, registered_names
+import sys
 
-__all__ = ["render_optim_args_reference"]
+from lightning_optims.registry import get_spec, registered_names
+from lightning_optims.rules import RULES
+
+__all__ = ["render_optim_args_reference", "render_rules"]
 
 _SETTINGS = ("adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
 
@@ -54,5 +58,21 @@ def render_optim_args_reference() -> str:
     return "\n".join(lines)
 
 
+def render_rules() -> str:
+    lines = [
+        "# Compatibility rules",
+        "",
+        "Rendered by `python -m lightning_optims.reference rules` from the table the package checks",
+        "(`lightning_optims/rules.py`; a test keeps this page equal to it). When `fit` builds the optimizer, each rule",
+        "is checked in this order and the first that applies stops the fit with a `MisconfigurationException` naming",
+        "the setting, the optimizer and what works instead. Nothing has been trained at that point.",
+        "",
+        "| # | rule | refuses |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {i} | `{r.name}` | {r.refuses} |" for i, r in enumerate(RULES, 1)]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(render_optim_args_reference(), end="")
+    print(render_rules() if sys.argv[1:] == ["rules"] else render_optim_args_reference(), end="")

@@ -14,7 +14,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from lightning_optims import get_spec, registered_names
-from lightning_optims.reference import render_optim_args_reference
+from lightning_optims.reference import render_optim_args_reference, render_rules
+from lightning_optims.rules import RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_optims"
@@ -113,3 +114,10 @@ def test_optim_args_reference_is_rendered_from_the_parser_tables():
         section = committed.split(f"## `{name}`\n", 1)[1].split("\n## ", 1)[0]
         for arg in get_spec(name).arguments:
             assert re.search(rf"^\| `{arg.name}` \|", section, re.M), f"{name}: {arg.name}"
+
+
+def test_compatibility_rules_page_is_rendered_from_the_rules_table():
+    committed = (ROOT / "docs" / "compatibility.md").read_text()
+    assert committed == render_rules(), "run: python -m lightning_optims.reference rules > docs/compatibility.md"
+    for i, r in enumerate(RULES, 1):  # every rule the package checks is a row, in the order checked
+        assert re.search(rf"^\| {i} \| `{r.name}` \| .{{20,}} \|$", committed, re.M), r.name

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_optims import available_optimizers, get_spec
+from lightning_optims import available_optimizers, get_spec, rules
 from tests.helpers import LlamaModule, lightning_trainer, loader, tiny_llama
 from tests.test_reliability import settings
 
@@ -66,13 +66,16 @@ def test_model_parallel_without_fully_shard_is_refused(tmp_path):
 
 
 def stand_in_trainer(strategy) -> SimpleNamespace:
-    """What _check_trainer_settings reads of a Trainer (FSDP and DeepSpeed cannot be set up without CUDA here)."""
+    """What the rules read of a Trainer (FSDP and DeepSpeed cannot be set up without CUDA here). Two processes; one
+    under ModelParallelStrategy, where two would need the model sharded (``model_parallel_without_sharding``)."""
     return SimpleNamespace(
         strategy=strategy,
         gradient_clip_val=None,
         accumulate_grad_batches=1,
-        world_size=2,
+        world_size=1 if isinstance(strategy, ModelParallelStrategy) else 2,
         precision_plugin=SimpleNamespace(),
+        estimated_stepping_batches=10,
+        callbacks=[],
     )
 
 
@@ -96,7 +99,7 @@ REFUSED = [
 def test_sharded_strategies_refuse_whole_tensor_optimizers(strategy, name):
     module = LlamaModule(model=tiny_llama(), **settings(name))
     with pytest.raises(MisconfigurationException) as info:
-        module._check_trainer_settings(stand_in_trainer(STRATEGIES[strategy]()))
+        rules.check(stand_in_trainer(STRATEGIES[strategy]()), module)
     message = str(info.value)
     assert f"optim={name!r}" in message and strategy in message  # the optimizer and the strategy
     assert "adamw_torch" in message or "DDP" in message  # and the alternative
@@ -106,7 +109,7 @@ def test_sharded_strategies_refuse_whole_tensor_optimizers(strategy, name):
 @pytest.mark.parametrize("name", ELEMENTWISE)
 def test_sharded_strategies_accept_elementwise_optimizers(strategy, name):
     module = LlamaModule(model=tiny_llama(), **settings(name))
-    module._check_trainer_settings(stand_in_trainer(STRATEGIES[strategy]()))
+    rules.check(stand_in_trainer(STRATEGIES[strategy]()), module)
 
 
 @pytest.mark.slow
@@ -133,17 +136,17 @@ def test_16_mixed_on_cpu_is_bf16():
 @pytest.mark.parametrize("name", SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING)
 def test_sharded_optimizers_are_accepted_under_model_parallel_and_point_there_from_fsdp1(name):
     module = LlamaModule(model=tiny_llama(), **settings(name))
-    module._check_trainer_settings(stand_in_trainer(ModelParallelStrategy()))
+    rules.check(stand_in_trainer(ModelParallelStrategy()), module)
     for strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
         with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
-            module._check_trainer_settings(stand_in_trainer(STRATEGIES[strategy]()))
+            rules.check(stand_in_trainer(STRATEGIES[strategy]()), module)
 
 
 def test_layerwise_under_ddp_is_refused_and_points_to_model_parallel():
     """DDP averages a gradient after the hook that steps its parameter; FSDP2 reduces it before (tests/test_sharded)."""
     module = LlamaModule(model=tiny_llama(), **settings("apollo_adamw_layerwise"))
     with pytest.raises(MisconfigurationException, match="optim='apollo_adamw_layerwise' steps each parameter") as info:
-        module._check_trainer_settings(stand_in_trainer(DDPStrategy()))
+        rules.check(stand_in_trainer(DDPStrategy()), module)
     assert "DDPStrategy with 2 processes" in str(info.value) and "ModelParallelStrategy" in str(info.value)
 
 
@@ -157,7 +160,7 @@ def test_finetuning_callbacks_are_refused_under_model_parallel():
     with pytest.raises(
         MisconfigurationException, match="BackboneFinetuning cannot be used under ModelParallelStrategy"
     ):
-        module._check_trainer_settings(trainer)
+        rules.check(trainer, module)
     trainer = stand_in_trainer(DDPStrategy())
     trainer.callbacks = [BackboneFinetuning()]
-    module._check_trainer_settings(trainer)  # (DDP: tested in tests/test_lightning_tools.py)
+    rules.check(trainer, module)  # (DDP: tested in tests/test_lightning_tools.py)
