@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import warnings
+from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -12,9 +15,11 @@ import schedulefree
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optims import OptimizerArguments, OptimizerMixin, ScheduleFreeCallback, create_optimizer
+from lightning_optims.callbacks import schedule_free as sf_callback
 from lightning_optims.callbacks.schedule_free import in_train_mode, is_schedule_free
 
 VARIANTS = ["schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd", "user_built"]
@@ -251,7 +256,7 @@ def test_resume_without_stored_train_weights_is_close(tmp_path):
 
     trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=cbs(tmp_path / "a")).fit(full, loader())
     ckpt = torch.load(tmp_path / "a" / "epoch=0.ckpt", weights_only=True)
-    assert "train_weights" not in str(ckpt["callbacks"])
+    assert [v["train_weights"] for k, v in ckpt["callbacks"].items() if k.startswith("ScheduleFree")] == [None]
     resumed = make_module("schedule_free_adamw")
     trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=cbs(tmp_path / "b")).fit(
         resumed, loader(), ckpt_path=str(tmp_path / "a" / "epoch=0.ckpt")
@@ -317,3 +322,129 @@ def test_wrapper_is_recognised():
     wrapper.train()
     assert in_train_mode(wrapper)
     assert not is_schedule_free(torch.optim.AdamW(model.parameters()))
+
+
+# -- the callback shaped like Lightning's own -------------------------------------------------------------------------
+
+
+def save_in_train_mode(tmp_path, variant: str, name: str, copying: bool = False, counter=None) -> dict:
+    """A checkpoint saved by hand at step 5 (train mode); with ``copying``, through the path that moves the weights."""
+    module = make_module(variant)
+    path = tmp_path / f"{name}.ckpt"
+
+    class Save(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 5:
+                assert in_train_mode(trainer.optimizers[0])
+                with counter or contextlib.nullcontext():
+                    trainer.save_checkpoint(path)
+
+    callbacks = [Save()] + ([ScheduleFreeCallback()] if variant == "user_built" else [])
+    patch = mock.patch.object(sf_callback, "_eval_point_into", return_value=False)
+    with patch if copying else contextlib.nullcontext():
+        trainer(tmp_path, max_steps=6, limit_val_batches=0, callbacks=callbacks).fit(module, loader())
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_tree(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_train_mode_checkpoint_computed_out_of_place_equals_the_one_eval_writes(tmp_path, variant):
+    """The averaged point computed into the checkpoint (lerp out of place) is bit for bit what eval() writes in
+    place: weights, optimizer state (eval mode) and the stored train weights."""
+    ours = save_in_train_mode(tmp_path, variant, "out_of_place")
+    moving = save_in_train_mode(tmp_path, variant, "copying", copying=True)
+    for key in ("state_dict", "optimizer_states", "callbacks"):
+        assert_same_tree(ours[key], moving[key], key)
+    assert all(g["train_mode"] is False for g in ours["optimizer_states"][0]["param_groups"])
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """The bytes of every tensor an aten operation returns that does not alias an input (views excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ret, value in zip(func._schema.returns, out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(value, torch.Tensor) and ret.alias_info is None:
+                self.bytes += value.untyped_storage().nbytes()
+        return out
+
+
+def test_a_train_mode_save_makes_one_copy_of_the_averaged_parameters(tmp_path):
+    averaged = sum(p.numel() * p.element_size() for p in net().parameters())  # (every parameter has a z)
+    ours, moving = AllocatedBytes(), AllocatedBytes()
+    save_in_train_mode(tmp_path, "schedule_free_adamw", "ours", counter=ours)
+    save_in_train_mode(tmp_path, "schedule_free_adamw", "moving", copying=True, counter=moving)
+    assert ours.bytes == averaged  # the averaged point, nothing else
+    assert moving.bytes == 2 * averaged  # the train point copied, and the captured state copied
+
+
+def test_state_dict_and_load_state_dict_hold_the_same_keys(tmp_path):
+    callback = ScheduleFreeCallback()
+    ckpt = save_in_train_mode(tmp_path, "schedule_free_adamw", "keys")
+    (saved,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("ScheduleFreeCallback")]
+    assert saved.keys() == callback.state_dict().keys() == {"train_weights"}
+    callback.load_state_dict(saved)
+    assert callback._resume_weights.keys() == {f"net.{k}" for k in net().state_dict()}
+
+
+def test_the_batch_norm_warning_comes_from_the_first_process_only(tmp_path):
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    def fit():
+        module = make_module("schedule_free_adamw", batch_norm=True)
+        trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, loader())
+
+    with pytest.warns(UserWarning, match="has BatchNorm layers"):
+        fit()
+    with mock.patch.object(rank_zero_only, "rank", 1), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*BatchNorm.*")
+        fit()
+
+
+class LoggingRecalibrated(MixinModule):
+    """Logs in training_step, as most modules do; records how the recalibration ran it."""
+
+    def training_step(self, batch, batch_idx):
+        if not torch.is_grad_enabled():  # (the recalibration runs training_step without gradients)
+            self.recalibration_calls = getattr(self, "recalibration_calls", 0) + 1
+            assert "log" not in vars(self) and "log_dict" not in vars(self)  # the module's own log methods
+            self.log("probe", 1000.0)
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_batch_norm_recalibration_discards_what_training_step_logs(tmp_path):
+    module = LoggingRecalibrated(True, optim="schedule_free_adamw", learning_rate=LR, lr_scheduler_type="constant")
+    t = trainer(
+        tmp_path,
+        max_steps=4,
+        val_check_interval=2,
+        callbacks=[ScheduleFreeCallback(bn_recalibration_batches=2)],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        log_every_n_steps=1,
+    )
+    t.fit(module, loader(), loader(16))
+    assert module.recalibration_calls == 4  # 2 batches before each of the 2 validations (steps 2 and 4; fit ends
+    # right after the second, already in eval mode: nothing to recalibrate again)
+    assert "probe" not in t.callback_metrics and "probe" not in t.logged_metrics
+    logged = (Path(t.logger.log_dir) / "metrics.csv").read_text()
+    assert "probe" not in logged and "train_loss" in logged

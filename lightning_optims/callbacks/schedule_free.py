@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -79,7 +81,8 @@ class ScheduleFreeCallback(Callback):
             statistics of BatchNorm layers for the averaged weights from this many training batches (the
             schedulefree authors' recipe: model in train mode, no gradient). 0 disables it; a model with BatchNorm
             then gets a warning, since its running statistics belong to the training weights.
-        bn_forward: how a training batch is run for recalibration; by default ``training_step`` with logging muted.
+        bn_forward: how a training batch is run for recalibration; by default ``training_step`` (what it logs is
+            discarded).
         exact_resume: store the train-mode weights in checkpoints saved in train mode (see above).
     """
 
@@ -141,12 +144,11 @@ class ScheduleFreeCallback(Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.bn_recalibration_batches == 0 and _batch_norms(pl_module) and self._optimizers(trainer):
-            warnings.warn(
+            rank_zero_warn(  # (once, by the first process, as Lightning's own callbacks warn)
                 f"{type(pl_module).__name__} has BatchNorm layers and uses a schedule-free optimizer: their running "
                 "statistics are those of the training weights, not of the averaged weights used for evaluation. "
                 "Set ScheduleFreeCallback(bn_recalibration_batches=N) to recompute them before evaluation.",
-                UserWarning,
-                stacklevel=2,
+                category=UserWarning,
             )
 
     @override
@@ -187,30 +189,43 @@ class ScheduleFreeCallback(Callback):
         names: dict[torch.Tensor, str] = {p: n for n, p in pl_module.named_parameters()}
         params = [p for opt in training for p in _averaged_params(opt)]
         with torch.no_grad():
-            train_point = [p.detach().clone() for p in params]
-            for opt in training:
-                opt.eval()
-            # what Lightning captured shares storage with the live parameters: replace it with copies
-            checkpoint["state_dict"] = {
-                k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                for k, v in trainer.strategy.lightning_module_state_dict().items()
-            }
-            states = checkpoint.get("optimizer_states")
-            if states is not None:
-                for i, opt in enumerate(trainer.optimizers):
-                    if opt in training:
-                        states[i] = trainer.strategy.optimizer_state(opt)
-            for p, saved in zip(params, train_point):
-                p.copy_(saved)
-            for opt in training:
-                _mark_train_mode(opt)
+            if _eval_point_into(checkpoint, trainer, pl_module, training):
+                train_point = [p.detach() for p in params]  # the live weights, unmoved: no copy
+            else:
+                train_point = self._eval_point_by_moving(checkpoint, trainer, training, params)
         if self.exact_resume:
             own = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
             own["train_weights"] = {names[p]: w for p, w in zip(params, train_point) if p in names}
 
+    @staticmethod
+    def _eval_point_by_moving(
+        checkpoint: dict[str, Any], trainer: L.Trainer, training: list[Any], params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Any schedule-free optimizer, any strategy: copy the train point, let the optimizer's own ``eval()`` move the
+        weights, capture the module and optimizer states again (copied: Lightning's capture shares storage with the
+        live parameters), and put the copy back bit for bit. Returns the copy of the train point."""
+        train_point = [p.detach().clone() for p in params]
+        for opt in training:
+            opt.eval()
+        checkpoint["state_dict"] = {
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+            for k, v in trainer.strategy.lightning_module_state_dict().items()
+        }
+        states = checkpoint.get("optimizer_states")
+        if states is not None:
+            for i, opt in enumerate(trainer.optimizers):
+                if opt in training:
+                    states[i] = trainer.strategy.optimizer_state(opt)
+        for p, saved in zip(params, train_point):
+            p.copy_(saved)
+        for opt in training:
+            _mark_train_mode(opt)
+        return train_point
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"bn_recalibration_batches": self.bn_recalibration_batches}
+        # (filled in by on_save_checkpoint when a checkpoint is saved in train mode with exact_resume)
+        return {"train_weights": None}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -231,8 +246,8 @@ class ScheduleFreeCallback(Callback):
             m.momentum = None  # cumulative average over the recalibration batches
         was_training = pl_module.training
         pl_module.train()
-        forward = self.bn_forward or _training_step_without_logging
-        with torch.no_grad():
+        forward = self.bn_forward or _training_step
+        with torch.no_grad(), _logs_discarded(trainer, pl_module):
             for i, batch in enumerate(itertools.islice(loader, self.bn_recalibration_batches)):
                 batch = trainer.strategy.batch_to_device(batch)
                 forward(pl_module, batch, i)
@@ -241,15 +256,81 @@ class ScheduleFreeCallback(Callback):
         pl_module.train(was_training)
 
 
+def _eval_interpolation(optimizer: Any, group: dict[str, Any]) -> float | None:
+    """The weight ``w`` of schedulefree's ``eval()``, which sets each parameter to ``lerp(y, z, w)`` (``x``, the
+    averaged point, from the train point ``y`` and the state ``z``); None for an optimizer whose ``eval()`` is not
+    known to be that interpolation."""
+    import schedulefree
+
+    if isinstance(optimizer, schedulefree.ScheduleFreeWrapper):
+        return 1 - 1 / optimizer.momentum
+    if type(optimizer) in (schedulefree.AdamWScheduleFree, schedulefree.RAdamScheduleFree):
+        return 1 - 1 / group["betas"][0]
+    if type(optimizer) is schedulefree.SGDScheduleFree:
+        return 1 - 1 / group["momentum"]
+    return None
+
+
+def _eval_point_into(checkpoint: dict[str, Any], trainer: Any, pl_module: Any, training: list[Any]) -> bool:
+    """One device or DDP (where Lightning's captured state dict holds the live tensors) and schedulefree's optimizers:
+    compute the averaged point out of place, ``lerp(y, z, w)`` as ``eval()`` does in place (the same kernel, so the
+    same bits), into the captured state dict, and mark the captured optimizer states as in eval mode. The live weights
+    do not move; the one copy made is the averaged point itself. False (nothing changed) where that does not apply."""
+    from lightning_optims.rules import plain_data_parallel
+
+    state = checkpoint.get("state_dict")
+    if state is None or not plain_data_parallel(trainer.strategy):
+        return False
+    keys: dict[torch.Tensor, list[str]] = {}
+    for name, p in pl_module.named_parameters(remove_duplicate=False):
+        keys.setdefault(p, []).append(name)
+    averaged = {}  # (nothing is written until every parameter's averaged point is known)
+    for opt in training:
+        for group in opt.param_groups:
+            w = _eval_interpolation(opt, group)
+            for p in group["params"]:
+                z = opt.state.get(p, {}).get("z")
+                if z is None:
+                    continue
+                if w is None or not keys.get(p) or not all(k in state for k in keys[p]):
+                    return False
+                averaged[p] = torch.lerp(p.detach(), z.to(p.device), w)
+    for p, x in averaged.items():
+        for k in keys[p]:
+            state[k] = x
+    for i, opt in enumerate(trainer.optimizers):
+        saved = (checkpoint.get("optimizer_states") or [None] * (i + 1))[i]
+        if opt in training and saved is not None:
+            for group in saved.get("param_groups", []):
+                if "train_mode" in group:
+                    group["train_mode"] = False
+    return True
+
+
 def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def _training_step_without_logging(pl_module: L.LightningModule, batch: Any, batch_idx: int) -> Any:
-    # (the recalibration batches must not log as training steps: the instance's log methods are silenced meanwhile)
-    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+def _training_step(pl_module: L.LightningModule, batch: Any, batch_idx: int) -> Any:
+    return pl_module.training_step(batch, batch_idx)
+
+
+@contextlib.contextmanager
+def _logs_discarded(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
+    """While the recalibration runs training steps, what they log (``self.log`` in ``training_step``) goes to a result
+    collection of its own, discarded afterwards, instead of the running loop's metrics; the module's ``log`` methods
+    are left as they are."""
+    current = trainer._results
+    epoch_loop = trainer.fit_loop.epoch_loop
+    holders: list[Any] = [epoch_loop, epoch_loop.val_loop, trainer.validate_loop, trainer.test_loop]
+    holder = next((h for h in holders if current is not None and vars(h).get("_results") is current), None)
+    fx = pl_module._current_fx_name
+    if holder is not None:
+        holder._results = _ResultCollection(training=True)
+    pl_module._current_fx_name = "training_step"
     try:
-        return pl_module.training_step(batch, batch_idx)
+        yield
     finally:
-        del pl_module.log, pl_module.log_dict
+        if holder is not None:
+            holder._results = current
+        pl_module._current_fx_name = fx
