@@ -464,28 +464,18 @@ from lightning_optims.mixin import MIXIN_HOOKS  # noqa: E402
 
 OVERRIDES = {
     "configure_optimizers": "def configure_optimizers(self):\n    return torch.optim.SGD(self.parameters(), lr=0.1)",
-    "configure_callbacks": "def configure_callbacks(self):\n    return []",
     "configure_gradient_clipping": "def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, "
     "gradient_clip_algorithm=None):\n    pass",
     "backward": "def backward(self, loss, *args, **kwargs):\n    loss.backward()",
-    "setup": "def setup(self, stage):\n    self.ready = True",
-    "on_save_checkpoint": "def on_save_checkpoint(self, checkpoint):\n    checkpoint['mine'] = 1",
-    "on_load_checkpoint": "def on_load_checkpoint(self, checkpoint):\n    pass",
-    "on_train_start": "def on_train_start(self):\n    self.started = True",
 }
 
 
 WITH_SUPER = {
     "configure_optimizers": "def configure_optimizers(self):\n    return super().configure_optimizers()",
-    "configure_callbacks": "def configure_callbacks(self):\n    return [*super().configure_callbacks()]",
     "configure_gradient_clipping": "def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, "
     "gradient_clip_algorithm=None):\n    super().configure_gradient_clipping("
     "optimizer, gradient_clip_val, gradient_clip_algorithm)",
     "backward": "def backward(self, loss, *args, **kwargs):\n    super().backward(loss, *args, **kwargs)",
-    "setup": "def setup(self, stage):\n    super().setup(stage)\n    self.ready = True",
-    "on_save_checkpoint": "def on_save_checkpoint(self, checkpoint):\n    super().on_save_checkpoint(checkpoint)",
-    "on_load_checkpoint": "def on_load_checkpoint(self, checkpoint):\n    super().on_load_checkpoint(checkpoint)",
-    "on_train_start": "def on_train_start(self):\n    super().on_train_start()\n    self.started = True",
 }
 
 
