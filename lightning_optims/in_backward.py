@@ -90,7 +90,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         """
         # group *indices*: load_state_dict replaces the group dicts, and the lr a scheduler sets is in the new ones
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
-        self._nbytes = {p: _local(p).numel() * p.element_size() for p in self._group_index}
+        # (the whole tensor's size, also for an FSDP2 shard: every process then cuts its buckets at the same
+        # parameters, whatever its shard's size, and the per-bucket collectives line up)
+        self._nbytes = {p: p.numel() * p.element_size() for p in self._group_index}
         self._shard_group = _shard_group(list(self._group_index))
         # where the step's small tensors live (a collective backend such as NCCL takes tensors on its device only)
         self._device = next((_local(p).device for p in self._group_index), torch.device("cpu"))
@@ -221,8 +223,30 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             self._update_bucket(params, grads)
 
     def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Apply the fp32 ``grads`` (unscaled, finite) to ``params``: the update method every in-backward optimizer
+        implements, for a bucket at once. Under FSDP2 the buckets are cut at the same parameters on every process, so
+        a collective issued per bucket (``_all_sum``) lines up across processes."""
+        raise NotImplementedError
+
+    def _by_group(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+        """The bucket split by param group (each group has its own lr and settings), in the bucket's order."""
+        by_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for p, g in zip(params, grads):
-            self._update(p, g, self.param_groups[self._group_index[p]])
+            ps, gs = by_group.setdefault(self._group_index[p], ([], []))
+            ps.append(p)
+            gs.append(g)
+        return [(self.param_groups[i], ps, gs) for i, (ps, gs) in by_group.items()]
+
+    def _clip(self, grads: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """lomo_optim's clipping of each gradient: by value (``clip_grad_value``), then by the global norm's factor."""
+        value = group["clip_grad_value"]
+        if value is not None and value > 0:
+            torch._foreach_clamp_min_(grads, -value)
+            torch._foreach_clamp_max_(grads, value)
+        if self.clip_coef is not None:
+            torch._foreach_mul_(grads, self.clip_coef)
 
     def _init_state(self, p: torch.Tensor) -> None:
         """Create ``p``'s optimizer state, if it has any, when it joins the optimizer (not at its first update): a
@@ -355,9 +379,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         # gradients are consumed in the hooks; clear any that accumulated outside fused_backward
         super().zero_grad(set_to_none=True)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        raise NotImplementedError
-
 
 def _local(tensor: Any) -> Any:
     """This process's part of a ``DTensor`` (FSDP2's sharded parameters and gradients); a plain tensor as it is. In
@@ -399,14 +420,6 @@ def _trainable(model_or_params: nn.Module | Iterable[Any]) -> Iterable[Any]:
     if isinstance(model_or_params, nn.Module):
         return [p for p in model_or_params.parameters() if p.requires_grad]
     return model_or_params
-
-
-def _clip_and_scale(grad: torch.Tensor, group: dict[str, Any], clip_coef: torch.Tensor | None) -> None:
-    value = group["clip_grad_value"]
-    if value is not None and value > 0:
-        grad.clamp_(min=-value, max=value)
-    if clip_coef is not None:
-        grad.mul_(clip_coef)
 
 
 class Lomo(InBackwardOptimizer):
@@ -495,19 +508,8 @@ class Lomo(InBackwardOptimizer):
 
     def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """lomo_optim's per-parameter update, for a bucket at once (foreach ops: same arithmetic, fewer calls)."""
-        by_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for p, g in zip(params, grads):
-            ps, gs = by_group.setdefault(self._group_index[p], ([], []))
-            ps.append(p)
-            gs.append(g)
-        for index, (ps, gs) in by_group.items():
-            group = self.param_groups[index]
-            value = group["clip_grad_value"]
-            if value is not None and value > 0:
-                torch._foreach_clamp_min_(gs, -value)
-                torch._foreach_clamp_max_(gs, value)
-            if self.clip_coef is not None:
-                torch._foreach_mul_(gs, self.clip_coef)
+        for group, ps, gs in self._by_group(params, grads):
+            self._clip(gs, group)
             lr, wd = group["lr"], group["weight_decay"]
             locals_ = [_local(p).detach() for p in ps]
             targets = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
@@ -569,41 +571,75 @@ class AdaLomo(InBackwardOptimizer):
             rows = p.shape[0] if p.dim() else 1
             state["exp_avg_sq"] = _state_like(p, (rows,), _local(p).shape[0] if p.dim() else 1, sharded=p.dim() == 1)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        """lomo_optim's AdaLomo update of one parameter. Under FSDP2 ``p`` is sharded on dim 0 and ``grad`` is this
-        process's rows: the row statistics are local, the column means, the mean of the row statistics, the update's
-        RMS and the parameter's RMS are completed over the shards (``_all_sum``), so every shard gets the update of
-        the whole tensor."""
-        _clip_and_scale(grad, group, self.clip_coef)
-        step, decay_rate = group["step"], group["decay_rate"]
-        if step == 0 and decay_rate < 0:  # as upstream (never true there either: the count is incremented first)
-            decay_rate = -decay_rate
-        beta2t = 1.0 - math.pow(step, decay_rate)
-        eps_sq, eps_scale = group["eps"]
-        update = (grad**2) + eps_sq
-        state = self.state[p]
-        rows, numel = (p.shape[0] if p.dim() else 1), p.numel()  # of the whole tensor (a DTensor's are global)
-        local = _local(p)
-        if p.dim() > 1:
-            row, col = _local(state["exp_avg_sq_row"]), _local(state["exp_avg_sq_col"])
-            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(self._all_sum(update.sum(dim=-2)).div_(rows), alpha=1.0 - beta2t)
-            row_mean = self._all_sum(row.sum(dim=-1, keepdim=True)).div_(rows)
-            r_factor = (row / row_mean).rsqrt_().unsqueeze(-1)
-            c_factor = col.unsqueeze(-2).rsqrt()
-            update = torch.mul(r_factor, c_factor)
-            update.mul_(grad)
-        else:
-            sq = _local(state["exp_avg_sq"])
-            sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
-            update = sq.rsqrt().mul_(grad)
-        update_rms = self._all_sum(update.square().sum()).sqrt() / (numel**0.5)
-        update.div_((update_rms / group["clip_threshold"]).clamp_(min=1.0))
-        p_fp32 = local.detach().to(torch.float32)
-        p_rms = float(self._all_sum(p_fp32.square().sum()).sqrt()) / math.sqrt(numel)
-        lr = group["lr"] * max(eps_scale, p_rms)
-        if group["weight_decay"] > 0.0:
-            p_fp32.mul_(1.0 - lr * group["weight_decay"])
-        p_fp32.add_(update, alpha=-lr)
-        if p_fp32.data_ptr() != local.data_ptr():
-            local.detach().copy_(p_fp32)
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """lomo_optim's AdaLomo update, for a bucket at once: elementwise work with foreach ops over the bucket, the
+        row and column statistics per matrix. Under FSDP2 each ``p`` is sharded on dim 0 and its gradient is this
+        process's rows: the row statistics are local; the column sums, the sums of the row statistics and the
+        parameters' squared norms of the whole bucket are completed by one all-reduce, the updates' squared norms by a
+        second, so every shard gets the update of the whole tensor with two collectives per bucket."""
+        for group, ps, gs in self._by_group(params, grads):
+            self._clip(gs, group)
+            step, decay_rate = group["step"], group["decay_rate"]
+            if step == 0 and decay_rate < 0:  # as upstream (never true there either: the count is incremented first)
+                decay_rate = -decay_rate
+            beta2t = 1.0 - math.pow(step, decay_rate)
+            eps_sq, eps_scale = group["eps"]
+            squares = torch._foreach_mul(gs, gs)
+            torch._foreach_add_(squares, eps_sq)
+            locals_ = [_local(p).detach() for p in ps]
+            weights = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
+            matrices = [i for i, p in enumerate(ps) if p.dim() > 1]
+            vectors = [i for i, p in enumerate(ps) if p.dim() <= 1]
+            # matrices of one shape are reduced together, stacked (one op per shape instead of one per matrix)
+            shapes: dict[tuple[int, ...], list[int]] = {}
+            for i in matrices:
+                shapes.setdefault(tuple(squares[i].shape), []).append(i)
+            stacks = [torch.stack([squares[i] for i in idx]) for idx in shapes.values()]
+            rows = [[_local(self.state[ps[i]]["exp_avg_sq_row"]) for i in idx] for idx in shapes.values()]
+            cols = [[_local(self.state[ps[i]]["exp_avg_sq_col"]) for i in idx] for idx in shapes.values()]
+            for rs, stack in zip(rows, stacks):
+                torch._foreach_mul_(rs, beta2t)
+                torch._foreach_add_(rs, list(stack.mean(dim=-1).unbind()), alpha=1.0 - beta2t)
+            # the first collective: column sums, row-statistic sums, parameter squared norms (whole tensors)
+            p_norms = torch.stack(torch._foreach_norm(weights, 2.0))
+            parts = [stack.sum(dim=-2) for stack in stacks] + [torch.stack(rs).sum(dim=-1, keepdim=True) for rs in rows]
+            summed = self._all_sum_parts([*parts, p_norms.square()] if self._shard_group else [*parts])
+            col_sums, row_sums = summed[: len(stacks)], summed[len(stacks) : 2 * len(stacks)]
+            p_norms = summed[-1].sqrt() if self._shard_group else p_norms
+            updates: list[torch.Tensor] = [torch.empty(0)] * len(ps)
+            for idx, cs, col_sum, rs, row_sum in zip(shapes.values(), cols, col_sums, rows, row_sums):
+                n_rows = float(ps[idx[0]].shape[0])  # of the whole tensor (a DTensor's shape is global)
+                torch._foreach_mul_(cs, beta2t)
+                torch._foreach_add_(cs, list(col_sum.div_(n_rows).unbind()), alpha=1.0 - beta2t)
+                r_factor = (torch.stack(rs) / row_sum.div_(n_rows)).rsqrt_().unsqueeze(-1)
+                for i, update in zip(idx, torch.mul(r_factor, torch.stack(cs).unsqueeze(-2).rsqrt()).unbind()):
+                    updates[i] = update
+            if vectors:
+                sq = [_local(self.state[ps[i]]["exp_avg_sq"]) for i in vectors]
+                torch._foreach_mul_(sq, beta2t)
+                torch._foreach_add_(sq, [squares[i] for i in vectors], alpha=1.0 - beta2t)
+                for i, rsqrt in zip(vectors, torch._foreach_rsqrt(sq)):
+                    updates[i] = rsqrt
+            torch._foreach_mul_(updates, gs)
+            # the second collective: the updates' squared norms
+            u_norms = torch.stack(torch._foreach_norm(updates, 2.0))
+            if self._shard_group:
+                u_norms = self._all_sum_parts([u_norms.square()])[0].sqrt()
+            sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in ps], device=u_norms.device)
+            clip = (u_norms / sqrt_numel / group["clip_threshold"]).clamp_(min=1.0)
+            torch._foreach_div_(updates, list(clip.unbind()))
+            lrs = group["lr"] * (p_norms / sqrt_numel).clamp_(min=eps_scale)
+            if group["weight_decay"] > 0.0:
+                torch._foreach_mul_(weights, list((1.0 - lrs * group["weight_decay"]).unbind()))
+            torch._foreach_mul_(updates, list(lrs.unbind()))
+            torch._foreach_sub_(weights, updates)
+            for local, w in zip(locals_, weights):
+                if w.data_ptr() != local.data_ptr():
+                    local.copy_(w)
+
+    def _all_sum_parts(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``_all_sum`` of several tensors in one collective (flattened together); unchanged on one process."""
+        if self._shard_group is None or not parts:
+            return parts
+        flat = self._all_sum(torch._utils._flatten_dense_tensors(parts))
+        return list(torch._utils._unflatten_dense_tensors(flat, parts))
