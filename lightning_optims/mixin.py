@@ -25,7 +25,7 @@ from lightning_optims import rules
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.callbacks.runtime import MIXIN_HOOKS, attach_callbacks, scale_learning_rate
-from lightning_optims.grad_norm import gradient_norm, norm_value
+from lightning_optims.grad_norm import clip_with_norm, gradient_norm, norm_value
 from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
 from lightning_optims.sharded import sync_unused_parameters
@@ -259,7 +259,7 @@ class OptimizerMixin(_MixinBase):
             # Trainer(gradient_clip_val=...) with max_grad_norm=0 (anything else was refused when fit started)
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         elif max_norm > 0 and total is not None and scaler is None and not _overrides_clip_gradients(self):
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)  # Lightning's clipping, norm measured once
+            clip_with_norm(params, max_norm, total)  # Lightning's clipping, with the norm measured once
         elif max_norm > 0:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
 

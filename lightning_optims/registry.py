@@ -86,6 +86,9 @@ class OptimizerSpec:
             :class:`~lightning_optims.sharded.GatheredStepOptimizer` (each parameter, gradient and state gathered for
             its step, the state kept sharded), with the numbers of one device; a layer-wise one through
             :class:`~lightning_optims.sharded.GatheredLayerwiseOptimizer` (the same step, in FSDP2's hooks).
+        one_kernel_per_group: its step runs one foreach / fused kernel over each param group, which cannot take
+            ``DTensor`` s and plain tensors together (tensor parallelism that leaves some parameters plain tensors):
+            such a mix is refused when ``fit`` starts.
         post_build: called with the new optimizer, for set-up transformers does after construction.
         callbacks: ``"module:Class"`` of the Lightning callbacks this optimizer needs at run time (the mixin adds
             each one unless the Trainer already has one of that class).
@@ -108,6 +111,7 @@ class OptimizerSpec:
     elementwise: bool = False
     shards_in_backward: bool = False
     shards_by_gathering: bool = False
+    one_kernel_per_group: bool = False
     post_build: Callable[[Any, BuildContext], None] | None = None
     callbacks: tuple[str, ...] = ()
     description: str = ""

@@ -285,6 +285,86 @@ def whole_tensor_under_sharding(fit: Fit) -> str | None:
     )
 
 
+def layout(module: Any) -> tuple[str, str] | None:
+    """How the module's trainable parameters are distributed, as the user built it: ``FSDP2`` (``fully_shard`` on a
+    1-D mesh, every parameter sharded on dim 0), ``HSDP`` (``fully_shard`` on a replicate x shard mesh), ``tensor
+    parallel`` (``parallelize_module`` without ``fully_shard``) or ``2-D (tensor parallel + FSDP2)``; with an example
+    parameter. None when no parameter is a ``DTensor``."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    params = [(n, p) for n, p in module.optimized_module().named_parameters() if p.requires_grad]
+    sharded = [(n, p) for n, p in params if isinstance(p, DTensor)]
+    if not sharded:
+        return None
+    plain = [n for n, p in params if not isinstance(p, DTensor)]
+    fsdp = any(isinstance(m, FSDPModule) for m in module.modules())
+    meshes = {p.device_mesh for _, p in sharded}
+    placements = {tuple(p.placements) for _, p in sharded}
+
+    def example(name: str, p: Any) -> str:
+        return f"{name!r}: placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+
+    odd = next(((n, p) for n, p in sharded if tuple(p.placements) != (Shard(0),)), sharded[0])
+    if not fsdp:
+        where = example(*odd) + (f"; {plain[0]!r} left a plain tensor" if plain else "")
+        return "tensor parallel", where
+    if plain:
+        return "FSDP2 with parameters left unsharded", f"{plain[0]!r} is a plain tensor"
+    if len(meshes) == 1 and placements == {(Shard(0),)} and next(iter(meshes)).ndim == 1:
+        return "FSDP2", example(*sharded[0])
+    if placements == {(Replicate(), Shard(0))}:
+        return "HSDP", example(*sharded[0])
+    return "2-D (tensor parallel + FSDP2)", example(*odd)
+
+
+@rule
+def sharded_optimizer_layout(fit: Fit) -> str | None:
+    """An optimizer that runs on FSDP2's shards (LOMO, AdaLomo, Adafactor, APOLLO, GaLore, GrokAdamW, StableAdamW,
+    layer-wise) on a layout other than FSDP2 on one mesh dimension: HSDP, tensor parallel, or both."""
+    if not fit.sharded_here or fit.spec.elementwise:
+        return None
+    found = layout(fit.module)
+    if found is None or found[0] == "FSDP2":
+        return None
+    name, where = found
+    spec = fit.spec
+    allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise)
+    if spec.updates_in_backward:
+        why = "its engine updates each parameter in FSDP2's gradient hooks and reduces its statistics over that mesh."
+    else:
+        why = f"its update reads whole rows, columns or tensors, which {name} splits another way."
+    return (
+        f"optim={spec.name!r} cannot run on this layout: {name} ({where}). Under ModelParallelStrategy it runs on "
+        "FSDP2's shards with FSDP2 on one mesh dimension only (fully_shard on a 1-D mesh: every parameter sharded on "
+        f"dim 0); {why} Use FSDP2 on one mesh dimension for {spec.name!r}, or an elementwise optimizer with "
+        f"{name}: {allowed}"
+    )
+
+
+@rule
+def plain_and_distributed_tensors_in_one_kernel(fit: Fit) -> str | None:
+    """Trainable parameters that mix `DTensor` s and plain tensors (tensor parallelism that leaves some layers
+    unparallelised), with an optimizer whose step runs one fused / foreach kernel per param group (fused AdamW,
+    schedule-free): torch refuses the mix at the first step."""
+    from torch.distributed.tensor import DTensor
+
+    if not fit.spec.one_kernel_per_group:
+        return None
+    params = [(n, p) for n, p in fit.module.optimized_module().named_parameters() if p.requires_grad]
+    plain = [n for n, p in params if not isinstance(p, DTensor)]
+    if not plain or len(plain) == len(params):
+        return None
+    distributed = next(n for n, p in params if isinstance(p, DTensor))
+    others = [n for n in registered_names() if get_spec(n).elementwise and not get_spec(n).one_kernel_per_group]
+    return (
+        f"optim={fit.spec.name!r} steps each param group with one fused / foreach kernel, and this model mixes "
+        f"DTensors ({distributed!r}, ...) with {len(plain)} plain tensors ({plain[0]!r}, ...) that tensor "
+        "parallelism left unparallelised: torch refuses the mix at the first step. Parallelise (or fully_shard) "
+        f"every module, or use an optimizer that steps each tensor on its own: {', '.join(others)}"
+    )
+
+
 @rule
 def grad_scaler_in_backward(fit: Fit) -> str | None:
     """A GradScaler (`precision='16-mixed'` on a GPU) with an optimizer that keeps no gradient to check."""

@@ -164,3 +164,70 @@ def test_finetuning_callbacks_are_refused_under_model_parallel():
     trainer = stand_in_trainer(DDPStrategy())
     trainer.callbacks = [BackboneFinetuning()]
     rules.check(trainer, module)  # (DDP: tested in tests/test_lightning_tools.py)
+
+
+# -- layouts beyond FSDP2 on one mesh dimension ---------------------------------------------------------------------
+
+LAYOUT_SCRIPT = ROOT / "tests" / "scripts" / "layouts.py"
+LAYOUT_NAMES = {"fsdp2": "FSDP2", "hsdp": "HSDP", "tp": "tensor parallel", "2d": "2-D (tensor parallel + FSDP2)"}
+ON_SHARDS = SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING
+
+
+@pytest.fixture(scope="module")
+def layouts() -> dict:
+    """Every layout built on one process (mesh dimensions of size 1) with every optimizer that runs under
+    ModelParallelStrategy, and the rules' verdict (one script run)."""
+    import json
+
+    names = [*ELEMENTWISE, *ON_SHARDS]
+    proc = subprocess.run(
+        [sys.executable, str(LAYOUT_SCRIPT), *names], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+@pytest.mark.parametrize("name", ELEMENTWISE + ON_SHARDS)
+def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layout, name):
+    found = layouts[f"{layout} {name}"]
+    assert found["layout"][0] == LAYOUT_NAMES[layout]
+    if layout == "tp" and get_spec(name).one_kernel_per_group:  # (the embeddings, norms and head: plain tensors)
+        assert found["message"].startswith(f"MisconfigurationException: optim={name!r} steps each param group with")
+    elif layout == "fsdp2" or name in ELEMENTWISE:
+        assert found["message"] is None
+    else:  # the optimizer, the layout as the user built it, and what works instead
+        message = found["message"]
+        assert message.startswith(f"MisconfigurationException: optim={name!r} cannot run on this layout: ")
+        assert f"{LAYOUT_NAMES[layout]} ('model.model." in message and "adamw_torch" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw_torch", "sgd"])  # (torch's optimizers that step each tensor on its own)
+def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_one_process(tmp_path, name):
+    """Only two layers parallelised (ColwiseParallel, RowwiseParallel), the LayerNorm and the last layer left plain
+    tensors, max_grad_norm=1.0: the norm spans both meshes (torch's clipping crashes on the mix)."""
+    tp, single = tmp_path / "tp.pt", tmp_path / "single.pt"
+    for out, mode in ((tp, "tp"), (single, "single")):
+        proc = run_script(name, out, mode)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(tp), torch.load(single)
+    assert a.keys() == b.keys()
+    for key in a:  # (measured 4.5e-8 for AdamW: the row-parallel layer sums its two halves in another order)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("name", "refusal"),
+    [
+        ("adafactor", "optim='adafactor' cannot run on this layout: tensor parallel ('net.3.weight'"),
+        ("schedule_free_adamw", "optim='schedule_free_adamw' steps each param group with one fused / foreach kernel"),
+    ],
+)
+def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(tmp_path, name, refusal):
+    """Adafactor: whole-tensor statistics; schedule-free (and fused AdamW): one kernel over a group mixing DTensors
+    and plain tensors, which torch refuses at the first step (measured without the rule: RuntimeError
+    "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
+    proc = run_script(name, tmp_path / "x.pt", "tp")
+    assert proc.returncode != 0 and not (tmp_path / "x.pt").exists()
+    assert refusal in proc.stderr + proc.stdout

@@ -58,6 +58,7 @@ for _name, _cls, _adam, _warmup in (
             uses=(ADAM if _adam else frozenset()) | WEIGHT_DECAY | (WARMUP if _warmup else frozenset()),
             packages=("schedulefree",),
             has_train_eval_modes=True,
+            one_kernel_per_group=True,  # (schedulefree's step: foreach over each group)
             elementwise=True,
             callbacks=("lightning_optims.callbacks.schedule_free:ScheduleFreeCallback",),
             description=f"schedulefree.{_cls}",

@@ -35,6 +35,7 @@ register(
         target="torch.optim:AdamW",
         family="torch",
         elementwise=True,
+        one_kernel_per_group=True,
         kwargs=_adamw_fused,
         uses=ADAM | WEIGHT_DECAY,
         description="torch.optim.AdamW(fused=True); transformers' default on torch >= 2.8",

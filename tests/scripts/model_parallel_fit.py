@@ -1,10 +1,12 @@
 """Run by tests/test_strategies.py (Lightning's launcher re-executes this script for the second process):
 
-    python tests/scripts/model_parallel_fit.py OPTIM OUT_FILE {sharded,single,unsharded}
+    python tests/scripts/model_parallel_fit.py OPTIM OUT_FILE {sharded,single,unsharded,tp}
 
 Fits a small MLP for 3 steps, sharded with FSDP2 (``fully_shard``) under ``ModelParallelStrategy`` on 2 CPU processes
 (gloo), or on one process with the combined batches (``unsharded``: the 2 processes of ModelParallelStrategy with
-a configure_model that shards nothing); rank 0 writes the full weights to OUT_FILE.
+a configure_model that shards nothing), or with tensor parallelism alone (``tp``: 2 processes, data_parallel_size=1,
+both on the whole batch; the first linear layer ``ColwiseParallel``, the second ``RowwiseParallel``, the LayerNorm and
+the last layer left plain tensors, as a user's plan commonly leaves them); rank 0 writes the full weights to OUT_FILE.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tests.helpers import RankInterleavedSampler
 
 
 class ShardedMLP(OptimizerMixin, L.LightningModule):
-    def __init__(self, shard: bool, **kwargs) -> None:
+    def __init__(self, shard: bool | str, **kwargs) -> None:
         super().__init__(**kwargs)
         torch.manual_seed(0)
         self.net = nn.Sequential(
@@ -37,7 +39,13 @@ class ShardedMLP(OptimizerMixin, L.LightningModule):
         self.shard = shard
 
     def configure_model(self) -> None:
-        if self.shard:
+        if self.shard == "tp":
+            from torch.distributed.tensor import Replicate
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            plan = {"0": ColwiseParallel(output_layouts=Replicate()), "3": RowwiseParallel(input_layouts=Replicate())}
+            parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+        elif self.shard:
             mesh = self.device_mesh["data_parallel"]
             for layer in self.net:
                 if any(True for _ in layer.parameters()):
@@ -66,9 +74,11 @@ def main(optim: str, out: str, mode: str) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(24, 8, generator=g)
     data = TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
-    sharded = mode in ("sharded", "unsharded")  # unsharded: ModelParallelStrategy, configure_model shards nothing
-    per_process = 2 if sharded else 4
-    loader = DataLoader(data, batch_size=per_process, sampler=RankInterleavedSampler(len(data)))
+    sharded = mode in ("sharded", "unsharded", "tp")  # unsharded: ModelParallelStrategy, configure_model shards nothing
+    per_process = 2 if mode in ("sharded", "unsharded") else 4
+    # (tensor parallel: every process on the whole batch, in order)
+    sampler = None if mode == "tp" else RankInterleavedSampler(len(data))
+    loader = DataLoader(data, batch_size=per_process, sampler=sampler)
     from lightning_optims import get_spec
 
     spec = get_spec(optim)
@@ -79,11 +89,13 @@ def main(optim: str, out: str, mode: str) -> None:
         extra["max_grad_norm"] = 0.0
     if "weight_decay" in spec.uses:
         extra["weight_decay"] = 0.01
-    module = ShardedMLP(mode == "sharded", optim=optim, learning_rate=1e-2, **extra)
+    module = ShardedMLP("tp" if mode == "tp" else mode == "sharded", optim=optim, learning_rate=1e-2, **extra)
+    parallel = dict(data_parallel_size=1, tensor_parallel_size=2) if mode == "tp" else dict(data_parallel_size=2)
+    parallel.setdefault("tensor_parallel_size", 1)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2 if sharded else 1,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sharded else "auto",
+        strategy=ModelParallelStrategy(**parallel) if sharded else "auto",
         max_steps=3,
         logger=False,
         enable_checkpointing=False,
