@@ -67,6 +67,16 @@ UNUSED = [
 ]
 
 
+# the collectives of a step, against FSDP2 AdamW's in the same launch (tests/collectives.py counts them)
+COLLECTIVE_REFERENCES = [("adamw_torch", "1.0"), ("adamw_torch", "0"), ("schedule_free_adamw", "0")]
+FSDP_GROUPS = 3  # fully_shard on each of the two decoder layers and on the model (tests/scripts/sharded_llama_fit.py)
+# within AdamW's bound: LOMO / AdaLomo without clipping (with clipping their norm pass is a second backward, which
+# FSDP2 all-gathers and reduce-scatters again), and an elementwise optimizer
+LIKE_ADAMW = [("lomo", "0"), ("adalomo", "0"), ("schedule_free_adamw", "0")]
+# no gather of a parameter, gradient or state beyond FSDP2's own all-gathers of the parameters
+NO_GATHER = [*LIKE_ADAMW, ("apollo_mini", "0"), ("apollo_mini", "1.0")]
+
+
 def _name(optim: str, norm: str, kind: str = "") -> str:
     return f"{optim}-{norm.replace('.', '_')}{kind}"
 
@@ -84,6 +94,7 @@ def sharded_runs(tmp_path_factory) -> Path:
     runs += [f"{_name(optim, norm, '-local')}:{optim}:{norm}:local" for optim, norm in CONTROLS]
     runs += [f"{_name(optim, norm, '-unused')}:{optim}:{norm}:unused" for optim, norm in UNUSED]
     runs.append(f"{_name('adamw_torch', '1.0', '-unused-torch')}:adamw_torch:1.0:unused-torch")
+    runs += [f"{_name(optim, norm)}:{optim}:{norm}" for optim, norm in COLLECTIVE_REFERENCES]
     _launch(out, runs, processes=2)
     return out
 
@@ -262,3 +273,42 @@ def test_fsdp2_unused_parameter_without_the_switch_is_named(tmp_path):
     assert proc.returncode != 0
     assert "FSDP2: parameter aux.weight got no gradient on this process in this backward" in proc.stderr
     assert "set_reduce_scatter_unused_params(True)" in proc.stderr
+
+
+# -- what a step communicates -----------------------------------------------------------------------------------------
+
+
+def collectives(folder: Path, name: str) -> list[dict]:
+    """Per training step of the first process: ``{"calls": {kind: n}, "bytes": {kind: n}}``."""
+    return json.loads((folder / f"{name}.collectives").read_text())
+
+
+def _most(steps: list[dict], what: str) -> int:
+    return max(sum(step[what].values()) for step in steps)
+
+
+@pytest.mark.parametrize(("optim", "norm"), LIKE_ADAMW)
+def test_a_step_communicates_within_adamws_bound(sharded_runs, optim, norm):
+    """Calls per step at most FSDP2 AdamW's plus 2 per FSDP group, bytes at most 1.05x (deterministic counts)."""
+    ours, adamw = collectives(sharded_runs, _name(optim, norm)), collectives(sharded_runs, _name("adamw_torch", norm))
+    assert len(ours) == len(adamw) == 4
+    assert _most(ours, "calls") <= _most(adamw, "calls") + 2 * FSDP_GROUPS
+    assert _most(ours, "bytes") <= 1.05 * _most(adamw, "bytes")
+
+
+@pytest.mark.parametrize(("optim", "norm"), NO_GATHER)
+def test_no_gather_beyond_fsdp2s_own(sharded_runs, optim, norm):
+    """Every step all-gathers exactly the bytes FSDP2 AdamW's step does (the parameters, for forward and backward):
+    a gathered parameter, gradient or optimizer state would add to them."""
+    ours, adamw = collectives(sharded_runs, _name(optim, norm)), collectives(sharded_runs, _name("adamw_torch", norm))
+    for step, (a, b) in enumerate(zip(ours, adamw)):
+        assert a["bytes"]["all_gather"] == b["bytes"]["all_gather"], step
+
+
+def test_the_counter_sees_a_gathered_step(sharded_runs):
+    """The control: Adafactor still steps through GatheredStepOptimizer, whose gathers the counter must see."""
+    ours, adamw = (
+        collectives(sharded_runs, _name("adafactor", "0")),
+        collectives(sharded_runs, _name("adamw_torch", "0")),
+    )
+    assert all(a["bytes"]["all_gather"] > 1.5 * b["bytes"]["all_gather"] for a, b in zip(ours, adamw))

@@ -32,6 +32,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import default_data_collator
 
+from tests.collectives import CollectiveCounter
 from tests.helpers import (
     FlaggedTokenDataset,
     LlamaModule,
@@ -116,6 +117,30 @@ class ShardedAuxLlama(ShardedLlama):
         return self.model(**batch)
 
 
+class CountCollectives(Callback):
+    """The collectives this process issues in each training step (forward, backward, optimizer step), written as
+    ``NAME.collectives`` (JSON: one ``{"calls": ..., "bytes": ...}`` per step) by the first process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.steps: list[dict] = []
+        self.counter: CollectiveCounter | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.counter = CollectiveCounter()
+        self.counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.counter is not None:
+            self.counter.__exit__(None, None, None)
+            self.steps.append(self.counter.snapshot())
+            self.counter = None
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            self.path.with_suffix(".collectives").write_text(json.dumps(self.steps))
+
+
 class SaveFullWeights(Callback):
     """The full weights at the end, the steps this fit took (``NAME.steps``: a resumed fit takes fewer) and the
     ``grad_norm`` logged at each optimizer step (``NAME.norms``, JSON)."""
@@ -172,6 +197,8 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     cls = ShardedAuxLlama if option.startswith("unused") else ShardedLlama
     module = cls(sharded, **optimizer_settings(optim, float(max_grad_norm)))
     callbacks: list = [SaveFullWeights(out / f"{name}.pt")]
+    if sharded:
+        callbacks.insert(0, CountCollectives(out / f"{name}.pt"))
     if option == "ckpt":
         callbacks.append(ModelCheckpoint(dirpath=out / f"{name}-ckpt", save_top_k=-1, filename="{epoch}"))
     resume = out / f"{option[len('resume=') :]}-ckpt" / "epoch=0.ckpt" if option.startswith("resume=") else None
