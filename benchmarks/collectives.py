@@ -1,0 +1,78 @@
+"""What a sharded step communicates, per optimizer, at 2 and 4 processes: collective calls and bytes per training step
+of one process, as ratios to FSDP2 AdamW's in the same launch. Deterministic (counted from tensor sizes by
+``tests/collectives.py`` in every fit of ``tests/scripts/sharded_llama_fit.py``: the tiny Llama of the tests, every
+decoder layer and the model ``fully_shard``-ed, 3 FSDP parameter groups), so one run is enough.
+
+    python benchmarks/collectives.py            # prints the table, writes benchmarks/collectives.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SCRIPT = ROOT / "tests" / "scripts" / "sharded_llama_fit.py"
+RUNS = [  # label, optim, max_grad_norm
+    ("adamw_torch", "adamw_torch", "1.0"),
+    ("schedule_free_adamw", "schedule_free_adamw", "1.0"),
+    ("lomo", "lomo", "0"),
+    ("lomo+clip", "lomo", "1.0"),
+    ("adalomo", "adalomo", "0"),
+    ("adalomo+clip", "adalomo", "1.0"),
+    ("apollo-mini", "apollo_mini", "1.0"),
+    ("apollo (channel)", "apollo_adamw", "1.0"),
+    ("galore_adamw", "galore_adamw", "1.0"),
+    ("adafactor", "adafactor", "1.0"),
+    ("grokadamw", "grokadamw", "1.0"),
+    ("stable_adamw", "stable_adamw", "1.0"),
+    ("apollo_adamw_layerwise", "apollo_adamw_layerwise", "0"),
+]
+FSDP_GROUPS = 3
+
+
+def launch(processes: int, out: Path) -> dict[str, list[dict]]:
+    names = [f"run{i}" for i in range(len(RUNS))]
+    runs = [f"{name}:{optim}:{norm}" for name, (_, optim, norm) in zip(names, RUNS)]
+    env = {**os.environ, "SHARDED_TEST_PROCESSES": str(processes)}
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "sharded", *runs], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    return {label: json.loads((out / f"{name}.collectives").read_text()) for name, (label, *_) in zip(names, RUNS)}
+
+
+def per_step(steps: list[dict], what: str) -> int:
+    """The most of any step (a projection renewal step communicates more than the others)."""
+    return max(sum(step[what].values()) for step in steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=HERE / "collectives.json")
+    args = parser.parse_args()
+    results: dict[int, dict[str, list[dict]]] = {}
+    for processes in (2, 4):
+        with tempfile.TemporaryDirectory() as tmp:
+            results[processes] = launch(processes, Path(tmp))
+    bound = f"AdamW's + {2 * FSDP_GROUPS}"
+    header = f"calls / step, 2 processes (bound: {bound}) | bytes / AdamW's, 2 | calls, 4 | bytes / AdamW's, 4"
+    print(f"| optimizer | {header} |")
+    print("|---|---|---|---|---|")
+    for label, *_ in RUNS:
+        cells = []
+        for processes in (2, 4):
+            ours, adamw = results[processes][label], results[processes]["adamw_torch"]
+            calls, reference = per_step(ours, "calls"), per_step(adamw, "calls")
+            cells += [f"{calls} (AdamW {reference})", f"{per_step(ours, 'bytes') / per_step(adamw, 'bytes'):.2f}x"]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    args.out.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
