@@ -18,7 +18,7 @@ from lightning_optims.param_groups import (
     low_rank_param_groups,
     target_parameter_names,
 )
-from lightning_optims.registry import BuildContext, get_spec
+from lightning_optims.registry import BuildContext, _load, get_spec
 from lightning_optims.sharded import GatheredLayerwiseOptimizer, GatheredStepOptimizer, is_sharded
 from lightning_optims.warn import warn_user
 
@@ -56,9 +56,12 @@ def create_optimizer(
         low_rank_targets = ([p for n, p in model.named_parameters() if n in wanted], target_kwargs)
     else:
         params = all_params_group(model)
-    sharded = spec.shards_by_gathering and is_sharded([p for g in params for p in g["params"]])
+    on_shards = is_sharded([p for g in params for p in g["params"]])
+    sharded = spec.shards_by_gathering and on_shards
     optimizer: Any
-    if spec.layerwise and sharded:
+    if spec.sharded_target is not None and on_shards:
+        optimizer = _load(spec.sharded_target)(params, **kwargs)  # FSDP2: the family's own step on the shards
+    elif spec.layerwise and sharded:
         optimizer = GatheredLayerwiseOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors, in the hooks
     elif spec.layerwise:
         optimizer = build_layerwise(optimizer_cls, params, kwargs)

@@ -86,6 +86,10 @@ class OptimizerSpec:
             :class:`~lightning_optims.sharded.GatheredStepOptimizer` (each parameter, gradient and state gathered for
             its step, the state kept sharded), with the numbers of one device; a layer-wise one through
             :class:`~lightning_optims.sharded.GatheredLayerwiseOptimizer` (the same step, in FSDP2's hooks).
+        sharded_target: ``"module:Class"`` of the optimizer that steps this one's update on FSDP2's shards itself
+            (same arguments and state keys as ``target``; its statistics completed with
+            :mod:`~lightning_optims.placements`): under ModelParallelStrategy it replaces ``target``, with the numbers
+            of one device and no gather.
         one_kernel_per_group: its step runs one foreach / fused kernel over each param group, which cannot take
             ``DTensor`` s and plain tensors together (tensor parallelism that leaves some parameters plain tensors):
             such a mix is refused when ``fit`` starts.
@@ -111,6 +115,7 @@ class OptimizerSpec:
     elementwise: bool = False
     shards_in_backward: bool = False
     shards_by_gathering: bool = False
+    sharded_target: str | None = None
     one_kernel_per_group: bool = False
     post_build: Callable[[Any, BuildContext], None] | None = None
     callbacks: tuple[str, ...] = ()
@@ -119,7 +124,7 @@ class OptimizerSpec:
     @property
     def runs_sharded(self) -> bool:
         """It runs under ModelParallelStrategy (FSDP2) with the numbers of one device (besides elementwise ones)."""
-        return self.shards_in_backward or self.shards_by_gathering
+        return self.shards_in_backward or self.shards_by_gathering or self.sharded_target is not None
 
     @property
     def needs_target_modules(self) -> bool:

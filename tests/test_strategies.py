@@ -23,7 +23,8 @@ USABLE = [r.name for r in available_optimizers() if r.usable]
 ELEMENTWISE = [n for n in USABLE if get_spec(n).elementwise]
 NOT_ELEMENTWISE = [n for n in USABLE if not get_spec(n).elementwise]
 SHARDS_IN_BACKWARD = [n for n in USABLE if get_spec(n).shards_in_backward]
-SHARDS_BY_GATHERING = [n for n in USABLE if get_spec(n).shards_by_gathering]
+# stepped after backward on FSDP2's shards: by the family's own sharded step, or gathered
+SHARDS_AFTER_BACKWARD = [n for n in USABLE if get_spec(n).runs_sharded and not get_spec(n).shards_in_backward]
 
 
 def run_script(optim: str, out: Path, mode: str) -> subprocess.CompletedProcess:
@@ -90,7 +91,7 @@ REFUSED = [
     (strategy, name)
     for strategy in STRATEGIES
     for name in NOT_ELEMENTWISE
-    if not (strategy == "ModelParallelStrategy" and name in SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING)
+    if not (strategy == "ModelParallelStrategy" and name in SHARDS_IN_BACKWARD + SHARDS_AFTER_BACKWARD)
 ]
 # (those run under ModelParallelStrategy: tests/test_sharded.py)
 
@@ -133,7 +134,7 @@ def test_16_mixed_on_cpu_is_bf16():
     assert getattr(trainer.precision_plugin, "scaler", None) is None and trainer.global_step == 2
 
 
-@pytest.mark.parametrize("name", SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING)
+@pytest.mark.parametrize("name", SHARDS_IN_BACKWARD + SHARDS_AFTER_BACKWARD)
 def test_sharded_optimizers_are_accepted_under_model_parallel_and_point_there_from_fsdp1(name):
     module = LlamaModule(model=tiny_llama(), **settings(name))
     rules.check(stand_in_trainer(ModelParallelStrategy()), module)
@@ -170,7 +171,7 @@ def test_finetuning_callbacks_are_refused_under_model_parallel():
 
 LAYOUT_SCRIPT = ROOT / "tests" / "scripts" / "layouts.py"
 LAYOUT_NAMES = {"fsdp2": "FSDP2", "hsdp": "HSDP", "tp": "tensor parallel", "2d": "2-D (tensor parallel + FSDP2)"}
-ON_SHARDS = SHARDS_IN_BACKWARD + SHARDS_BY_GATHERING
+ON_SHARDS = SHARDS_IN_BACKWARD + SHARDS_AFTER_BACKWARD
 
 
 @pytest.fixture(scope="module")

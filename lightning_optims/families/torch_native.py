@@ -46,7 +46,7 @@ register(
         name="adafactor",
         target="transformers.optimization:Adafactor",
         family="torch",
-        shards_by_gathering=True,
+        sharded_target="lightning_optims.families.adafactor:ShardedAdafactor",
         kwargs=lambda ctx: {"scale_parameter": False, "relative_step": False},
         uses=WEIGHT_DECAY,
         description="transformers.optimization.Adafactor with relative_step=False, scale_parameter=False",

@@ -185,13 +185,15 @@ def shard_local_step(self, p, group, index, check_finite=False) -> None:
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims import mixin
     from lightning_optims.in_backward import InBackwardOptimizer
+    from lightning_optims.placements import ShardSums
     from lightning_optims.sharded import GatheredStepOptimizer
 
     all_sum, sync_unused = InBackwardOptimizer._all_sum, mixin.sync_unused_parameters
-    step_param = GatheredStepOptimizer._step
+    step_param, shard_sums = GatheredStepOptimizer._step, ShardSums.sums
     if option == "local":  # the control: each process uses its shard's statistics only
         InBackwardOptimizer._all_sum = lambda self, tensor: tensor
         GatheredStepOptimizer._step = shard_local_step
+        ShardSums.sums = lambda self, parts: parts
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
         mixin.sync_unused_parameters = lambda module: 0
     cls = ShardedAuxLlama if option.startswith("unused") else ShardedLlama
@@ -242,7 +244,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         trainer.fit(module, data, ckpt_path=resume)
     finally:
         InBackwardOptimizer._all_sum, mixin.sync_unused_parameters = all_sum, sync_unused
-        GatheredStepOptimizer._step = step_param
+        GatheredStepOptimizer._step, ShardSums.sums = step_param, shard_sums
 
 
 def main(out: str, mode: str, *runs: str) -> None:

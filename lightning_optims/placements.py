@@ -1,0 +1,78 @@
+"""Reductions over the placements of sharded parameters: what a family's step on this process's part needs to get
+the numbers of the whole tensor.
+
+FSDP2 on one mesh dimension shards every parameter on dim 0 (``Shard(0)``): a statistic along the rows (a row mean,
+a per-row scale) is local, one that spans the rows (a column sum, a norm, an RMS) is a sum of the processes' parts.
+:class:`ShardSums` completes such sums for many tensors at once: the small statistics of a step are flattened into
+one all-reduce over the mesh dimension that shards them, so a step issues a fixed, small number of collectives
+whatever the number of parameters. On one process (or for plain tensors) nothing is communicated.
+
+Used by the in-backward engine (AdaLomo's per-bucket sums) and by the sharded steps of the whole-tensor families
+(:class:`~lightning_optims.families.adafactor.ShardedAdafactor`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+__all__ = ["ShardSums", "dim0_group", "local", "state_like"]
+
+
+def local(tensor: Any) -> Any:
+    """This process's part of a ``DTensor``; a plain tensor as it is. In-place writes to it write the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def dim0_group(params: list[torch.Tensor]) -> Any:
+    """The process group over which the ``DTensor`` s among ``params`` are sharded on dim 0 (FSDP2 on one mesh
+    dimension); ``None`` if there is none. Any other layout is refused (the compatibility rules refuse it earlier,
+    when ``fit`` starts, naming it)."""
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if not sharded:
+        return None
+    mesh = sharded[0].device_mesh
+    for p in sharded:
+        if p.device_mesh != mesh or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(
+                "this optimizer steps parameters sharded by FSDP2 on dim 0 over one mesh dimension (fully_shard on a "
+                f"1-D mesh); got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+            )
+    if len(sharded) != len(params):
+        raise ValueError("this optimizer needs every parameter sharded by FSDP2, or none")
+    return mesh.get_group()
+
+
+class ShardSums:
+    """Sums of tensors over the processes that shard them on dim 0, many at once: ``sums(parts)`` returns, for each
+    part, the sum of every process's part (one all-reduce for the whole list); on one process the parts themselves."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def sums(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.group is None or not parts:
+            return parts
+        flat = torch._utils._flatten_dense_tensors(parts)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        return list(torch._utils._unflatten_dense_tensors(flat, parts))
+
+
+def state_like(p: torch.Tensor, shape: tuple[int, ...], sharded: bool) -> torch.Tensor:
+    """A zero fp32 state tensor of the whole ``shape`` for ``p``: for an FSDP2 parameter a ``DTensor`` on its mesh,
+    sharded on dim 0 like the parameter's rows (``sharded``: ``shape[0]`` is the parameter's rows) or replicated, so
+    that Lightning's distributed checkpoint saves every process's part and a resume (on any number of processes)
+    gets it back; for a plain parameter a plain tensor."""
+    part = local(p)
+    if not isinstance(p, DTensor):
+        return torch.zeros(shape, dtype=torch.float32, device=part.device)
+    local_shape = (part.shape[0], *shape[1:]) if sharded else shape
+    zeros = torch.zeros(local_shape, dtype=torch.float32, device=part.device)
+    strides = torch.empty(shape, device="meta").stride()
+    placements = [Shard(0)] if sharded else [Replicate()]
+    return DTensor.from_local(
+        zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=strides
+    )
