@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from lightning_optims.placements import ShardSums, dim0_group, local, state_like
 
 __all__ = ["AdaLomo", "InBackwardOptimizer", "Lomo", "NonFiniteGradientError", "NonFiniteLossError"]
 
@@ -93,9 +94,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         # (the whole tensor's size, also for an FSDP2 shard: every process then cuts its buckets at the same
         # parameters, whatever its shard's size, and the per-bucket collectives line up)
         self._nbytes = {p: p.numel() * p.element_size() for p in self._group_index}
-        self._shard_group = _shard_group(list(self._group_index))
+        self._shard_group = dim0_group(list(self._group_index))
         # where the step's small tensors live (a collective backend such as NCCL takes tensors on its device only)
-        self._device = next((_local(p).device for p in self._group_index), torch.device("cpu"))
+        self._device = next((local(p).device for p in self._group_index), torch.device("cpu"))
         for p in self._group_index:
             if p.requires_grad and p not in self._hooked:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
@@ -178,7 +179,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         if not self._pending:
             return
         params, self._pending, self._pending_bytes = self._pending, [], 0
-        grads = [_local(p.grad) for p in params]  # FSDP2: this process's shard of the reduced gradient
+        grads = [local(p.grad) for p in params]  # FSDP2: this process's shard of the reduced gradient
         for p in params:
             p.grad = None
         self._consume(params, grads)
@@ -380,39 +381,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=True)
 
 
-def _local(tensor: Any) -> Any:
-    """This process's part of a ``DTensor`` (FSDP2's sharded parameters and gradients); a plain tensor as it is. In
-    place writes to it write the parameter."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _shard_group(params: list[torch.Tensor]) -> Any:
-    """The process group of FSDP2's dim-0 sharding, if the parameters are ``DTensor`` s; ``None`` otherwise."""
-    sharded = [p for p in params if isinstance(p, DTensor)]
-    if not sharded:
-        return None
-    mesh = sharded[0].device_mesh
-    for p in sharded:
-        if p.device_mesh != mesh or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-            raise ValueError(
-                "in-backward optimizers support parameters sharded by FSDP2 on dim 0 over one mesh dimension "
-                f"(fully_shard on a 1-D mesh); got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
-            )
-    if len(sharded) != len(params):
-        raise ValueError("in-backward optimizers need every parameter sharded by FSDP2, or none")
-    return mesh.get_group()
-
-
 def _state_like(p: torch.Tensor, shape: tuple[int, ...], local_size: int, sharded: bool) -> torch.Tensor:
-    """A zero fp32 state vector for ``p``. For an FSDP2 parameter it is a ``DTensor`` on the parameter's mesh:
-    sharded on dim 0 like the parameter's rows (``sharded``), or replicated, so that Lightning's distributed
-    checkpoint saves every process's part and a resume gets it back (tested on the same number of processes)."""
-    local = _local(p)
-    zeros = torch.zeros(local_size, dtype=torch.float32, device=local.device)
-    if not isinstance(p, DTensor):
-        return zeros
-    placements = [Shard(0)] if sharded else [Replicate()]
-    return DTensor.from_local(zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=(1,))
+    """A zero fp32 state vector for ``p`` (see :func:`~lightning_optims.placements.state_like`): sharded on dim 0 like
+    the parameter's rows (``sharded``), or replicated."""
+    return state_like(p, shape, sharded)
 
 
 def _trainable(model_or_params: nn.Module | Iterable[Any]) -> Iterable[Any]:
@@ -511,14 +483,14 @@ class Lomo(InBackwardOptimizer):
         for group, ps, gs in self._by_group(params, grads):
             self._clip(gs, group)
             lr, wd = group["lr"], group["weight_decay"]
-            locals_ = [_local(p).detach() for p in ps]
+            locals_ = [local(p).detach() for p in ps]
             targets = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
             if wd > 0.0:
                 torch._foreach_mul_(targets, 1.0 - lr * wd)
             torch._foreach_add_(targets, gs, alpha=-lr)
-            for local, t in zip(locals_, targets):
-                if local.dtype != torch.float32:
-                    local.copy_(t)
+            for part, t in zip(locals_, targets):
+                if part.dtype != torch.float32:
+                    part.copy_(t)
 
 
 class AdaLomo(InBackwardOptimizer):
@@ -565,11 +537,11 @@ class AdaLomo(InBackwardOptimizer):
         state = self.state[p]
         if p.dim() > 1:
             if "exp_avg_sq_row" not in state:
-                state["exp_avg_sq_row"] = _state_like(p, (p.shape[0],), _local(p).shape[0], sharded=True)
+                state["exp_avg_sq_row"] = _state_like(p, (p.shape[0],), local(p).shape[0], sharded=True)
                 state["exp_avg_sq_col"] = _state_like(p, (p.shape[1],), p.shape[1], sharded=False)
         elif "exp_avg_sq" not in state:
             rows = p.shape[0] if p.dim() else 1
-            state["exp_avg_sq"] = _state_like(p, (rows,), _local(p).shape[0] if p.dim() else 1, sharded=p.dim() == 1)
+            state["exp_avg_sq"] = _state_like(p, (rows,), local(p).shape[0] if p.dim() else 1, sharded=p.dim() == 1)
 
     def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """lomo_optim's AdaLomo update, for a bucket at once: elementwise work with foreach ops over the bucket, the
@@ -586,7 +558,7 @@ class AdaLomo(InBackwardOptimizer):
             eps_sq, eps_scale = group["eps"]
             squares = torch._foreach_mul(gs, gs)
             torch._foreach_add_(squares, eps_sq)
-            locals_ = [_local(p).detach() for p in ps]
+            locals_ = [local(p).detach() for p in ps]
             weights = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
             matrices = [i for i, p in enumerate(ps) if p.dim() > 1]
             vectors = [i for i, p in enumerate(ps) if p.dim() <= 1]
@@ -595,8 +567,8 @@ class AdaLomo(InBackwardOptimizer):
             for i in matrices:
                 shapes.setdefault(tuple(squares[i].shape), []).append(i)
             stacks = [torch.stack([squares[i] for i in idx]) for idx in shapes.values()]
-            rows = [[_local(self.state[ps[i]]["exp_avg_sq_row"]) for i in idx] for idx in shapes.values()]
-            cols = [[_local(self.state[ps[i]]["exp_avg_sq_col"]) for i in idx] for idx in shapes.values()]
+            rows = [[local(self.state[ps[i]]["exp_avg_sq_row"]) for i in idx] for idx in shapes.values()]
+            cols = [[local(self.state[ps[i]]["exp_avg_sq_col"]) for i in idx] for idx in shapes.values()]
             for rs, stack in zip(rows, stacks):
                 torch._foreach_mul_(rs, beta2t)
                 torch._foreach_add_(rs, list(stack.mean(dim=-1).unbind()), alpha=1.0 - beta2t)
@@ -615,7 +587,7 @@ class AdaLomo(InBackwardOptimizer):
                 for i, update in zip(idx, torch.mul(r_factor, torch.stack(cs).unsqueeze(-2).rsqrt()).unbind()):
                     updates[i] = update
             if vectors:
-                sq = [_local(self.state[ps[i]]["exp_avg_sq"]) for i in vectors]
+                sq = [local(self.state[ps[i]]["exp_avg_sq"]) for i in vectors]
                 torch._foreach_mul_(sq, beta2t)
                 torch._foreach_add_(sq, [squares[i] for i in vectors], alpha=1.0 - beta2t)
                 for i, rsqrt in zip(vectors, torch._foreach_rsqrt(sq)):
@@ -633,13 +605,10 @@ class AdaLomo(InBackwardOptimizer):
                 torch._foreach_mul_(weights, list((1.0 - lrs * group["weight_decay"]).unbind()))
             torch._foreach_mul_(updates, list(lrs.unbind()))
             torch._foreach_sub_(weights, updates)
-            for local, w in zip(locals_, weights):
-                if w.data_ptr() != local.data_ptr():
-                    local.copy_(w)
+            for part, w in zip(locals_, weights):
+                if w.data_ptr() != part.data_ptr():
+                    part.copy_(w)
 
     def _all_sum_parts(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``_all_sum`` of several tensors in one collective (flattened together); unchanged on one process."""
-        if self._shard_group is None or not parts:
-            return parts
-        flat = self._all_sum(torch._utils._flatten_dense_tensors(parts))
-        return list(torch._utils._unflatten_dense_tensors(flat, parts))
+        """The sums over the shards of several tensors in one collective (``ShardSums``); unchanged on one process."""
+        return ShardSums(self._shard_group).sums(parts)

@@ -23,6 +23,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lightning_optims.layerwise import StepHooks
+from lightning_optims.placements import ShardSums
 
 __all__ = ["GatheredLayerwiseOptimizer", "GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
 
@@ -361,9 +362,8 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
     def _sum_over_processes(self, squared: torch.Tensor) -> torch.Tensor:
         """One all-reduce of the step's squared norm over the mesh that shards the parameters."""
         mesh = cast(DTensor, next(iter(self._group_of))).device_mesh
-        squared = squared.clone()
-        torch.distributed.all_reduce(squared, op=torch.distributed.ReduceOp.SUM, group=mesh.get_group())
-        return squared
+        (total,) = ShardSums(mesh.get_group()).sums([squared.clone()])
+        return total
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
