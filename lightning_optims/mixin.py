@@ -150,13 +150,13 @@ class OptimizerMixin(_MixinBase):
 
     @property
     def trainer(self) -> Any:
-        return _next_trainer_property(self).__get__(self)
+        return _next_trainer_property(type(self)).__get__(self)
 
     @trainer.setter
     def trainer(self, trainer: Any) -> None:
         # Lightning attaches the Trainer before it reads configure_callbacks: the mixin's callbacks go in here, so a
         # module's own configure_callbacks (with or without super()) cannot drop them
-        _next_trainer_property(self).__set__(self, trainer)
+        _next_trainer_property(type(self)).__set__(self, trainer)
         if trainer is not None:
             attach_callbacks(trainer, self)
 
@@ -258,10 +258,13 @@ class OptimizerMixin(_MixinBase):
         if gradient_clip_val:
             # Trainer(gradient_clip_val=...) with max_grad_norm=0 (anything else was refused when fit started)
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        elif max_norm > 0 and total is not None and scaler is None and not _overrides_clip_gradients(self):
+        elif max_norm > 0 and total is not None and scaler is None and not self._overrides_clip_gradients():
             clip_with_norm(params, max_norm, total)  # Lightning's clipping, with the norm measured once
         elif max_norm > 0:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def _overrides_clip_gradients(self) -> bool:
+        return getattr(self.clip_gradients, "__func__", None) is not LightningModule.clip_gradients
 
     def _log_grad_norm(self, norm: torch.Tensor | None) -> None:
         """``grad_norm`` at every optimizer step, through ``self.log``: every logger and the progress bar see it."""
@@ -269,14 +272,15 @@ class OptimizerMixin(_MixinBase):
             self.log("grad_norm", norm.detach(), on_step=True, on_epoch=False)
 
 
-def _next_trainer_property(module: Any) -> Any:
-    """The ``trainer`` property of the class after the mixin (LightningModule's)."""
-    mro = type(module).__mro__
-    return next(vars(c)["trainer"] for c in mro[mro.index(OptimizerMixin) + 1 :] if "trainer" in vars(c))
+_TRAINER_PROPERTY: dict[type, Any] = {}
 
 
-def _overrides_clip_gradients(module: Any) -> bool:
-    return getattr(module.clip_gradients, "__func__", None) is not LightningModule.clip_gradients
+def _next_trainer_property(cls: type) -> Any:
+    """The ``trainer`` property of the class after the mixin in ``cls`` (LightningModule's), found once per class."""
+    if cls not in _TRAINER_PROPERTY:
+        after = cls.__mro__[cls.__mro__.index(OptimizerMixin) + 1 :]
+        _TRAINER_PROPERTY[cls] = next(vars(c)["trainer"] for c in after if "trainer" in vars(c))
+    return _TRAINER_PROPERTY[cls]
 
 
 def _check_finite_loss(loss: torch.Tensor, step: int, when: str) -> None:
