@@ -22,7 +22,7 @@ register(
         uses=ADAM | WEIGHT_DECAY,
         packages=("optimi",),
         extra="optimi",
-        shards_by_gathering=True,
+        sharded_target="lightning_optims.families.stable_adamw:ShardedStableAdamW",
         description="optimi.StableAdamW",
     )
 )
