@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 else:
     grokadamw = _import_keeping_root_logger("grokadamw")
 
-__all__ = ["APOLLOAdamW", "GrokAdamW", "ProjectorStateMixin", "grokking_signal"]
+__all__ = ["APOLLOAdamW", "GrokAdamW", "ProjectorStateMixin", "ShardedGrokAdamW", "grokking_signal"]
 
 
 def grokking_signal(train_loss: float | None, eval_loss: float | None) -> float:
@@ -69,33 +69,91 @@ class GrokAdamW(grokadamw.GrokAdamW):
         for group in self.param_groups:
             signal = self._compute_grokking_signal(group)
             params = [p for p in group["params"] if p.grad is not None]
-            beta1, beta2 = group["betas"]
             for i, p in enumerate(params):  # i: index among the group's parameters with a gradient (upstream's)
                 i = self.global_index.get(p, i)  # (stepping one parameter of a larger group: its index there)
-                grad = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["grok_ema"] = torch.zeros_like(p)
-                exp_avg, exp_avg_sq, grok_ema = state["exp_avg"], state["exp_avg_sq"], state["grok_ema"]
-                state["step"] += 1
                 if group["gradient_clipping"] > 0:
                     torch.nn.utils.clip_grad_norm_(p, group["gradient_clipping"])  # per tensor, in place
-                layer_beta1 = beta1 * (1 - group["gamma"]) ** i
-                alpha = group["alpha_init"]
-                if signal is not None:
-                    alpha = alpha * math.exp(-group["grokking_signal_decay_rate"] * signal)
-                grok_ema.mul_(alpha).add_(grad, alpha=1 - alpha)
-                grok_grad = grad + group["lamb"] * grok_ema
-                exp_avg.mul_(layer_beta1).add_(grok_grad, alpha=1 - layer_beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grok_grad, grok_grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1 ** state["step"]
-                bias_correction2 = 1 - beta2 ** state["step"]
-                step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-step_size)
+                self._update(p, p.grad, self._state(p), i, group, signal)
+        return loss
+
+    def _state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+            state["grok_ema"] = torch.zeros_like(p)
+        return state
+
+    @staticmethod
+    def _update(
+        p: torch.Tensor, grad: Any, state: dict[str, Any], i: int, group: dict[str, Any], signal: float | None
+    ) -> None:
+        """grokadamw's update of one parameter after its per-tensor clipping (``p``, ``grad`` and the state tensors:
+        whole tensors, or one process's rows of them: every operation here is elementwise)."""
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq, grok_ema = (_part(state[k]) for k in ("exp_avg", "exp_avg_sq", "grok_ema"))
+        state["step"] += 1
+        layer_beta1 = beta1 * (1 - group["gamma"]) ** i
+        alpha = group["alpha_init"]
+        if signal is not None:
+            alpha = alpha * math.exp(-group["grokking_signal_decay_rate"] * signal)
+        grok_ema.mul_(alpha).add_(grad, alpha=1 - alpha)
+        grok_grad = grad + group["lamb"] * grok_ema
+        exp_avg.mul_(layer_beta1).add_(grok_grad, alpha=1 - layer_beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grok_grad, grok_grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** state["step"]
+        bias_correction2 = 1 - beta2 ** state["step"]
+        step_size = group["lr"] * math.sqrt(bias_correction2) / bias_correction1
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-step_size)
+
+
+def _part(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class ShardedGrokAdamW(GrokAdamW):
+    """:class:`GrokAdamW` for parameters that FSDP2 shards on dim 0 over one mesh dimension: each process steps its
+    rows. The only whole-tensor term of its update, the per-tensor gradient clipping, takes every parameter's norm
+    from one all-reduce per step (:class:`~lightning_optims.placements.ShardSums`); the rest is elementwise. The
+    state (``DTensor`` s like the parameter) is created with the optimizer, for Lightning's distributed checkpoint."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from lightning_optims.placements import ShardSums, dim0_group
+
+        super().__init__(*args, **kwargs)
+        self._sums = ShardSums(dim0_group([p for g in self.param_groups for p in g["params"]]))
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_sums"):  # (a group added during training: BaseFinetuning unfreezing a backbone)
+            raise TypeError("ShardedGrokAdamW cannot take a param group added during training")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            signal = self._compute_grokking_signal(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for i, p in enumerate(params):
+                work.append((p, _part(p.grad), self.global_index.get(p, i), group, signal))
+        # torch's clip_grad_norm_ of each tensor, its norm summed over the shards of every tensor at once
+        clipped = [w for w in work if w[3]["gradient_clipping"] > 0]
+        squares = self._sums.sums([torch.linalg.vector_norm(grad, 2.0).square() for _, grad, *_ in clipped])
+        for (_, grad, _, group, _), square in zip(clipped, squares):
+            grad.mul_(torch.clamp(group["gradient_clipping"] / (square.sqrt() + 1e-6), max=1.0))
+        for p, grad, i, group, signal in work:
+            self._update(_part(p), grad, self.state[p], i, group, signal)
         return loss
 
 

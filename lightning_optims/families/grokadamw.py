@@ -28,7 +28,7 @@ register(
         kwargs=_grokadamw,
         uses=WEIGHT_DECAY,
         packages=("grokadamw",),
-        shards_by_gathering=True,
+        sharded_target="lightning_optims.optimizers:ShardedGrokAdamW",
         callbacks=("lightning_optims.callbacks.grokking:GrokkingSignalCallback",),
         description="GrokAdamW (grokadamw's update, state in optimizer.state)",
     )

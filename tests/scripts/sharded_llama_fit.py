@@ -52,7 +52,8 @@ MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
 
 def optimizer_settings(optim: str, max_grad_norm: float) -> dict:
     """The test settings of ``optim`` (low-rank: all-linear targets, rank 2, projections renewed every 2 steps),
-    with weight decay where the optimizer takes it; ``apollo_mini`` is APOLLO with tensor-wise scaling, rank 1."""
+    with weight decay where the optimizer takes it; ``apollo_mini`` is APOLLO with tensor-wise scaling, rank 1;
+    GrokAdamW clips each gradient at 0.01."""
     from lightning_optims import get_spec
     from tests.test_reliability import settings
 
@@ -63,6 +64,8 @@ def optimizer_settings(optim: str, max_grad_norm: float) -> dict:
         chosen["optim_args"] = "weight_decay=0.01"
     elif "weight_decay" in spec.uses:
         chosen["weight_decay"] = 0.01
+    if optim == "grokadamw":  # its per-tensor clipping engaged (at 1.0, the default, it never is on this model)
+        chosen["optim_args"] = "gradient_clipping=0.01"
     return chosen
 
 
