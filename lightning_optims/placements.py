@@ -13,6 +13,7 @@ Used by the in-backward engine (AdaLomo's per-bucket sums) and by the sharded st
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -59,6 +60,27 @@ class ShardSums:
         flat = torch._utils._flatten_dense_tensors(parts)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         return list(torch._utils._unflatten_dense_tensors(flat, parts))
+
+    def lockstep(self, steps: list[Generator[list[torch.Tensor], list[torch.Tensor], None]]) -> None:
+        """Run several parameters' steps written as generators that yield the tensors they need summed and receive
+        the sums: each round, what every step yields goes into one all-reduce. Every process runs the same steps
+        with the same rounds (they depend on shapes and settings only), so the collectives line up."""
+        pending = []
+        for step in steps:
+            try:
+                pending.append((step, next(step)))
+            except StopIteration:
+                pass
+        while pending:
+            summed = self.sums([t for _, parts in pending for t in parts])
+            after, at = [], 0
+            for step, parts in pending:
+                result, at = summed[at : at + len(parts)], at + len(parts)
+                try:
+                    after.append((step, step.send(result)))
+                except StopIteration:
+                    pass
+            pending = after
 
 
 def state_like(p: torch.Tensor, shape: tuple[int, ...], sharded: bool) -> torch.Tensor:

@@ -16,7 +16,7 @@ parameter alone, both are set to the values of the whole optimizer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, cast
 
 import torch
@@ -24,6 +24,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lightning_optims.layerwise import StepHooks
 from lightning_optims.placements import ShardSums
+
+Sums = Generator[list[torch.Tensor], list[torch.Tensor], None]  # (a step that yields what it needs summed)
 
 __all__ = ["GatheredLayerwiseOptimizer", "GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
 
@@ -169,10 +171,17 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        on_rows = []  # APOLLO's matrices on rows: their sums batched over the step (a few all-reduces in all)
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]  # the same on every process (FSDP2)
             for index, p in enumerate(with_grad):
-                self._step(p, group, index)
+                if not self._elementwise(group) and self._apollo_on_rows(p, group):
+                    on_rows.append(self._apollo_rows(p, group))
+                else:
+                    self._step(p, group, index)
+        if on_rows:
+            mesh = cast(DTensor, next(p for g in self.param_groups for p in g["params"])).device_mesh
+            ShardSums(mesh.get_group()).lockstep(on_rows)
         return loss
 
     def _step(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
@@ -188,7 +197,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if self._elementwise(group):
             self._step_rows(p, group)
         elif self._apollo_on_rows(p, group):
-            self._step_apollo_rows(p, group)
+            ShardSums(p.device_mesh.get_group()).lockstep([self._apollo_rows(p, group)])
         else:
             self._step_param(p, group, index)
 
@@ -202,9 +211,13 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             and group.get("proj_type") == "std"
         )
 
-    def _step_apollo_rows(self, p: DTensor, group: dict[str, Any]) -> None:
+    def _apollo_rows(
+        self, p: DTensor, group: dict[str, Any]
+    ) -> Generator[list[torch.Tensor], list[torch.Tensor], None]:
         """``apollo_torch.APOLLOAdamW.step`` for one matrix ``[m, n]``, computed on this process's rows of the
-        parameter and its gradient (neither is gathered), with collectives of a few numbers.
+        parameter and its gradient (neither is gathered), with sums of a few numbers over the processes: it yields
+        the tensors to sum and receives their sums (``ShardSums.lockstep`` batches them over every matrix of the
+        step: one all-reduce per round, at most three rounds).
 
         The projection matrix comes from the seed and the shape alone. ``m >= n``: the projected gradient
         ``G @ O.T`` (``[m, r]``) has the parameter's rows, so its moments are kept as this process's rows, a
@@ -222,7 +235,6 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         grad, rows = _grad(p).to_local().to(p.dtype), p.to_local()
         m, n = p.shape
         right = m >= n
-        mesh_group = p.device_mesh.get_group()
         if "step" not in state:
             state["step"] = 0
         if "projector" not in state:
@@ -236,8 +248,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if right:
             low = grad @ projector.ortho_matrix.t()
         else:
-            low = projector.ortho_matrix.t() @ grad
-            torch.distributed.all_reduce(low, group=mesh_group)
+            (low,) = yield [projector.ortho_matrix.t() @ grad]
         if "exp_avg" not in state:
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -258,8 +269,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             if dim == 1:
                 factor = factor.unsqueeze(1)
         elif group["scale_type"] == "tensor" and right:
-            sums = torch.stack([norm_grad.square().sum(), low.square().sum(), grad.square().sum()])
-            torch.distributed.all_reduce(sums, group=mesh_group)
+            (sums,) = yield [torch.stack([norm_grad.square().sum(), low.square().sum(), grad.square().sum()])]
             factor = sums[0].sqrt() / (sums[1].sqrt() + 1e-8)
             grad_norm = factor * sums[2].sqrt() * front
         elif group["scale_type"] == "tensor":
@@ -271,8 +281,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             scaled *= front
         if not inner.disable_nl:
             if grad_norm is None:
-                grad_norm = scaled.square().sum()
-                torch.distributed.all_reduce(grad_norm, group=mesh_group)
+                (grad_norm,) = yield [scaled.square().sum()]
                 grad_norm = grad_norm.sqrt()
             if "scaled_grad" in state:
                 limiter = max(grad_norm / (state["scaled_grad"] + 1e-8), 1.01) / 1.01

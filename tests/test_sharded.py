@@ -71,7 +71,8 @@ UNUSED = [
 COLLECTIVE_REFERENCES = [("adamw_torch", "1.0"), ("adamw_torch", "0"), ("schedule_free_adamw", "0")]
 FSDP_GROUPS = 3  # fully_shard on each of the two decoder layers and on the model (tests/scripts/sharded_llama_fit.py)
 # within AdamW's bound: LOMO / AdaLomo without clipping (with clipping their norm pass is a second backward, which
-# FSDP2 all-gathers and reduce-scatters again), and an elementwise optimizer
+# FSDP2 all-gathers and reduce-scatters again), an elementwise optimizer, and the families with their own sharded
+# step or step on rows
 LIKE_ADAMW = [
     ("lomo", "0"),
     ("adalomo", "0"),
@@ -82,9 +83,13 @@ LIKE_ADAMW = [
     ("stable_adamw", "1.0"),
     ("grokadamw", "0"),
     ("grokadamw", "1.0"),
+    ("apollo_mini", "0"),
+    ("apollo_mini", "1.0"),
+    ("apollo_adamw", "1.0"),
 ]
-# no gather of a parameter, gradient or state beyond FSDP2's own all-gathers of the parameters
-NO_GATHER = [*LIKE_ADAMW, ("apollo_mini", "0"), ("apollo_mini", "1.0")]
+# no gather of a parameter, gradient or state beyond FSDP2's own all-gathers of the parameters (the layer-wise step
+# on rows runs in each parameter's hook: its sums cannot be batched over the step, so it issues more calls)
+NO_GATHER = [*LIKE_ADAMW, ("apollo_adamw_layerwise", "0")]
 
 
 def _name(optim: str, norm: str, kind: str = "") -> str:
