@@ -259,7 +259,14 @@ def _galore(name: str) -> type:
     return type(
         name,
         (ProjectorStateMixin, upstream),
-        {"__module__": __name__, "__doc__": upstream.__doc__, "elementwise_without_rank": name == "GaLoreAdamW"},
+        {
+            "__module__": __name__,
+            "__doc__": upstream.__doc__,
+            "elementwise_without_rank": name == "GaLoreAdamW",
+            # under FSDP2, a projected matrix of GaLore AdamW steps on each process's rows (sharded.py)
+            "projected_adam_on_rows": name == "GaLoreAdamW",
+            "projector_class": importlib.import_module("galore_torch.galore_projector").GaLoreProjector,
+        },
     )
 
 

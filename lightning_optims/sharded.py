@@ -171,12 +171,13 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        on_rows = []  # APOLLO's matrices on rows: their sums batched over the step (a few all-reduces in all)
+        on_rows = []  # the matrices stepped on rows (APOLLO, GaLore AdamW): their sums batched over the step
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]  # the same on every process (FSDP2)
             for index, p in enumerate(with_grad):
-                if not self._elementwise(group) and self._apollo_on_rows(p, group):
-                    on_rows.append(self._apollo_rows(p, group))
+                rows_step = None if self._elementwise(group) else self._on_rows(p, group)
+                if rows_step is not None:
+                    on_rows.append(rows_step(p, group))
                 else:
                     self._step(p, group, index)
         if on_rows:
@@ -196,10 +197,86 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             )
         if self._elementwise(group):
             self._step_rows(p, group)
-        elif self._apollo_on_rows(p, group):
-            ShardSums(p.device_mesh.get_group()).lockstep([self._apollo_rows(p, group)])
+        elif (on_rows := self._on_rows(p, group)) is not None:
+            ShardSums(p.device_mesh.get_group()).lockstep([on_rows(p, group)])
         else:
             self._step_param(p, group, index)
+
+    def _on_rows(self, p: DTensor, group: dict[str, Any]) -> Callable[[DTensor, dict[str, Any]], Sums] | None:
+        """The step on this process's rows for ``p``, where its family has one (APOLLO's random projection, GaLore
+        AdamW's projection); None: the gathered step."""
+        if self._apollo_on_rows(p, group):
+            return self._apollo_rows
+        if self._galore_on_rows(p, group):
+            return self._galore_rows
+        return None
+
+    def _galore_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
+        """GaLore AdamW's projection of a matrix (proj_type=std): stepped on this process's rows."""
+        return (
+            getattr(self._optimizer_cls, "projected_adam_on_rows", False)
+            and "rank" in group
+            and p.dim() == 2
+            and group.get("proj_type", "std") == "std"
+        )
+
+    def _galore_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
+        """``galore_torch.GaLoreAdamW.step`` for one matrix ``[m, n]`` on this process's rows. A regular step needs
+        no whole tensor: ``m >= n``, the projected gradient ``G @ P.T`` has the parameter's rows (moments kept as this
+        process's rows, ``P`` whole on every process); ``m < n``, ``P.T @ G`` is a sum over row blocks (one sum of
+        ``r * n`` numbers; moments whole, each process keeps its rows of ``P``). A projection renewal (every
+        ``update_proj_gap`` steps) takes the SVD of the whole gradient: it is assembled on every process by a sum of
+        the processes' row blocks (one sum of the matrix), and every process computes the same SVD of it."""
+        inner: Any = self._inner_for(p, group)
+        group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
+        state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
+        grad, rows = _grad(p).to_local().to(p.dtype), p.to_local()
+        m, n = p.shape
+        right = m >= n
+        if "step" not in state:
+            state["step"] = 0
+        if "projector" not in state:
+            projector_cls = type(inner).projector_class
+            state["projector"] = projector_cls(
+                group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"], proj_type="std"
+            )
+        projector = state["projector"]
+        if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
+            mesh = p.device_mesh
+            chunk = -(-m // mesh.size())
+            start = min(mesh.get_local_rank() * chunk, m)
+            blocks = grad.new_zeros(m, n)
+            blocks[start : start + grad.shape[0]] = grad
+            (whole,) = yield [blocks]
+            projector.ortho_matrix = projector.get_orthogonal_matrix(
+                whole, projector.rank, "right" if right else "left"
+            )
+            if not right:
+                projector.ortho_matrix = _my_rows(projector.ortho_matrix, p).clone()
+        if right:
+            low = grad @ projector.ortho_matrix.t()
+        else:
+            (low,) = yield [projector.ortho_matrix.t() @ grad]
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        exp_avg.mul_(beta1).add_(low, alpha=(1.0 - beta1))
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+        norm_grad = exp_avg / denom
+        if right:
+            back = torch.matmul(norm_grad, projector.ortho_matrix) * projector.scale
+        else:
+            back = torch.matmul(projector.ortho_matrix, norm_grad) * projector.scale
+        rows.add_(back, alpha=-step_size)
+        if group["weight_decay"] > 0.0:
+            rows.add_(rows, alpha=(-group["lr"] * group["weight_decay"]))
+        self.state[p] = self._wrap_state(state, p, rows_of_p={"exp_avg", "exp_avg_sq"} if right else {"ortho_matrix"})
 
     def _apollo_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
         """APOLLO's random projection of a matrix (proj=random, proj_type=std): stepped on this process's rows."""
