@@ -27,31 +27,17 @@ from unittest import mock
 
 import lightning as L
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 
 import _memory  # noqa: E402
 from lm import CausalLM, TextDataModule  # noqa: E402
 
 from lightning_optims.callbacks import schedule_free  # noqa: E402
-
-
-class AllocatedBytes(TorchDispatchMode):
-    """Sums the bytes of every tensor an aten operation returns that does not alias an input (no views)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for ret, value in zip(func._schema.returns, out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(value, torch.Tensor) and ret.alias_info is None:
-                self.bytes += value.untyped_storage().nbytes()
-        return out
+from tests.collectives import AllocatedBytes  # noqa: E402
 
 
 def measure(hidden_size: int, layers: int, copying: bool) -> dict:

@@ -381,12 +381,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=True)
 
 
-def _state_like(p: torch.Tensor, shape: tuple[int, ...], local_size: int, sharded: bool) -> torch.Tensor:
-    """A zero fp32 state vector for ``p`` (see :func:`~lightning_optims.placements.state_like`): sharded on dim 0 like
-    the parameter's rows (``sharded``), or replicated."""
-    return state_like(p, shape, sharded)
-
-
 def _trainable(model_or_params: nn.Module | Iterable[Any]) -> Iterable[Any]:
     """A model's trainable parameters (a frozen one is in no group; unfreezing adds it with ``add_param_group``)."""
     if isinstance(model_or_params, nn.Module):
@@ -537,11 +531,11 @@ class AdaLomo(InBackwardOptimizer):
         state = self.state[p]
         if p.dim() > 1:
             if "exp_avg_sq_row" not in state:
-                state["exp_avg_sq_row"] = _state_like(p, (p.shape[0],), local(p).shape[0], sharded=True)
-                state["exp_avg_sq_col"] = _state_like(p, (p.shape[1],), p.shape[1], sharded=False)
+                state["exp_avg_sq_row"] = state_like(p, (p.shape[0],), sharded=True)
+                state["exp_avg_sq_col"] = state_like(p, (p.shape[1],), sharded=False)
         elif "exp_avg_sq" not in state:
             rows = p.shape[0] if p.dim() else 1
-            state["exp_avg_sq"] = _state_like(p, (rows,), local(p).shape[0] if p.dim() else 1, sharded=p.dim() == 1)
+            state["exp_avg_sq"] = state_like(p, (rows,), sharded=p.dim() == 1)
 
     def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """lomo_optim's AdaLomo update, for a bucket at once: elementwise work with foreach ops over the bucket, the

@@ -171,8 +171,7 @@ class OptimizerMixin(_MixinBase):
         ):
             raise ValueError(f"num_training_steps={num_training_steps!r}: expected an int >= 1")
         if trainer is None:
-            needs_steps = args.lr_scheduler_type not in ("constant", *rules.METRIC_SCHEDULERS)
-            if num_training_steps is None and needs_steps:
+            if num_training_steps is None and rules.spans_steps(args.lr_scheduler_type):
                 raise MisconfigurationException(
                     f"configure_optimizers() of {type(self).__name__} was called without a Trainer, and "
                     f"lr_scheduler_type={args.lr_scheduler_type!r} needs the number of training steps: call "

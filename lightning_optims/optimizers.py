@@ -66,15 +66,21 @@ class GrokAdamW(grokadamw.GrokAdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for p, i, group, signal in self._work():
+            if group["gradient_clipping"] > 0:
+                torch.nn.utils.clip_grad_norm_(p, group["gradient_clipping"])  # per tensor, in place
+            self._update(p, p.grad, self._state(p), i, group, signal)
+        return loss
+
+    def _work(self) -> list[tuple[torch.Tensor, int, dict[str, Any], float | None]]:
+        """Each parameter with a gradient, its index (among its group's parameters with a gradient, upstream's; or
+        its index in a larger group when one parameter is stepped at a time), its group and the group's signal."""
+        work = []
         for group in self.param_groups:
             signal = self._compute_grokking_signal(group)
             params = [p for p in group["params"] if p.grad is not None]
-            for i, p in enumerate(params):  # i: index among the group's parameters with a gradient (upstream's)
-                i = self.global_index.get(p, i)  # (stepping one parameter of a larger group: its index there)
-                if group["gradient_clipping"] > 0:
-                    torch.nn.utils.clip_grad_norm_(p, group["gradient_clipping"])  # per tensor, in place
-                self._update(p, p.grad, self._state(p), i, group, signal)
-        return loss
+            work += [(p, self.global_index.get(p, i), group, signal) for i, p in enumerate(params)]
+        return work
 
     def _state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -109,7 +115,7 @@ class GrokAdamW(grokadamw.GrokAdamW):
         p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-step_size)
 
 
-def _part(tensor: torch.Tensor) -> torch.Tensor:
+def _part(tensor: Any) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -122,10 +128,10 @@ class ShardedGrokAdamW(GrokAdamW):
     state (``DTensor`` s like the parameter) is created with the optimizer, for Lightning's distributed checkpoint."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from lightning_optims.placements import ShardSums, dim0_group
+        from lightning_optims.placements import ShardSums
 
         super().__init__(*args, **kwargs)
-        self._sums = ShardSums(dim0_group([p for g in self.param_groups for p in g["params"]]))
+        self._sums = ShardSums.over(self.param_groups)
         for group in self.param_groups:
             for p in group["params"]:
                 self._state(p)
@@ -141,12 +147,7 @@ class ShardedGrokAdamW(GrokAdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = []
-        for group in self.param_groups:
-            signal = self._compute_grokking_signal(group)
-            params = [p for p in group["params"] if p.grad is not None]
-            for i, p in enumerate(params):
-                work.append((p, _part(p.grad), self.global_index.get(p, i), group, signal))
+        work = [(p, _part(p.grad), i, group, signal) for p, i, group, signal in self._work()]
         # torch's clip_grad_norm_ of each tensor, its norm summed over the shards of every tensor at once
         clipped = [w for w in work if w[3]["gradient_clipping"] > 0]
         squares = self._sums.sums([torch.linalg.vector_norm(grad, 2.0).square() for _, grad, *_ in clipped])

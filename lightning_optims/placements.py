@@ -54,6 +54,11 @@ class ShardSums:
     def __init__(self, group: Any) -> None:
         self.group = group
 
+    @classmethod
+    def over(cls, param_groups: list[dict[str, Any]]) -> ShardSums:
+        """The sums over the processes that shard the parameters of ``param_groups`` (see :func:`dim0_group`)."""
+        return cls(dim0_group([p for group in param_groups for p in group["params"]]))
+
     def sums(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.group is None or not parts:
             return parts

@@ -32,7 +32,7 @@ from lightning_optims.arguments import OptimizerArguments
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
 from lightning_optims.sharded import is_sharded
 
-__all__ = ["METRIC_SCHEDULERS", "RULES", "Fit", "Rule", "check", "plain_data_parallel"]
+__all__ = ["METRIC_SCHEDULERS", "RULES", "Fit", "Rule", "check", "plain_data_parallel", "spans_steps"]
 
 # strategies that shard or flatten parameters (DeepSpeed needs its package to be instantiated, not to be named)
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -40,6 +40,11 @@ SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 #: the metric those schedulers step on (transformers' Trainer uses the evaluation loss)
 METRIC_SCHEDULER_MONITOR = "val_loss"
+
+
+def spans_steps(lr_scheduler_type: str) -> bool:
+    """Whether the schedule is laid over the training steps (needs their number, is stepped every optimizer step)."""
+    return lr_scheduler_type not in ("constant", *METRIC_SCHEDULERS)
 
 
 def plain_data_parallel(strategy: Any) -> bool:
@@ -395,7 +400,7 @@ def layerwise_under_ddp(fit: Fit) -> str | None:
 def steps_unknown(fit: Fit) -> str | None:
     """A schedule over steps when the Trainer cannot estimate the number of training steps."""
     kind = fit.args.lr_scheduler_type
-    if kind in ("constant", *METRIC_SCHEDULERS) or math.isfinite(fit.trainer.estimated_stepping_batches):
+    if not spans_steps(kind) or math.isfinite(fit.trainer.estimated_stepping_batches):
         return None
     return (
         f"lr_scheduler_type={kind!r} needs the number of training steps, and the "

@@ -257,18 +257,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             low = grad @ projector.ortho_matrix.t()
         else:
             (low,) = yield [projector.ortho_matrix.t() @ grad]
-        if "exp_avg" not in state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        exp_avg.mul_(beta1).add_(low, alpha=(1.0 - beta1))
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
-        step_size = group["lr"]
-        if group["correct_bias"]:
-            step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        norm_grad = exp_avg / denom
+        norm_grad, step_size = _adam_on_projected(state, low, group)
         if right:
             back = torch.matmul(norm_grad, projector.ortho_matrix) * projector.scale
         else:
@@ -326,18 +315,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             low = grad @ projector.ortho_matrix.t()
         else:
             (low,) = yield [projector.ortho_matrix.t() @ grad]
-        if "exp_avg" not in state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        exp_avg.mul_(beta1).add_(low, alpha=(1.0 - beta1))
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
-        step_size = group["lr"]
-        if group["correct_bias"]:
-            step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        norm_grad = exp_avg / denom
+        norm_grad, step_size = _adam_on_projected(state, low, group)
         front = math.sqrt(group["scale"]) if inner.scale_front else 1.0
         grad_norm = None  # the norm of the scaled gradient, for the limiter
         if group["scale_type"] == "channel":
@@ -462,6 +440,24 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
                 loss = closure()
         super().step()
         return loss
+
+
+def _adam_on_projected(state: dict[str, Any], low: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """The Adam step of APOLLO and GaLore on a projected gradient ``low`` (its moments in ``state``, created the first
+    time): the normalised gradient ``exp_avg / (sqrt(exp_avg_sq) + eps)`` and the step size (bias-corrected when the
+    group asks), as both upstream optimizers compute them."""
+    if "exp_avg" not in state:
+        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    exp_avg.mul_(beta1).add_(low, alpha=(1.0 - beta1))
+    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(group["eps"])
+    step_size = group["lr"]
+    if group["correct_bias"]:
+        step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+    return exp_avg / denom, step_size
 
 
 def _grad(p: torch.Tensor) -> DTensor:

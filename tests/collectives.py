@@ -1,4 +1,7 @@
-"""A collective counter: the calls and bytes of every ``torch.distributed`` collective a process issues, by kind.
+"""Counters of what a piece of work moves or allocates, from tensor sizes (deterministic, never timed).
+
+:class:`CollectiveCounter`: the calls and bytes of every ``torch.distributed`` collective a process issues, by kind.
+:class:`AllocatedBytes`: the bytes of the tensors aten operations allocate.
 
 Deterministic (computed from tensor sizes, never timed). While active it wraps the two doors collectives go through:
 the ``torch.distributed`` functions (what FSDP2 and this package call: ``all_gather_into_tensor``,
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # torch.distributed function -> (kind, the parameter that holds the payload)
 _FUNCTIONS = {
@@ -111,3 +115,19 @@ class CollectiveCounter:
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {"calls": dict(self.calls), "bytes": dict(self.bytes)}
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """The bytes of every tensor an aten operation returns that does not alias an input (views excluded), while
+    active (``with AllocatedBytes() as counter:``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ret, value in zip(func._schema.returns, out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(value, torch.Tensor) and ret.alias_info is None:
+                self.bytes += value.untyped_storage().nbytes()
+        return out

@@ -15,12 +15,12 @@ import schedulefree
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optims import OptimizerArguments, OptimizerMixin, ScheduleFreeCallback, create_optimizer
 from lightning_optims.callbacks import schedule_free as sf_callback
 from lightning_optims.callbacks.schedule_free import in_train_mode, is_schedule_free
+from tests.collectives import AllocatedBytes
 
 VARIANTS = ["schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd", "user_built"]
 LR = 1e-2
@@ -370,21 +370,6 @@ def test_a_train_mode_checkpoint_computed_out_of_place_equals_the_one_eval_write
     for key in ("state_dict", "optimizer_states", "callbacks"):
         assert_same_tree(ours[key], moving[key], key)
     assert all(g["train_mode"] is False for g in ours["optimizer_states"][0]["param_groups"])
-
-
-class AllocatedBytes(TorchDispatchMode):
-    """The bytes of every tensor an aten operation returns that does not alias an input (views excluded)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for ret, value in zip(func._schema.returns, out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(value, torch.Tensor) and ret.alias_info is None:
-                self.bytes += value.untyped_storage().nbytes()
-        return out
 
 
 def test_a_train_mode_save_makes_one_copy_of_the_averaged_parameters(tmp_path):

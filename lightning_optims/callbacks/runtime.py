@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_optims.build import ScheduledGroupsLambdaLR, create_scheduler
+from lightning_optims.rules import spans_steps
 
 __all__ = ["MIXIN_HOOKS", "OptimizerCallback", "attach_callbacks", "scale_learning_rate"]
 
@@ -216,10 +217,8 @@ def attach_callbacks(trainer: Any, module: Any) -> None:
     if not isinstance(callbacks, list):
         return
     needed = [OptimizerCallback, *module.optimizer_spec.callback_classes()]
-    if not getattr(module, "automatic_optimization", True) and module.optimizer_arguments.lr_scheduler_type not in (
-        "constant",
-        "reduce_lr_on_plateau",
-        "greedy",
+    if not getattr(module, "automatic_optimization", True) and spans_steps(
+        module.optimizer_arguments.lr_scheduler_type
     ):
         from lightning_optims.callbacks.manual import ManualSchedulerCheck
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers.optimization import Adafactor
 
-from lightning_optims.placements import ShardSums, dim0_group, local, state_like
+from lightning_optims.placements import ShardSums, local, state_like
 
 __all__ = ["ShardedAdafactor"]
 
@@ -30,8 +30,7 @@ class ShardedAdafactor(Adafactor):
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        everything = [p for group in self.param_groups for p in group["params"]]
-        self._sums = ShardSums(dim0_group(everything))
+        self._sums = ShardSums.over(self.param_groups)
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(p, group)
@@ -40,7 +39,7 @@ class ShardedAdafactor(Adafactor):
         super().add_param_group(param_group)
         if hasattr(self, "_sums"):  # (a group added during training: BaseFinetuning unfreezing a backbone)
             group = self.param_groups[-1]
-            self._sums = ShardSums(dim0_group([p for g in self.param_groups for p in g["params"]]))
+            self._sums = ShardSums.over(self.param_groups)
             for p in group["params"]:
                 self._init_state(p, group)
 

@@ -15,7 +15,7 @@ import torch
 from optimi import StableAdamW
 from optimi.utils import debias_beta
 
-from lightning_optims.placements import ShardSums, dim0_group, local
+from lightning_optims.placements import ShardSums, local
 
 __all__ = ["ShardedStableAdamW"]
 
@@ -28,14 +28,14 @@ class ShardedStableAdamW(StableAdamW):
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
         super().__init__(params, **{**kwargs, "foreach": False, "triton": False})
-        self._sums = ShardSums(dim0_group([p for group in self.param_groups for p in group["params"]]))
+        self._sums = ShardSums.over(self.param_groups)
         for group in self.param_groups:
             self._set_up(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "_sums"):  # (a group added during training: BaseFinetuning unfreezing a backbone)
-            self._sums = ShardSums(dim0_group([p for g in self.param_groups for p in g["params"]]))
+            self._sums = ShardSums.over(self.param_groups)
             self._set_up(self.param_groups[-1])
 
     def _set_up(self, group: dict[str, Any]) -> None:
