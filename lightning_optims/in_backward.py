@@ -35,7 +35,7 @@ DEFAULT_BUCKET_BYTES = 8 * 2**20
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """A gradient had inf / NaN entries; the affected elements were not updated."""
+    """A gradient had inf / NaN entries; the parameters it reached were not updated."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -219,9 +219,22 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 return
             if not bool(torch.isfinite(norms).all()):
                 self._bad = True
-                grads = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]  # leave those elements unchanged
+                affected = [p for p, finite in zip(params, torch.isfinite(norms).tolist()) if not finite]
+                grads = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]
+                with torch.no_grad():
+                    kept = self._keep(affected)
+                    self._update_bucket(params, grads)  # (every process runs it: its collectives line up)
+                    for saved, now in kept:
+                        now.copy_(saved)  # those parameters and their state as before this step
+                return
         with torch.no_grad():
             self._update_bucket(params, grads)
+
+    def _keep(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of this process's parts of ``params`` and of their state tensors, each with what it copies."""
+        tensors = [local(p).detach() for p in params]
+        tensors += [local(v) for p in params for v in self.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        return [(t.clone(), t) for t in tensors]
 
     def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Apply the fp32 ``grads`` (unscaled, finite) to ``params``: the update method every in-backward optimizer
@@ -334,9 +347,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         if self._bad:
             self._bad = False
             raise NonFiniteGradientError(
-                f"non-finite gradient at fused step {self.steps_taken} of {type(self).__name__}: the affected "
-                "elements were left unchanged and training stops here (lower the learning rate, check the data, or "
-                "enable clipping with max_grad_norm)"
+                f"non-finite gradient at fused step {self.steps_taken} of {type(self).__name__}: the parameters it "
+                "reached were left unchanged (with their state) and training stops here (lower the learning rate, "
+                "check the data, or enable clipping with max_grad_norm)"
             )
 
     def _local_norm(self) -> torch.Tensor:

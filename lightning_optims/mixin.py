@@ -21,12 +21,12 @@ from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLR
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_optims import rules
+from lightning_optims import finite, rules
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.callbacks.runtime import MIXIN_HOOKS, attach_callbacks, scale_learning_rate
 from lightning_optims.grad_norm import clip_with_norm, gradient_norm, norm_value
-from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
+from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
 from lightning_optims.sharded import sync_unused_parameters
 
@@ -216,14 +216,18 @@ class OptimizerMixin(_MixinBase):
         check = getattr(trainer.precision_plugin, "scaler", None) is None  # (with a GradScaler: the scaler's to skip)
         anomaly = torch.is_anomaly_enabled()  # Trainer(detect_anomaly=True): let backward name the operation first
         if check and not anomaly:
-            _check_finite_loss(loss, self.global_step, "before backward: no weight was changed by this step")
+            finite.check_loss(self, loss, "before backward: no weight was changed by this step")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if isinstance(optimizer, InBackwardOptimizer):
-            optimizer.fused_backward(loss)  # updates every parameter as its gradient arrives
+            try:
+                optimizer.fused_backward(loss)  # updates every parameter as its gradient arrives
+            except NonFiniteGradientError as error:
+                raise finite.gradient_error(self, error) from error
+            finite.gradients_were_finite(self)
         else:
             super().backward(loss, *args, **kwargs)
         if check and anomaly:
-            _check_finite_loss(loss, self.global_step, "after backward, where anomaly detection reported nothing")
+            finite.check_loss(self, loss, "after backward, where anomaly detection reported nothing")
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -250,10 +254,14 @@ class OptimizerMixin(_MixinBase):
             value = norm_value(total)
             self._log_grad_norm(value)
             if scaler is None and not bool(torch.isfinite(value)):
-                raise NonFiniteGradientError(
-                    f"non-finite gradient norm ({value.item()}) at global step {self.global_step}: the optimizer "
-                    "step was not taken and training stops here"
+                raise finite.gradient_error(
+                    self,
+                    NonFiniteGradientError(
+                        f"non-finite gradient norm ({value.item()}) at global step {self.global_step}: the optimizer "
+                        "step was not taken and training stops here"
+                    ),
                 )
+            finite.gradients_were_finite(self)
         if gradient_clip_val:
             # Trainer(gradient_clip_val=...) with max_grad_norm=0 (anything else was refused when fit started)
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -280,14 +288,6 @@ def _next_trainer_property(cls: type) -> Any:
         after = cls.__mro__[cls.__mro__.index(OptimizerMixin) + 1 :]
         _TRAINER_PROPERTY[cls] = next(vars(c)["trainer"] for c in after if "trainer" in vars(c))
     return _TRAINER_PROPERTY[cls]
-
-
-def _check_finite_loss(loss: torch.Tensor, step: int, when: str) -> None:
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss.detach().float().mean().item()}) at global step {step} ({when}); training stops "
-            "here"
-        )
 
 
 for _name in SETTINGS:  # model.learning_rate, model.optim, ...: read and set through the validated settings

@@ -219,12 +219,36 @@ class Poisoned(NanGradient):
     poison_batch = 2  # the third step
 
 
+class BeforeThirdStep(Callback):
+    """The weights and optimizer state as the third step starts."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == Poisoned.poison_batch:
+            self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            optimizer = trainer.optimizers[0]
+            self.state = {
+                n: {k: v.clone() for k, v in optimizer.state.get(p, {}).items()}
+                for n, p in pl_module.named_parameters()
+            }
+
+
 @pytest.mark.parametrize("name, max_grad_norm", [("lomo", 0.0), ("adalomo", 0.0), ("lomo", 1.0)])
 def test_non_finite_gradient_stops_with_the_step_named(name, max_grad_norm):
-    module = Poisoned(model=tiny_llama(), optim=name, learning_rate=1e-2, max_grad_norm=max_grad_norm)
+    """Only ``lm_head.weight[0, 0]`` gets a NaN gradient: that parameter and its state are left as they were (weight
+    decay included); without clipping the other parameters were updated in the same backward, with clipping (its norm
+    pass first) none was."""
+    module = Poisoned(
+        model=tiny_llama(), optim=name, learning_rate=1e-2, max_grad_norm=max_grad_norm, optim_args="weight_decay=0.1"
+    )
+    before = BeforeThirdStep()
     with pytest.raises(NonFiniteGradientError, match="fused step 3"):
-        lightning_trainer(5).fit(module, loader())
+        lightning_trainer(5, callbacks=[before]).fit(module, loader())
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before.weights[n])}
+    assert "model.lm_head.weight" not in changed
+    state = module.trainer.optimizers[0].state.get(module.model.lm_head.weight, {})
+    assert all(torch.equal(v, before.state["model.lm_head.weight"][k]) for k, v in state.items())
+    assert len(changed) == (0 if max_grad_norm else len(before.weights) - 1)
 
 
 def test_hooks_removed_after_fit_and_second_fit_works():
