@@ -1,5 +1,6 @@
-"""What a sharded step communicates, per optimizer, at 2 and 4 processes: collective calls and bytes per training step
-of one process, as ratios to FSDP2 AdamW's in the same launch. Deterministic (counted from tensor sizes by
+"""What a sharded step communicates, per optimizer, under FSDP2 at 2 and 4 processes and under HSDP at 4 (a replicate x
+shard mesh of 2 x 2): collective calls and bytes per training step of one process, as ratios to AdamW's in the same
+launch (the same layout). Deterministic (counted from tensor sizes by
 ``tests/collectives.py`` in every fit of ``tests/scripts/sharded_llama_fit.py``: the tiny Llama of the tests, every
 decoder layer and the model ``fully_shard``-ed, 3 FSDP parameter groups), so one run is enough.
 
@@ -37,10 +38,13 @@ RUNS = [  # label, optim, max_grad_norm
 FSDP_GROUPS = 3
 
 
-def launch(processes: int, out: Path) -> dict[str, list[dict]]:
+LAYOUTS = [("FSDP2", "fsdp2", 2), ("FSDP2", "fsdp2", 4), ("HSDP 2x2", "hsdp", 4)]  # label, layout, processes
+
+
+def launch(layout: str, processes: int, out: Path) -> dict[str, list[dict]]:
     names = [f"run{i}" for i in range(len(RUNS))]
     runs = [f"{name}:{optim}:{norm}" for name, (_, optim, norm) in zip(names, RUNS)]
-    env = {**os.environ, "SHARDED_TEST_PROCESSES": str(processes)}
+    env = {**os.environ, "SHARDED_TEST_PROCESSES": str(processes), "SHARDED_TEST_LAYOUT": layout}
     subprocess.run(
         [sys.executable, str(SCRIPT), str(out), "sharded", *runs], cwd=ROOT, env=env, check=True, capture_output=True
     )
@@ -56,22 +60,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=HERE / "collectives.json")
     args = parser.parse_args()
-    results: dict[int, dict[str, list[dict]]] = {}
-    for processes in (2, 4):
+    results: dict[str, dict[str, list[dict]]] = {}
+    for label, layout, processes in LAYOUTS:
         with tempfile.TemporaryDirectory() as tmp:
-            results[processes] = launch(processes, Path(tmp))
-    bound = f"AdamW's + {2 * FSDP_GROUPS}"
-    header = f"calls / step, 2 processes (bound: {bound}) | bytes / AdamW's, 2 | calls, 4 | bytes / AdamW's, 4"
+            results[f"{label}, {processes}"] = launch(layout, processes, Path(tmp))
+    print(f"bound: calls at most AdamW's + {2 * FSDP_GROUPS} (2 per FSDP group), bytes at most 1.05x AdamW's\n")
+    header = " | ".join(f"calls, {key} | bytes / AdamW's, {key}" for key in results)
     print(f"| optimizer | {header} |")
-    print("|---|---|---|---|---|")
+    print("|---|" + "---|" * (2 * len(results)))
     for label, *_ in RUNS:
         cells = []
-        for processes in (2, 4):
-            ours, adamw = results[processes][label], results[processes]["adamw_torch"]
+        for result in results.values():
+            ours, adamw = result[label], result["adamw_torch"]
             calls, reference = per_step(ours, "calls"), per_step(adamw, "calls")
             cells += [f"{calls} (AdamW {reference})", f"{per_step(ours, 'bytes') / per_step(adamw, 'bytes'):.2f}x"]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    args.out.write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

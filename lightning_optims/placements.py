@@ -7,6 +7,12 @@ a per-row scale) is local, one that spans the rows (a column sum, a norm, an RMS
 one all-reduce over the mesh dimension that shards them, so a step issues a fixed, small number of collectives
 whatever the number of parameters. On one process (or for plain tensors) nothing is communicated.
 
+HSDP (``fully_shard`` on a replicate x shard mesh, how FSDP2 runs across nodes) places a parameter
+``(Replicate(), Shard(0))``: FSDP2 reduce-scatters each gradient over the shard dimension and all-reduces it over the
+replicate dimension before its post-accumulate-grad hooks run and before ``optimizer.step``, so every replica holds the
+same rows of the same gradient, and a sum over the rows needs the shard dimension only (:func:`dim0_group`). State
+tensors are placed as their parameter (:func:`rows_placements`) or replicated over the whole mesh (:func:`replicated`).
+
 Used by the in-backward engine (AdaLomo's per-bucket sums) and by the sharded steps of the whole-tensor families
 (:class:`~lightning_optims.families.adafactor.ShardedAdafactor`).
 """
@@ -20,7 +26,17 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-__all__ = ["ShardSums", "dim0_group", "local", "state_like"]
+__all__ = [
+    "ShardSums",
+    "dim0_group",
+    "local",
+    "my_rows",
+    "replicated",
+    "row_coordinate",
+    "row_mesh_dim",
+    "rows_placements",
+    "state_like",
+]
 
 
 def local(tensor: Any) -> Any:
@@ -28,23 +44,63 @@ def local(tensor: Any) -> Any:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def row_mesh_dim(p: Any) -> int | None:
+    """The mesh dimension over which ``p`` (a ``DTensor``) is sharded on its rows, when that is its only sharding:
+    ``Shard(0)`` on one mesh dimension and ``Replicate`` on every other (FSDP2 on a 1-D mesh; HSDP, whose replicate
+    dimension holds the same numbers after FSDP2's all-reduce); None for any other layout or a plain tensor."""
+    if not isinstance(p, DTensor):
+        return None
+    sharded = [i for i, placement in enumerate(p.placements) if not isinstance(placement, Replicate)]
+    if len(sharded) != 1 or type(p.placements[sharded[0]]) is not Shard or p.placements[sharded[0]] != Shard(0):
+        return None
+    return sharded[0]
+
+
 def dim0_group(params: list[torch.Tensor]) -> Any:
-    """The process group over which the ``DTensor`` s among ``params`` are sharded on dim 0 (FSDP2 on one mesh
-    dimension); ``None`` if there is none. Any other layout is refused (the compatibility rules refuse it earlier,
-    when ``fit`` starts, naming it)."""
+    """The process group over which the ``DTensor`` s among ``params`` are sharded on dim 0 (FSDP2: the mesh's one
+    dimension; HSDP: its shard dimension, as the replicate dimension holds the same numbers); ``None`` if there is no
+    ``DTensor``. Any other layout is refused (the compatibility rules refuse it earlier, when ``fit`` starts, naming
+    it)."""
     sharded = [p for p in params if isinstance(p, DTensor)]
     if not sharded:
         return None
-    mesh = sharded[0].device_mesh
+    mesh, dim = sharded[0].device_mesh, row_mesh_dim(sharded[0])
     for p in sharded:
-        if p.device_mesh != mesh or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        if p.device_mesh != mesh or dim is None or row_mesh_dim(p) != dim:
             raise ValueError(
-                "this optimizer steps parameters sharded by FSDP2 on dim 0 over one mesh dimension (fully_shard on a "
-                f"1-D mesh); got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+                "this optimizer steps parameters sharded by FSDP2 on dim 0 (fully_shard on a 1-D mesh, or HSDP on a "
+                f"replicate x shard mesh); got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
             )
     if len(sharded) != len(params):
         raise ValueError("this optimizer needs every parameter sharded by FSDP2, or none")
-    return mesh.get_group()
+    return mesh.get_group(dim)
+
+
+def row_coordinate(p: DTensor) -> tuple[int, int]:
+    """This process's index among those that shard ``p``'s rows, and their number."""
+    dim = row_mesh_dim(p)
+    assert dim is not None, "a parameter sharded on its rows"
+    return p.device_mesh.get_local_rank(dim), p.device_mesh.size(dim)
+
+
+def my_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This process's rows of ``full``, split as ``like``'s ``Shard(0)`` splits (torch.chunk: the last ranks may get
+    none)."""
+    rank, world = row_coordinate(like)
+    chunks = torch.chunk(full, world, dim=0)
+    if rank < len(chunks):
+        return chunks[rank]
+    return full.new_empty((0, *full.shape[1:]))
+
+
+def rows_placements(p: DTensor) -> list[Any]:
+    """The placements of a tensor with ``p``'s rows, laid out like ``p``."""
+    return list(p.placements)
+
+
+def replicated(p: DTensor) -> list[Any]:
+    """The placements of a tensor every process of ``p``'s mesh holds whole."""
+    return [Replicate()] * p.device_mesh.ndim
 
 
 class ShardSums:
@@ -99,7 +155,7 @@ def state_like(p: torch.Tensor, shape: tuple[int, ...], sharded: bool) -> torch.
     local_shape = (part.shape[0], *shape[1:]) if sharded else shape
     zeros = torch.zeros(local_shape, dtype=torch.float32, device=part.device)
     strides = torch.empty(shape, device="meta").stride()
-    placements = [Shard(0)] if sharded else [Replicate()]
+    placements = rows_placements(p) if sharded else replicated(p)
     return DTensor.from_local(
         zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=strides
     )

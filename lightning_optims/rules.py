@@ -326,23 +326,24 @@ def layout(module: Any) -> tuple[str, str] | None:
 @rule
 def sharded_optimizer_layout(fit: Fit) -> str | None:
     """An optimizer that runs on FSDP2's shards (LOMO, AdaLomo, Adafactor, APOLLO, GaLore, GrokAdamW, StableAdamW,
-    layer-wise) on a layout other than FSDP2 on one mesh dimension: HSDP, tensor parallel, or both."""
+    layer-wise) on a layout other than FSDP2 on dim 0 (one mesh dimension, or HSDP's replicate x shard): tensor
+    parallel, or tensor parallel with FSDP2."""
     if not fit.sharded_here or fit.spec.elementwise:
         return None
     found = layout(fit.module)
-    if found is None or found[0] == "FSDP2":
+    if found is None or found[0] in ("FSDP2", "HSDP"):
         return None
     name, where = found
     spec = fit.spec
     allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise)
     if spec.updates_in_backward:
-        why = "its engine updates each parameter in FSDP2's gradient hooks and reduces its statistics over that mesh."
+        why = "its engine updates each parameter in FSDP2's gradient hooks and reduces its statistics over the rows."
     else:
         why = f"its update reads whole rows, columns or tensors, which {name} splits another way."
     return (
         f"optim={spec.name!r} cannot run on this layout: {name} ({where}). Under ModelParallelStrategy it runs on "
-        "FSDP2's shards with FSDP2 on one mesh dimension only (fully_shard on a 1-D mesh: every parameter sharded on "
-        f"dim 0); {why} Use FSDP2 on one mesh dimension for {spec.name!r}, or an elementwise optimizer with "
+        "FSDP2's shards when every parameter is sharded on dim 0 (fully_shard on a 1-D mesh, or HSDP on a replicate "
+        f"x shard mesh); {why} Use FSDP2 or HSDP for {spec.name!r}, or an elementwise optimizer with "
         f"{name}: {allowed}"
     )
 

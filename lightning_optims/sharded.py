@@ -20,10 +20,18 @@ from collections.abc import Callable, Generator
 from typing import Any, cast
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor
 
 from lightning_optims.layerwise import StepHooks
-from lightning_optims.placements import ShardSums
+from lightning_optims.placements import (
+    ShardSums,
+    dim0_group,
+    my_rows,
+    replicated,
+    row_coordinate,
+    row_mesh_dim,
+    rows_placements,
+)
 
 Sums = Generator[list[torch.Tensor], list[torch.Tensor], None]  # (a step that yields what it needs summed)
 
@@ -54,8 +62,8 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         not_sharded = [tuple(p.shape) for p in params if not _dim0_sharded(p)]
         if not_sharded:
             raise ValueError(
-                f"{optimizer_cls.__name__} under FSDP2 needs every parameter sharded on dim 0 over one mesh dimension "
-                f"(fully_shard on a 1-D mesh); {len(not_sharded)} are not (shapes {not_sharded[:3]})"
+                f"{optimizer_cls.__name__} under FSDP2 needs every parameter sharded on dim 0 (fully_shard on a 1-D "
+                f"mesh, or HSDP); {len(not_sharded)} are not (shapes {not_sharded[:3]})"
             )
         self._position = {p: i + 1 for i, p in enumerate(params)}  # APOLLO's 1-based position among all parameters
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
@@ -90,7 +98,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             inner.global_index = {proxy: index}
         inner.step()
         with torch.no_grad():
-            p.to_local().copy_(_my_rows(proxy, p))
+            p.to_local().copy_(my_rows(proxy, p))
         kept = {k: v for k, v in inner_group.items() if k != "params" and k not in group}
         self.state[p] = self._shard_state(inner.state.pop(proxy), kept, p)
         inner_group["params"] = [torch.empty(0)]
@@ -181,8 +189,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 else:
                     self._step(p, group, index)
         if on_rows:
-            mesh = cast(DTensor, next(p for g in self.param_groups for p in g["params"])).device_mesh
-            ShardSums(mesh.get_group()).lockstep(on_rows)
+            ShardSums.over(self.param_groups).lockstep(on_rows)
         return loss
 
     def _step(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
@@ -198,7 +205,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if self._elementwise(group):
             self._step_rows(p, group)
         elif (on_rows := self._on_rows(p, group)) is not None:
-            ShardSums(p.device_mesh.get_group()).lockstep([on_rows(p, group)])
+            ShardSums(dim0_group([p])).lockstep([on_rows(p, group)])
         else:
             self._step_param(p, group, index)
 
@@ -242,9 +249,9 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             )
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            mesh = p.device_mesh
-            chunk = -(-m // mesh.size())
-            start = min(mesh.get_local_rank() * chunk, m)
+            rank, world = row_coordinate(p)
+            chunk = -(-m // world)
+            start = min(rank * chunk, m)
             blocks = grad.new_zeros(m, n)
             blocks[start : start + grad.shape[0]] = grad
             (whole,) = yield [blocks]
@@ -252,7 +259,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 whole, projector.rank, "right" if right else "left"
             )
             if not right:
-                projector.ortho_matrix = _my_rows(projector.ortho_matrix, p).clone()
+                projector.ortho_matrix = my_rows(projector.ortho_matrix, p).clone()
         if right:
             low = grad @ projector.ortho_matrix.t()
         else:
@@ -310,7 +317,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
             projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
             if not right:
-                projector.ortho_matrix = _my_rows(projector.ortho_matrix, p).clone()
+                projector.ortho_matrix = my_rows(projector.ortho_matrix, p).clone()
         if right:
             low = grad @ projector.ortho_matrix.t()
         else:
@@ -362,7 +369,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 return value
             if key.split(".")[-1] in rows_of_p:
                 return _rows_as_dtensor(value, p)
-            return DTensor.from_local(value, p.device_mesh, [Replicate()], run_check=False)
+            return DTensor.from_local(value, p.device_mesh, replicated(p), run_check=False)
 
         return GatheredStepOptimizer._flatten_state(state, {}, place)
 
@@ -425,8 +432,7 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
 
     def _sum_over_processes(self, squared: torch.Tensor) -> torch.Tensor:
         """One all-reduce of the step's squared norm over the mesh that shards the parameters."""
-        mesh = cast(DTensor, next(iter(self._group_of))).device_mesh
-        (total,) = ShardSums(mesh.get_group()).sums([squared.clone()])
+        (total,) = ShardSums(dim0_group(list(self._group_of))).sums([squared.clone()])
         return total
 
     @torch.no_grad()
@@ -466,17 +472,7 @@ def _grad(p: torch.Tensor) -> DTensor:
 
 
 def _dim0_sharded(p: torch.Tensor) -> bool:
-    return isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
-
-
-def _my_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This process's rows of ``full``, split as ``Shard(0)`` splits (torch.chunk: the last ranks may get none)."""
-    mesh = like.device_mesh
-    rank, world = mesh.get_local_rank(), mesh.size()
-    chunks = torch.chunk(full, world, dim=0)
-    if rank < len(chunks):
-        return chunks[rank]
-    return full.new_empty((0, *full.shape[1:]))
+    return row_mesh_dim(p) is not None
 
 
 def _shard_like(value: Any, p: DTensor) -> Any:
@@ -485,9 +481,9 @@ def _shard_like(value: Any, p: DTensor) -> Any:
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     value = value.contiguous()
-    local = _my_rows(value, p).clone()
+    local = my_rows(value, p).clone()
     return DTensor.from_local(
-        local, p.device_mesh, [Shard(0)], run_check=False, shape=value.shape, stride=value.stride()
+        local, p.device_mesh, rows_placements(p), run_check=False, shape=value.shape, stride=value.stride()
     )
 
 
@@ -502,7 +498,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _all_finite(grad: DTensor) -> bool:
     """Whether every element of the whole gradient is finite (one all-reduce of a flag)."""
     flag = torch.isfinite(grad.to_local()).all().to(torch.int32)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=grad.device_mesh.get_group())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=dim0_group([grad]))
     return bool(flag)
 
 
@@ -513,7 +509,12 @@ def _rows_as_dtensor(value: Any, p: DTensor) -> Any:
         return value
     shape = (p.shape[0], *value.shape[1:])
     return DTensor.from_local(
-        value, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=_contiguous_strides(shape)
+        value,
+        p.device_mesh,
+        rows_placements(p),
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=_contiguous_strides(shape),
     )
 
 

@@ -1,15 +1,19 @@
-"""Sharded training (ModelParallelStrategy, FSDP2) of the memory-saving optimizers: two CPU processes (gloo) whose
-tiny Llama has every decoder layer and the model ``fully_shard``-ed end with the full weights of one process on the
-combined batches, with ``max_grad_norm`` 1.0 and 0, and an epoch-boundary resume from Lightning's distributed
-checkpoint equals the uninterrupted run.
+"""Sharded training (ModelParallelStrategy, FSDP2) of the memory-saving optimizers, in two layouts: FSDP2 on one
+mesh dimension (two CPU processes, gloo) and HSDP (four processes, a replicate x shard mesh of 2 x 2), every decoder
+layer and the model ``fully_shard``-ed. Every process ends with the same full weights, those of one process on the
+combined batches, with ``max_grad_norm`` 1.0 and 0; an epoch-boundary resume from Lightning's distributed checkpoint
+equals the uninterrupted run (also on another number of processes, and from FSDP2 to HSDP).
 
 - LOMO / AdaLomo update the shards in FSDP2's hooks; the global norm and AdaLomo's row / column statistics and RMS
-  are completed over the shards (with shard-local statistics the results differ: the control below).
-- Adafactor, APOLLO (channel and tensor scaling, projections renewed every 2 steps), GaLore, GrokAdamW and
-  StableAdamW step whole tensors gathered from the shards (GatheredStepOptimizer), their state kept sharded; the
-  layer-wise APOLLO / GaLore do the same step for each parameter in FSDP2's hook (GatheredLayerwiseOptimizer).
+  are completed over the shards (with shard-local statistics the results differ: the controls below).
+- Adafactor, StableAdamW and GrokAdamW step the shards themselves; APOLLO and GaLore AdamW step each process's rows
+  (sums of a few numbers batched over the step); GaLore Adafactor (and APOLLO ``proj=svd``) still step whole tensors
+  gathered from the shards (GatheredStepOptimizer); the layer-wise names do their family's step for each parameter in
+  FSDP2's hook.
+- What a step communicates (calls and bytes, counted from tensor sizes) is held to FSDP2 AdamW's in the same layout.
+- A non-finite gradient or loss on one process stops every process at the same step, with nothing non-finite written.
 
-All sharded fits run in one two-process launch (Lightning runs successive fits in the processes it launched); the
+The fits of a layout run in one launch (Lightning runs successive fits in the processes it launched); the
 one-process references run in this process.
 """
 
@@ -25,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_optims import get_spec
 from tests.helpers import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +103,20 @@ NO_GATHER = [
 ]
 
 
+# a non-finite gradient (its loss finite) or loss on the last process only, at global step 1: each family's step,
+# the in-backward ones with and without their norm pass
+NON_FINITE = [
+    ("adamw_torch", "0", "nan-grad"),
+    ("adamw_torch", "1.0", "nan-loss"),
+    ("adafactor", "1.0", "nan-grad"),
+    ("galore_adamw", "0", "nan-loss"),
+    ("lomo", "0", "nan-grad"),
+    ("lomo", "1.0", "nan-loss"),
+    ("adalomo", "0", "nan-loss"),
+    ("apollo_adamw_layerwise", "0", "nan-grad"),
+]
+
+
 def _name(optim: str, norm: str, kind: str = "") -> str:
     return f"{optim}-{norm.replace('.', '_')}{kind}"
 
@@ -116,12 +135,13 @@ def sharded_runs(tmp_path_factory) -> Path:
     runs += [f"{_name(optim, norm, '-unused')}:{optim}:{norm}:unused" for optim, norm in UNUSED]
     runs.append(f"{_name('adamw_torch', '1.0', '-unused-torch')}:adamw_torch:1.0:unused-torch")
     runs += [f"{_name(optim, norm)}:{optim}:{norm}" for optim, norm in COLLECTIVE_REFERENCES]
+    runs += [f"{_name(optim, norm, '-' + what)}:{optim}:{norm}:{what}" for optim, norm, what in NON_FINITE]
     _launch(out, runs, processes=2)
     return out
 
 
-def _launch(out: Path, runs: list[str], processes: int) -> None:
-    env = {**os.environ, "SHARDED_TEST_PROCESSES": str(processes)}
+def _launch(out: Path, runs: list[str], processes: int, layout: str = "fsdp2") -> None:
+    env = {**os.environ, "SHARDED_TEST_PROCESSES": str(processes), "SHARDED_TEST_LAYOUT": layout}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), "sharded", *runs],
         cwd=ROOT,
@@ -158,10 +178,24 @@ def _script():
     return script
 
 
-def single_process(optim: str, norm: str, out: Path, option: str = "") -> dict[str, torch.Tensor]:
-    """The reference, in this process: one process on the combined batches, same script."""
-    _script().main(str(out), "single", f"single:{optim}:{norm}:{option}")
+def single_process(optim: str, norm: str, out: Path, option: str = "", processes: int = 2) -> dict[str, torch.Tensor]:
+    """The reference, in this process: one process on the combined batches, same script (``micro``: the gradient
+    accumulated over ``processes`` parts of each batch, in their order)."""
+    before = os.environ.get("SHARDED_TEST_PROCESSES")
+    os.environ["SHARDED_TEST_PROCESSES"] = str(processes)
+    try:
+        _script().main(str(out), "single", f"single:{optim}:{norm}:{option}")
+    finally:
+        if before is None:
+            del os.environ["SHARDED_TEST_PROCESSES"]
+        else:
+            os.environ["SHARDED_TEST_PROCESSES"] = before
     return torch.load(out / "single.pt", weights_only=True)
+
+
+def digests(folder: Path, name: str) -> list[str]:
+    """The digest of each process's full weights at the end of a fit, by rank."""
+    return json.loads((folder / f"{name}.digests").read_text())
 
 
 def grad_norms(folder: Path, name: str) -> list[float]:
@@ -188,6 +222,7 @@ def test_fsdp2_two_processes_equal_one_process(sharded_runs, tmp_path, optim, no
     to 2e-6)."""
     micro = optim in GATHERED
     sharded = weights(sharded_runs, _name(optim, norm))
+    assert len(set(digests(sharded_runs, _name(optim, norm)))) == 1  # every process's full weights, bit for bit
     single = single_process(optim, norm, tmp_path, "micro" if micro else "")
     initial = tiny_llama().state_dict()
     assert sharded.keys() == single.keys() == initial.keys()
@@ -340,3 +375,142 @@ def test_the_counter_sees_a_gathered_step(sharded_runs):
     ours = collectives(sharded_runs, _name("galore_adafactor", "0"))
     adamw = collectives(sharded_runs, _name("adamw_torch", "0"))
     assert all(a["bytes"]["all_gather"] > 1.5 * b["bytes"]["all_gather"] for a, b in zip(ours, adamw))
+
+
+# -- a non-finite gradient or loss on one process ---------------------------------------------------------------------
+
+
+def failures(folder: Path, name: str, processes: int) -> list[dict]:
+    """What stopped each process (``RecordFailure`` in the script), by rank."""
+    return [json.loads((folder / f"{name}.failed.rank{rank}").read_text()) for rank in range(processes)]
+
+
+def _check_every_process_stopped(records: list[dict], optim: str, norm: str, what: str) -> None:
+    """Every process stopped at global step 1 with the package's error (the launch went on: no hang), nothing
+    non-finite written; what was written: nothing, except the in-backward engine without its norm pass, which had
+    updated the parameters whose gradients were finite (here: none, when the loss was non-finite)."""
+    assert [r["step"] for r in records] == [1] * len(records)
+    last = records[-1]["error"]
+    assert last == ("NonFiniteLossError" if what == "nan-loss" else "NonFiniteGradientError"), records[-1]
+    assert all(r["error"] == "NonFiniteGradientError" for r in records[:-1]), records
+    assert all(r["finite"] for r in records)
+    updated_some = optim in ("lomo", "adalomo", "apollo_adamw_layerwise") and norm == "0" and what == "nan-grad"
+    assert all(r["unchanged"] for r in records) or updated_some, records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optim", "norm", "what"), NON_FINITE)
+def test_fsdp2_a_non_finite_gradient_on_one_process_stops_every_process_at_the_same_step(
+    sharded_runs, optim, norm, what
+):
+    _check_every_process_stopped(failures(sharded_runs, _name(optim, norm, "-" + what), 2), optim, norm, what)
+
+
+# -- HSDP: fully_shard on a replicate x shard mesh of 2 x 2 (4 processes) ---------------------------------------------
+
+HSDP = "hsdp-"
+HSDP_CONTROLS = [("adalomo", "0"), ("adafactor", "1.0"), ("stable_adamw", "1.0"), ("apollo_mini", "0")]
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(sharded_runs) -> Path:
+    """One launch of four processes (HSDP 2 x 2) for every HSDP fit, in the folder of the FSDP2 runs (so that the
+    FSDP2 checkpoints of two processes can be resumed under HSDP on four)."""
+    runs = []
+    for optim in OPTIMIZERS:
+        resumed = _resumed_norm(optim)
+        for norm in _norms(optim):
+            runs.append(f"{HSDP}{_name(optim, norm)}:{optim}:{norm}" + (":ckpt" if norm == resumed else ""))
+        runs.append(f"{HSDP}{_name(optim, resumed, '-resumed')}:{optim}:{resumed}:resume={HSDP}{_name(optim, resumed)}")
+        runs.append(f"{HSDP}{_name(optim, resumed, '-2to4')}:{optim}:{resumed}:resume={_name(optim, resumed)}")
+    runs += [f"{HSDP}{_name(optim, norm, '-local')}:{optim}:{norm}:local" for optim, norm in HSDP_CONTROLS]
+    runs += [f"{HSDP}{_name(optim, norm)}:{optim}:{norm}" for optim, norm in COLLECTIVE_REFERENCES]
+    runs += [f"{HSDP}{_name(optim, norm, '-' + what)}:{optim}:{norm}:{what}" for optim, norm, what in NON_FINITE]
+    _launch(sharded_runs, runs, processes=4, layout="hsdp")
+    return sharded_runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("optim", "norm"),
+    [(optim, norm) for optim in OPTIMIZERS for norm in _norms(optim)]
+    + [r for r in COLLECTIVE_REFERENCES if r[1] == "0"],
+)
+def test_hsdp_four_processes_equal_one_process(hsdp_runs, tmp_path, optim, norm):
+    """HSDP: FSDP2 reduce-scatters each gradient over the shard dimension and all-reduces it over the replicate one,
+    so every replica steps the same rows; the families' sums run over the shard dimension only. Every process's full
+    weights are the same bits, and equal one process on the combined batches within 1e-5 (measured 4e-9 to 2.3e-6,
+    GrokAdamW the largest, as with FSDP2); the elementwise AdamW and schedule-free AdamW too."""
+    name = HSDP + _name(optim, norm)
+    assert len(digests(hsdp_runs, name)) == 4 and len(set(digests(hsdp_runs, name))) == 1
+    sharded = weights(hsdp_runs, name)
+    after_backward = optim in GATHERED or get_spec(optim).elementwise
+    single = single_process(optim, norm, tmp_path, "micro" if after_backward else "", processes=4)
+    initial = tiny_llama().state_dict()
+    assert sharded.keys() == single.keys() == initial.keys()
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+        assert not torch.equal(single[key], initial[key]) or "rotary" in key, f"{key} was not trained"
+    norms, single_norms = grad_norms(hsdp_runs, name), grad_norms(tmp_path, "single")
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(single_norms), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_hsdp_resume_from_epoch_boundary_equals_uninterrupted(hsdp_runs, optim):
+    """Lightning's distributed checkpoint under HSDP (state placed like its parameter: replicated over the replicate
+    dimension, sharded over the shard one), loaded by a new Trainer: bit-identical to the uninterrupted run."""
+    norm = _resumed_norm(optim)
+    steps = int((hsdp_runs / f"{HSDP}{_name(optim, norm, '-resumed')}.steps").read_text())
+    assert steps == 2
+    full = weights(hsdp_runs, HSDP + _name(optim, norm))
+    resumed = weights(hsdp_runs, HSDP + _name(optim, norm, "-resumed"))
+    assert len(set(digests(hsdp_runs, HSDP + _name(optim, norm, "-resumed")))) == 1
+    for key in full:
+        assert torch.equal(resumed[key], full[key]), f"{key}: {(resumed[key] - full[key]).abs().max()}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_fsdp2_on_two_processes_resumes_as_hsdp_on_four(hsdp_runs, optim):
+    """A change of layout: the epoch-0 checkpoint of FSDP2 on two processes, resumed under HSDP 2 x 2 (torch's
+    distributed checkpoint reshards each state tensor by its parameter's name), ends where the uninterrupted HSDP run
+    ends, within 1e-5 (its first epoch summed the gradients over two processes, not four)."""
+    norm = _resumed_norm(optim)
+    assert int((hsdp_runs / f"{HSDP}{_name(optim, norm, '-2to4')}.steps").read_text()) == 2
+    full = weights(hsdp_runs, HSDP + _name(optim, norm))
+    other = weights(hsdp_runs, HSDP + _name(optim, norm, "-2to4"))
+    for key in full:
+        torch.testing.assert_close(other[key], full[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optim", "norm"), HSDP_CONTROLS)
+def test_hsdp_shard_local_statistics_would_differ(hsdp_runs, tmp_path, optim, norm):
+    local = weights(hsdp_runs, HSDP + _name(optim, norm, "-local"))
+    single = single_process(optim, norm, tmp_path, processes=4)
+    assert max(float((local[k] - single[k]).abs().max()) for k in single) > 1e-4
+
+
+@pytest.mark.parametrize(("optim", "norm"), LIKE_ADAMW)
+def test_hsdp_a_step_communicates_within_adamws_bound(hsdp_runs, optim, norm):
+    """Against HSDP AdamW (whose step also all-reduces each group's gradients over the replicate dimension)."""
+    ours = collectives(hsdp_runs, HSDP + _name(optim, norm))
+    adamw = collectives(hsdp_runs, HSDP + _name("adamw_torch", norm))
+    assert len(ours) == len(adamw) == 4
+    assert _most(ours, "calls") <= _most(adamw, "calls") + 2 * FSDP_GROUPS
+    assert _most(ours, "bytes") <= 1.05 * _most(adamw, "bytes")
+
+
+@pytest.mark.parametrize(("optim", "norm"), NO_GATHER)
+def test_hsdp_no_gather_beyond_fsdp2s_own(hsdp_runs, optim, norm):
+    ours = collectives(hsdp_runs, HSDP + _name(optim, norm))
+    adamw = collectives(hsdp_runs, HSDP + _name("adamw_torch", norm))
+    for step, (a, b) in enumerate(zip(ours, adamw)):
+        assert a["bytes"]["all_gather"] == b["bytes"]["all_gather"], step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optim", "norm", "what"), NON_FINITE)
+def test_hsdp_a_non_finite_gradient_on_one_process_stops_every_process_at_the_same_step(hsdp_runs, optim, norm, what):
+    _check_every_process_stopped(failures(hsdp_runs, HSDP + _name(optim, norm, "-" + what), 4), optim, norm, what)

@@ -167,7 +167,7 @@ def test_finetuning_callbacks_are_refused_under_model_parallel():
     rules.check(trainer, module)  # (DDP: tested in tests/test_lightning_tools.py)
 
 
-# -- layouts beyond FSDP2 on one mesh dimension ---------------------------------------------------------------------
+# -- layouts beyond FSDP2 on dim 0 (1-D, or HSDP) -------------------------------------------------------------------
 
 LAYOUT_SCRIPT = ROOT / "tests" / "scripts" / "layouts.py"
 LAYOUT_NAMES = {"fsdp2": "FSDP2", "hsdp": "HSDP", "tp": "tensor parallel", "2d": "2-D (tensor parallel + FSDP2)"}
@@ -195,7 +195,7 @@ def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layo
     assert found["layout"][0] == LAYOUT_NAMES[layout]
     if layout == "tp" and get_spec(name).one_kernel_per_group:  # (the embeddings, norms and head: plain tensors)
         assert found["message"].startswith(f"MisconfigurationException: optim={name!r} steps each param group with")
-    elif layout == "fsdp2" or name in ELEMENTWISE:
+    elif layout in ("fsdp2", "hsdp") or name in ELEMENTWISE:  # (HSDP: tests/test_sharded.py, on 4 processes)
         assert found["message"] is None
     else:  # the optimizer, the layout as the user built it, and what works instead
         message = found["message"]

@@ -11,12 +11,17 @@ with the statistics left shard-local (in-backward: no collective; gathered: the 
 rows); ``unused`` fits a model whose head ``aux`` is used by sample 0 only (step 0 of each epoch: one process
 uses it, the other not; step 1: no process), with FSDP2's ``set_reduce_scatter_unused_params(True)``;
 ``unused-torch`` is its control, with that switch alone (torch's zeros for every unused parameter, without this
-package's rule). All runs of a launch share its two processes (one launch, many fits, as Lightning allows), in the
-order given.
+package's rule); ``nan-grad`` / ``nan-loss``: at global step 1 the last process's gradient (its loss finite) / its
+loss is non-finite, the others' not: each process writes what stopped it to ``NAME.failed.rankR`` (the error, the
+step, whether its part of the weights is finite and as before that step) and the launch goes on.
+``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP). Every fit writes the digest of each
+process's full weights to ``NAME.digests``. All runs of a launch share its processes (one launch, many fits, as
+Lightning allows), in the order given.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -28,6 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import default_data_collator
@@ -47,6 +53,9 @@ STEPS_PER_EPOCH, EPOCHS, BATCH = 2, 2, 4  # BATCH: the combined batch of a step,
 # also runs them on 1 FSDP2 process (resuming a checkpoint saved by 2, and saving one that 2 resume)
 ACCELERATOR = os.environ.get("SHARDED_TEST_ACCELERATOR", "cpu")
 PROCESSES = int(os.environ.get("SHARDED_TEST_PROCESSES", "2"))
+# fsdp2: fully_shard on the 1-D data-parallel mesh; hsdp: on a replicate x shard mesh of PROCESSES // 2 x 2 (the
+# replicate dimension first, as torch's init_device_mesh lays out nodes x GPUs per node)
+LAYOUT = os.environ.get("SHARDED_TEST_LAYOUT", "fsdp2")
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
 
 
@@ -69,6 +78,14 @@ def optimizer_settings(optim: str, max_grad_norm: float) -> dict:
     return chosen
 
 
+def data_parallel_mesh(module: L.LightningModule):
+    """The mesh ``fully_shard`` is given: Lightning's data-parallel mesh (FSDP2), or a replicate x shard mesh over
+    the same processes (HSDP)."""
+    if LAYOUT == "hsdp":
+        return init_device_mesh(module.device.type, (PROCESSES // 2, 2), mesh_dim_names=("replicate", "shard"))
+    return module.device_mesh["data_parallel"]
+
+
 class ShardedLlama(LlamaModule):
     def __init__(self, shard: bool, **kwargs) -> None:
         super().__init__(model=tiny_llama(), **kwargs)
@@ -76,7 +93,7 @@ class ShardedLlama(LlamaModule):
 
     def configure_model(self) -> None:
         if self.shard:
-            mesh = self.device_mesh["data_parallel"]
+            mesh = data_parallel_mesh(self)
             for layer in self.model.model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(self.model, mesh=mesh)
@@ -110,7 +127,7 @@ class ShardedAuxLlama(ShardedLlama):
 
     def configure_model(self) -> None:
         if self.shard:
-            mesh = self.device_mesh["data_parallel"]
+            mesh = data_parallel_mesh(self)
             for layer in self.model.model.model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(self.model, mesh=mesh)
@@ -118,6 +135,54 @@ class ShardedAuxLlama(ShardedLlama):
 
     def training_step(self, batch, batch_idx):
         return self.model(**batch)
+
+
+class NonFiniteOnLastProcess(ShardedLlama):
+    """At global step 1 the last process's loss (``nan-loss``) or, its loss finite, its gradient (``nan-grad``: a hook
+    on the loss multiplies the gradient flowing back from it by NaN) is non-finite; the other processes' are not."""
+
+    def __init__(self, shard: bool, what: str, **kwargs) -> None:
+        super().__init__(shard, **kwargs)
+        self.what = what
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == 1 and self.trainer.global_rank == self.trainer.world_size - 1:
+            if self.what == "nan-loss":
+                return loss * float("nan")
+            loss.register_hook(lambda grad: grad * float("nan"))
+        return loss
+
+
+class RecordFailure(Callback):
+    """What stopped this process, at which step, and whether its part of the weights is finite and as it was before
+    the step (``NAME.failed.rankR``, JSON); no collective (a process that stopped alone must not wait here)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.before: list[torch.Tensor] = []
+
+    @staticmethod
+    def _parts(trainer) -> list[torch.Tensor]:  # (the optimizer's: FSDP2 swaps the module's own during a step)
+        return [_local(p).detach() for group in trainer.optimizers[0].param_groups for p in group["params"]]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = [p.clone() for p in self._parts(trainer)]
+
+    def on_exception(self, trainer, pl_module, exception):
+        now = self._parts(trainer)
+        record = {
+            "error": type(exception).__name__,
+            "message": str(exception),
+            "step": trainer.global_step,
+            "finite": all(bool(torch.isfinite(p).all()) for p in now),
+            "unchanged": all(torch.equal(a, b) for a, b in zip(self.before, now)),
+        }
+        self.path.with_suffix(f".failed.rank{trainer.global_rank}").write_text(json.dumps(record))
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 class CountCollectives(Callback):
@@ -163,7 +228,16 @@ class SaveFullWeights(Callback):
             k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().float()
             for k, v in pl_module.model.state_dict().items()
         }
+        # every process's full weights (HSDP's replicas step on their own): the same bits on every process
+        digest = hashlib.sha256(b"".join(full[k].numpy().tobytes() for k in sorted(full))).digest()
+        mine = torch.tensor(list(digest), dtype=torch.uint8)
+        gathered = [mine]
+        if torch.distributed.is_initialized():
+            gathered = [torch.empty_like(mine) for _ in range(trainer.world_size)]
+            torch.distributed.all_gather(gathered, mine)
+        digests = [bytes(t.tolist()).hex() for t in gathered]
         if trainer.is_global_zero:
+            self.path.with_suffix(".digests").write_text(json.dumps(digests))
             torch.save(full, self.path)
             self.path.with_suffix(".steps").write_text(str(self.steps))
             self.path.with_suffix(".norms").write_text(json.dumps(self.norms))
@@ -187,7 +261,7 @@ def shard_local_step(self, p, group, index, check_finite=False) -> None:
 
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims import mixin
-    from lightning_optims.in_backward import InBackwardOptimizer
+    from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
     from lightning_optims.placements import ShardSums
     from lightning_optims.sharded import GatheredStepOptimizer
 
@@ -199,9 +273,14 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         ShardSums.sums = lambda self, parts: parts
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
         mixin.sync_unused_parameters = lambda module: 0
-    cls = ShardedAuxLlama if option.startswith("unused") else ShardedLlama
-    module = cls(sharded, **optimizer_settings(optim, float(max_grad_norm)))
+    chosen = optimizer_settings(optim, float(max_grad_norm))
+    if option.startswith("nan-"):
+        module: ShardedLlama = NonFiniteOnLastProcess(sharded, option, **chosen)
+    else:
+        module = (ShardedAuxLlama if option.startswith("unused") else ShardedLlama)(sharded, **chosen)
     callbacks: list = [SaveFullWeights(out / f"{name}.pt")]
+    if option.startswith("nan-"):
+        callbacks.append(RecordFailure(out / f"{name}.pt"))
     if sharded:
         callbacks.insert(0, CountCollectives(out / f"{name}.pt"))
     if option == "ckpt":
@@ -245,6 +324,9 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         )
     try:
         trainer.fit(module, data, ckpt_path=resume)
+    except (NonFiniteGradientError, NonFiniteLossError):
+        if not option.startswith("nan-"):
+            raise
     finally:
         InBackwardOptimizer._all_sum, mixin.sync_unused_parameters = all_sum, sync_unused
         GatheredStepOptimizer._step, ShardSums.sums = step_param, shard_sums
