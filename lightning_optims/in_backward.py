@@ -27,7 +27,14 @@ from torch import nn
 
 from lightning_optims.placements import ShardSums, dim0_group, local, state_like
 
-__all__ = ["AdaLomo", "InBackwardOptimizer", "Lomo", "NonFiniteGradientError", "NonFiniteLossError"]
+__all__ = [
+    "AdaLomo",
+    "DynamicLossScaler",
+    "InBackwardOptimizer",
+    "Lomo",
+    "NonFiniteGradientError",
+    "NonFiniteLossError",
+]
 
 #: gradients are handed over in buckets of about this size (like DDP's), updated together with foreach ops and
 #: freed; the gradient memory of a step is bounded by it, not by the model
@@ -401,6 +408,62 @@ def _trainable(model_or_params: nn.Module | Iterable[Any]) -> Iterable[Any]:
     return model_or_params
 
 
+class DynamicLossScaler:
+    """LOMO's dynamic loss scale for fp16 weights or losses: the loss is multiplied by :attr:`scale` and the gradients
+    divided by it; an overflowed step (a non-finite gradient norm, seen by the norm pass before anything is written) is
+    skipped with a warning while the scale halves (:meth:`overflowed`), and after ``scale_window`` steps without
+    overflow the scale doubles (:meth:`stepped`; lomo_optim's scale only ever shrinks). An object with its own
+    ``state_dict`` / ``load_state_dict``, as torch's ``GradScaler``; :class:`Lomo` saves that state in its first param
+    group (``loss_scaler``), so every checkpoint path (torch's ``state_dict``, Lightning's distributed checkpoint)
+    carries it, and a resume restores it."""
+
+    def __init__(self, init_scale: float = 2.0**32, scale_window: int = 1000) -> None:
+        self.scale = float(init_scale)
+        self.scale_window = int(scale_window)
+        self.iter = 0  # steps taken or skipped
+        self.last_overflow = -1  # the iter of the last overflow
+        self.skipped = 0  # steps skipped for an overflow
+
+    def overflowed(self, step: int) -> None:
+        """An overflow at fused step ``step``: halve the scale (the step is skipped), or stop at a scale of 1."""
+        if self.scale <= 1.0:
+            raise NonFiniteGradientError(
+                f"gradient overflow at fused step {step} with the loss scale already at 1: fp16 cannot represent "
+                "these gradients; training stops here"
+            )
+        warnings.warn(
+            f"[LOMO] gradient overflow at fused step {step}: step skipped, loss scale {self.scale:g} -> "
+            f"{self.scale / 2:g}",
+            UserWarning,
+            stacklevel=3,
+        )
+        self.scale /= 2.0
+        self.last_overflow = self.iter
+        self.iter += 1
+        self.skipped += 1
+
+    def stepped(self) -> None:
+        """A step without overflow: the scale doubles every ``scale_window`` of them since the last overflow."""
+        self.iter += 1
+        if (self.iter - self.last_overflow) % self.scale_window == 0:
+            self.scale *= 2.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "scale_window": self.scale_window,
+            "iter": self.iter,
+            "last_overflow": self.last_overflow,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state["scale"])
+        self.scale_window = int(state.get("scale_window", self.scale_window))
+        self.iter, self.last_overflow = int(state["iter"]), int(state["last_overflow"])
+        self.skipped = int(state.get("skipped", 0))
+
+
 class Lomo(InBackwardOptimizer):
     """LOMO: SGD fused into backward (``lomo_optim.Lomo``'s update rule, fp32 arithmetic).
 
@@ -408,8 +471,8 @@ class Lomo(InBackwardOptimizer):
     lomo_optim does for an fp16 loss: the loss is multiplied by the scale, the gradients divided by it, the two-pass
     norm is forced on (clip at 1.0 when no ``clip_grad_norm`` was set) so that an overflow is seen before anything
     is written, and an overflowed step is skipped with a warning while the scale halves. Unlike lomo_optim, whose
-    scale only ever shrinks, the scale grows back after ``scale_window`` steps without overflow. Its state is in the
-    param groups.
+    scale only ever shrinks, the scale grows back after ``scale_window`` steps without overflow: a
+    :class:`DynamicLossScaler` (:attr:`loss_scaler`), whose state the optimizer's ``state_dict`` carries.
     """
 
     def __init__(
@@ -428,25 +491,37 @@ class Lomo(InBackwardOptimizer):
         super().__init__(params, defaults, clip_grad_norm=clip_grad_norm, bucket_bytes=bucket_bytes)
         self.init_loss_scale, self.scale_window = float(init_loss_scale), int(scale_window)
 
-    # -- fp16: dynamic loss scaling (state in param_groups[0], so it is in state_dict) ------------------------------
+    # -- fp16: dynamic loss scaling -------------------------------------------------------------------------------
 
-    @property
-    def _scaler(self) -> dict[str, Any] | None:
-        return self.param_groups[0].get("loss_scaler")
+    #: the fp16 loss scaler, switched on by the first fp16 loss or fp16 weights (None before, and without fp16)
+    loss_scaler: DynamicLossScaler | None = None
 
     def _grad_scale(self) -> float:
-        scaler = self._scaler
-        return scaler["scale"] if scaler else 1.0
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.loss_scaler is not None:  # (in a param group: Lightning's distributed checkpoint keeps only those)
+            state["param_groups"][0]["loss_scaler"] = self.loss_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved = self.param_groups[0].pop("loss_scaler", None)
+        self.loss_scaler = None  # (a checkpoint of steps without fp16: the first fp16 backward starts one)
+        if saved is not None:
+            self.loss_scaler = DynamicLossScaler(self.init_loss_scale, self.scale_window)
+            self.loss_scaler.load_state_dict(saved)
 
     def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> None:
         # lomo_optim switches on when the loss is fp16; a transformers model computes its loss in fp32 from fp16
         # weights (the logits are upcast), and the gradients are fp16 all the same: look at the parameters too
-        if self._scaler is None and (
+        if self.loss_scaler is None and (
             loss.dtype == torch.float16
             or any(p.dtype == torch.float16 for g in self.param_groups for p in g["params"] if p.requires_grad)
         ):
-            self.param_groups[0]["loss_scaler"] = {"scale": self.init_loss_scale, "iter": 0, "last_overflow": -1}
-        if self._scaler is not None and self.clip_grad_norm is None:
+            self.loss_scaler = DynamicLossScaler(self.init_loss_scale, self.scale_window)
+        if self.loss_scaler is not None and self.clip_grad_norm is None:
             warnings.warn(
                 "fp16 loss scaling needs the two-pass norm to see overflows before any update: clipping "
                 "the gradient norm at 1.0 (as lomo_optim does); set max_grad_norm to choose the value",
@@ -454,36 +529,17 @@ class Lomo(InBackwardOptimizer):
                 stacklevel=2,
             )
             self.clip_grad_norm = 1.0
-        overflowed_before = self._skipped
+        scaler = self.loss_scaler
+        skipped_before = scaler.skipped if scaler is not None else 0
         super().fused_backward(loss, lr)
-        scaler = self._scaler
-        if scaler is not None and self._skipped == overflowed_before:  # a step without overflow
-            scaler["iter"] += 1
-            if (scaler["iter"] - scaler["last_overflow"]) % self.scale_window == 0:
-                scaler["scale"] *= 2.0
-
-    _skipped = 0
+        if scaler is not None and scaler.skipped == skipped_before:  # a step without overflow
+            scaler.stepped()
 
     def _on_non_finite_norm(self, total: torch.Tensor) -> None:
-        scaler = self._scaler
-        if scaler is None:
+        if self.loss_scaler is None:
             super()._on_non_finite_norm(total)
             return
-        if scaler["scale"] <= 1.0:
-            raise NonFiniteGradientError(
-                f"gradient overflow at fused step {self.steps_taken} with the loss scale already at 1: fp16 cannot "
-                "represent these gradients; training stops here"
-            )
-        warnings.warn(
-            f"[LOMO] gradient overflow at fused step {self.steps_taken}: step skipped, loss scale "
-            f"{scaler['scale']:g} -> {scaler['scale'] / 2:g}",
-            UserWarning,
-            stacklevel=2,
-        )
-        scaler["scale"] /= 2.0
-        scaler["last_overflow"] = scaler["iter"]
-        scaler["iter"] += 1
-        self._skipped += 1
+        self.loss_scaler.overflowed(self.steps_taken)
 
     def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """lomo_optim's per-parameter update, for a bucket at once (foreach ops: same arithmetic, fewer calls)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import lomo_optim
@@ -310,7 +311,37 @@ def test_fp16_dynamic_loss_scaling_skips_overflowed_steps():
         lightning_trainer(16, precision="16-true").fit(module, loader(n=64))
     opt = module.trainer.optimizers[0]
     scaler = opt.state_dict()["param_groups"][0]["loss_scaler"]
-    assert 1.0 < scaler["scale"] < 2.0**24 and 1 <= opt._skipped < 16 and scaler["iter"] == 16
+    assert scaler == opt.loss_scaler.state_dict()
+    assert 1.0 < scaler["scale"] < 2.0**24 and 1 <= scaler["skipped"] < 16 and scaler["iter"] == 16
     weights = module.model.state_dict()
     assert all(v.dtype == torch.float16 and torch.isfinite(v).all() for v in weights.values())
     assert not torch.equal(weights["lm_head.weight"], before["lm_head.weight"])
+
+
+def test_fp16_loss_scaler_state_is_restored_on_resume(tmp_path):
+    """The loss scaler is an object with its own state_dict, carried by the optimizer's: a fit resumed from an
+    epoch-end checkpoint (the scale halved by the first steps' overflows, then doubled every 3 steps without one)
+    ends with the uninterrupted run's scaler state and weights, bit for bit. Without the scaler's state in the
+    checkpoint the resumed fit starts again at 2**24 and skips steps the uninterrupted one took."""
+    settings = dict(optim="lomo", learning_rate=1e-2, max_grad_norm=1.0)
+    settings["optim_args"] = {"init_loss_scale": 2.0**24, "scale_window": 3}
+
+    def fit(**kwargs):
+        module = LlamaModule(model=tiny_llama(), **settings)
+        callbacks = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")]
+        trainer = lightning_trainer(
+            -1, max_epochs=2, precision="16-true", enable_checkpointing=True, callbacks=callbacks
+        )
+        with warnings.catch_warnings():  # (the overflows' warnings: tested above)
+            warnings.simplefilter("ignore", UserWarning)
+            trainer.fit(module, loader(n=64), **kwargs)
+        return module, trainer.optimizers[0].loss_scaler.state_dict()
+
+    full, full_scaler = fit()
+    resumed, resumed_scaler = fit(ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    saved = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)["optimizer_states"][0]
+    assert saved["param_groups"][0]["loss_scaler"]["skipped"] >= 1  # the first epoch overflowed
+    assert full_scaler["scale"] > 2.0**24 / 2 ** full_scaler["skipped"]  # it also grew back
+    assert resumed_scaler == full_scaler
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

@@ -18,6 +18,12 @@ _COMMON = (
 )
 _LOMO = (
     Arg("init_loss_scale", float, 2.0**32, help="fp16 (16-true) only: the first dynamic loss scale (lomo_optim's)"),
+    Arg(
+        "scale_window",
+        int,
+        1000,
+        help="fp16 (16-true) only: the loss scale doubles after this many steps without overflow",
+    ),
 )
 _ADALOMO = (
     Arg("loss_scale", float, 2.0**10, help="the loss is multiplied by this, the gradients divided by it"),
@@ -36,6 +42,10 @@ def _kwargs(ctx: BuildContext) -> dict:
     if bucket_mb < 0:
         raise OptimizerSettingError(f"optim_args: bucket_mb={bucket_mb!r} for {ctx.args.optim}: expected a number >= 0")
     kwargs["bucket_bytes"] = int(bucket_mb * 2**20)
+    if kwargs.get("scale_window", 1) < 1:
+        raise OptimizerSettingError(
+            f"optim_args: scale_window={kwargs['scale_window']!r} for {ctx.args.optim}: expected an integer >= 1"
+        )
     kwargs["clip_grad_norm"] = ctx.args.max_grad_norm if ctx.args.max_grad_norm > 0 else None
     return kwargs
 
