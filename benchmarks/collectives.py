@@ -1,8 +1,9 @@
-"""What a sharded step communicates, per optimizer, under FSDP2 at 2 and 4 processes and under HSDP at 4 (a replicate x
-shard mesh of 2 x 2): collective calls and bytes per training step of one process, as ratios to AdamW's in the same
-launch (the same layout). Deterministic (counted from tensor sizes by
-``tests/collectives.py`` in every fit of ``tests/scripts/sharded_llama_fit.py``: the tiny Llama of the tests, every
-decoder layer and the model ``fully_shard``-ed, 3 FSDP parameter groups), so one run is enough.
+"""What a sharded step communicates, per optimizer, under FSDP2 at 2 and 4 processes, HSDP at 4 (a replicate x shard
+mesh of 2 x 2), tensor parallelism at 2 and tensor parallelism with FSDP2 at 4 (2 x 2): collective calls and bytes per
+training step of one process, as ratios to AdamW's in the same launch (the same layout). Deterministic (counted from
+tensor sizes by ``tests/collectives.py`` in every fit of ``tests/scripts/sharded_llama_fit.py``: the tiny Llama of
+the tests, every decoder layer and the model ``fully_shard``-ed, 3 FSDP parameter groups; under tensor parallelism
+each decoder layer parallelised), so one run is enough.
 
     python benchmarks/collectives.py            # prints the table, writes benchmarks/collectives.json
 """
@@ -38,17 +39,28 @@ RUNS = [  # label, optim, max_grad_norm
 FSDP_GROUPS = 3
 
 
-LAYOUTS = [("FSDP2", "fsdp2", 2), ("FSDP2", "fsdp2", 4), ("HSDP 2x2", "hsdp", 4)]  # label, layout, processes
+LAYOUTS = [  # label, layout, processes
+    ("FSDP2", "fsdp2", 2),
+    ("FSDP2", "fsdp2", 4),
+    ("HSDP 2x2", "hsdp", 4),
+    ("TP", "tp", 2),
+    ("TP+FSDP2 2x2", "2d", 4),
+]
+# what runs under tensor parallelism (the rest is refused when fit starts: docs/strategies.md); schedule-free only
+# where every parameter is a DTensor (2-D)
+ON_TENSOR_PARALLEL = {"tp": {"adamw_torch", "adafactor", "grokadamw", "stable_adamw"}}
+ON_TENSOR_PARALLEL["2d"] = ON_TENSOR_PARALLEL["tp"] | {"schedule_free_adamw"}
 
 
 def launch(layout: str, processes: int, out: Path) -> dict[str, list[dict]]:
-    names = [f"run{i}" for i in range(len(RUNS))]
-    runs = [f"{name}:{optim}:{norm}" for name, (_, optim, norm) in zip(names, RUNS)]
+    chosen = [run for run in RUNS if layout not in ON_TENSOR_PARALLEL or run[1] in ON_TENSOR_PARALLEL[layout]]
+    names = [f"run{i}" for i in range(len(chosen))]
+    runs = [f"{name}:{optim}:{norm}" for name, (_, optim, norm) in zip(names, chosen)]
     env = {**os.environ, "SHARDED_TEST_PROCESSES": str(processes), "SHARDED_TEST_LAYOUT": layout}
     subprocess.run(
         [sys.executable, str(SCRIPT), str(out), "sharded", *runs], cwd=ROOT, env=env, check=True, capture_output=True
     )
-    return {label: json.loads((out / f"{name}.collectives").read_text()) for name, (label, *_) in zip(names, RUNS)}
+    return {label: json.loads((out / f"{name}.collectives").read_text()) for name, (label, *_) in zip(names, chosen)}
 
 
 def per_step(steps: list[dict], what: str) -> int:
@@ -64,13 +76,20 @@ def main() -> None:
     for label, layout, processes in LAYOUTS:
         with tempfile.TemporaryDirectory() as tmp:
             results[f"{label}, {processes}"] = launch(layout, processes, Path(tmp))
-    print(f"bound: calls at most AdamW's + {2 * FSDP_GROUPS} (2 per FSDP group), bytes at most 1.05x AdamW's\n")
+    print(
+        f"bound: calls at most AdamW's + {2 * FSDP_GROUPS} (2 per FSDP group; tensor parallel alone: + 4, 2 per "
+        "parallelised module), bytes at most 1.05x AdamW's; refused: not run on that layout (refused when fit "
+        "starts)\n"
+    )
     header = " | ".join(f"calls, {key} | bytes / AdamW's, {key}" for key in results)
     print(f"| optimizer | {header} |")
     print("|---|" + "---|" * (2 * len(results)))
     for label, *_ in RUNS:
         cells = []
         for result in results.values():
+            if label not in result:
+                cells += ["refused", ""]
+                continue
             ours, adamw = result[label], result["adamw_torch"]
             calls, reference = per_step(ours, "calls"), per_step(adamw, "calls")
             cells += [f"{calls} (AdamW {reference})", f"{per_step(ours, 'bytes') / per_step(adamw, 'bytes'):.2f}x"]

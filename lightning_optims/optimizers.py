@@ -128,17 +128,15 @@ class ShardedGrokAdamW(GrokAdamW):
     state (``DTensor`` s like the parameter) is created with the optimizer, for Lightning's distributed checkpoint."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        from lightning_optims.placements import ShardSums
-
         super().__init__(*args, **kwargs)
-        self._sums = ShardSums.over(self.param_groups)
+        self._stepping = True
         for group in self.param_groups:
             for p in group["params"]:
                 self._state(p)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_sums"):  # (a group added during training: BaseFinetuning unfreezing a backbone)
+        if hasattr(self, "_stepping"):  # (a group added during training: BaseFinetuning unfreezing a backbone)
             raise TypeError("ShardedGrokAdamW cannot take a param group added during training")
 
     @torch.no_grad()
@@ -150,7 +148,9 @@ class ShardedGrokAdamW(GrokAdamW):
         work = [(p, _part(p.grad), i, group, signal) for p, i, group, signal in self._work()]
         # torch's clip_grad_norm_ of each tensor, its norm summed over the shards of every tensor at once
         clipped = [w for w in work if w[3]["gradient_clipping"] > 0]
-        squares = self._sums.sums([torch.linalg.vector_norm(grad, 2.0).square() for _, grad, *_ in clipped])
+        from lightning_optims.placements import Along, ShardSums
+
+        squares = ShardSums().sums([Along(torch.linalg.vector_norm(grad, 2.0).square(), p) for p, grad, *_ in clipped])
         for (_, grad, _, group, _), square in zip(clipped, squares):
             grad.mul_(torch.clamp(group["gradient_clipping"] / (square.sqrt() + 1e-6), max=1.0))
         for p, grad, i, group, signal in work:

@@ -19,14 +19,16 @@ Used by the in-backward engine (AdaLomo's per-bucket sums) and by the sharded st
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Generator, Iterable
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 __all__ = [
+    "Along",
     "ShardSums",
     "dim0_group",
     "local",
@@ -35,6 +37,8 @@ __all__ = [
     "row_coordinate",
     "row_mesh_dim",
     "rows_placements",
+    "sharding",
+    "state_along",
     "state_like",
 ]
 
@@ -103,11 +107,67 @@ def replicated(p: DTensor) -> list[Any]:
     return [Replicate()] * p.device_mesh.ndim
 
 
-class ShardSums:
-    """Sums of tensors over the processes that shard them on dim 0, many at once: ``sums(parts)`` returns, for each
-    part, the sum of every process's part (one all-reduce for the whole list); on one process the parts themselves."""
+def sharding(p: Any, dims: Iterable[int] | None = None) -> list[int]:
+    """The mesh dimensions whose placement shards one of ``p``'s tensor dimensions ``dims`` (all of them: None), by
+    ``Shard(d)`` or torch's ``_StridedShard(d)`` (FSDP2 over tensor parallelism on the same dimension); ``Replicate``
+    mesh dimensions hold the same numbers and are not among them. Empty for a plain tensor."""
+    if not isinstance(p, DTensor):
+        return []
+    wanted = set(range(p.dim())) if dims is None else {d % p.dim() for d in dims}
+    return [i for i, pl in enumerate(p.placements) if isinstance(pl, (Shard, _StridedShard)) and pl.dim in wanted]
 
-    def __init__(self, group: Any) -> None:
+
+class Along(NamedTuple):
+    """A part to sum over the processes that shard ``param``'s tensor dimensions ``dims`` (None: all of them): a
+    reduction along those dimensions (a row statistic sums along dim 1, a column one along dim 0, a norm along all)
+    completed from each process's part."""
+
+    tensor: torch.Tensor
+    param: Any
+    dims: tuple[int, ...] | None = None
+
+
+def _mesh_dim_key(p: DTensor, i: int) -> str:
+    """A name for mesh dimension ``i`` of ``p``'s mesh that is the same on every process and for every mesh that
+    shares the dimension (a 2-D mesh and its 1-D data-parallel sub-mesh): its name, else its index and mesh shape."""
+    names = p.device_mesh.mesh_dim_names
+    return names[i] if names else f"#{i} of {tuple(p.device_mesh.shape)}"
+
+
+def state_along(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """A zero fp32 state tensor whose dimensions are ``p``'s dimensions ``dims`` (``(0,)``: one number per row,
+    ``(1,)``: per column, ``(0, 1)``: like ``p``), placed as ``p`` places those dimensions (sharded where ``p`` is,
+    ``_StridedShard`` included, replicated elsewhere) so that this process's part lines up with its part of ``p``,
+    and Lightning's distributed checkpoint saves and reshards it; a plain tensor for a plain ``p``."""
+    part = local(p)
+    local_shape = tuple(part.shape[d] for d in dims)
+    if not isinstance(p, DTensor):
+        return torch.zeros(local_shape, dtype=torch.float32, device=part.device)
+    shape = tuple(p.shape[d] for d in dims)
+    placements: list[Any] = []
+    for pl in p.placements:
+        if isinstance(pl, _StridedShard) and pl.dim in dims:
+            placements.append(_StridedShard(dims.index(pl.dim), split_factor=pl.split_factor))
+        elif isinstance(pl, Shard) and pl.dim in dims:
+            placements.append(Shard(dims.index(pl.dim)))
+        else:
+            placements.append(Replicate())
+    zeros = torch.zeros(local_shape, dtype=torch.float32, device=part.device)
+    strides = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=strides
+    )
+
+
+class ShardSums:
+    """Sums of tensors over the processes that shard them, many at once: ``sums(parts)`` returns, for each part, the
+    sum of every process's part; on one process the parts themselves. A part is a tensor (summed over ``group``: the
+    processes that shard every parameter's rows, FSDP2 or HSDP) or an :class:`Along` (summed over the mesh
+    dimensions that shard the given dimensions of its parameter: any layout). The parts are flattened into one
+    all-reduce per mesh dimension involved (a part sharded over two mesh dimensions is summed over one, then the
+    other), in an order every process shares."""
+
+    def __init__(self, group: Any = None) -> None:
         self.group = group
 
     @classmethod
@@ -115,14 +175,26 @@ class ShardSums:
         """The sums over the processes that shard the parameters of ``param_groups`` (see :func:`dim0_group`)."""
         return cls(dim0_group([p for group in param_groups for p in group["params"]]))
 
-    def sums(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.group is None or not parts:
-            return parts
-        flat = torch._utils._flatten_dense_tensors(parts)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        return list(torch._utils._unflatten_dense_tensors(flat, parts))
+    def sums(self, parts: list[Any]) -> list[torch.Tensor]:
+        results = [part.tensor if isinstance(part, Along) else part for part in parts]
+        rounds: dict[str, tuple[Any, list[int]]] = {}
+        for index, part in enumerate(parts):
+            if isinstance(part, Along):
+                for i in sharding(part.param, part.dims):
+                    key = _mesh_dim_key(part.param, i)
+                    rounds.setdefault(key, (part.param.device_mesh.get_group(i), []))[1].append(index)
+            elif self.group is not None:
+                rounds.setdefault("", (self.group, []))[1].append(index)
+        for key in sorted(rounds):
+            group, indices = rounds[key]
+            chosen = [results[i] for i in indices]
+            flat = torch._utils._flatten_dense_tensors(chosen)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            for i, summed in zip(indices, torch._utils._unflatten_dense_tensors(flat, chosen)):
+                results[i] = summed
+        return results
 
-    def lockstep(self, steps: list[Generator[list[torch.Tensor], list[torch.Tensor], None]]) -> None:
+    def lockstep(self, steps: list[Generator[list[Any], list[torch.Tensor], None]]) -> None:
         """Run several parameters' steps written as generators that yield the tensors they need summed and receive
         the sums: each round, what every step yields goes into one all-reduce. Every process runs the same steps
         with the same rounds (they depend on shapes and settings only), so the collectives line up."""

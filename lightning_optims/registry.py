@@ -86,9 +86,10 @@ class OptimizerSpec:
             :class:`~lightning_optims.sharded.GatheredStepOptimizer` (each parameter, gradient and state gathered for
             its step, the state kept sharded), with the numbers of one device; a layer-wise one through
             :class:`~lightning_optims.sharded.GatheredLayerwiseOptimizer` (the same step, in FSDP2's hooks).
-        sharded_target: ``"module:Class"`` of the optimizer that steps this one's update on FSDP2's shards itself
-            (same arguments and state keys as ``target``; its statistics completed with
-            :mod:`~lightning_optims.placements`): under ModelParallelStrategy it replaces ``target``, with the numbers
+        sharded_target: ``"module:Class"`` of the optimizer that steps this one's update on each process's part of
+            ``DTensor`` parameters in any layout (FSDP2, HSDP, tensor parallel, 2-D; plain tensors among them), same
+            arguments and state keys as ``target``, its statistics completed with
+            :mod:`~lightning_optims.placements`: under ModelParallelStrategy it replaces ``target``, with the numbers
             of one device and no gather.
         one_kernel_per_group: its step runs one foreach / fused kernel over each param group, which cannot take
             ``DTensor`` s and plain tensors together (tensor parallelism that leaves some parameters plain tensors):

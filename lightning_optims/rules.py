@@ -325,17 +325,17 @@ def layout(module: Any) -> tuple[str, str] | None:
 
 @rule
 def sharded_optimizer_layout(fit: Fit) -> str | None:
-    """An optimizer that runs on FSDP2's shards (LOMO, AdaLomo, Adafactor, APOLLO, GaLore, GrokAdamW, StableAdamW,
-    layer-wise) on a layout other than FSDP2 on dim 0 (one mesh dimension, or HSDP's replicate x shard): tensor
-    parallel, or tensor parallel with FSDP2."""
+    """An optimizer that runs on FSDP2's row shards (LOMO, AdaLomo, APOLLO, GaLore, layer-wise) on a layout other than
+    FSDP2 on dim 0 (one mesh dimension, or HSDP's replicate x shard): tensor parallel, or tensor parallel with FSDP2
+    (Adafactor, GrokAdamW and StableAdamW step any layout)."""
     if not fit.sharded_here or fit.spec.elementwise:
         return None
     found = layout(fit.module)
-    if found is None or found[0] in ("FSDP2", "HSDP"):
-        return None
+    if found is None or found[0] in ("FSDP2", "HSDP") or fit.spec.sharded_target is not None:
+        return None  # (a sharded_target steps any placement)
     name, where = found
     spec = fit.spec
-    allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise)
+    allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise or get_spec(n).sharded_target)
     if spec.updates_in_backward:
         why = "its engine updates each parameter in FSDP2's gradient hooks and reduces its statistics over the rows."
     else:
@@ -343,8 +343,7 @@ def sharded_optimizer_layout(fit: Fit) -> str | None:
     return (
         f"optim={spec.name!r} cannot run on this layout: {name} ({where}). Under ModelParallelStrategy it runs on "
         "FSDP2's shards when every parameter is sharded on dim 0 (fully_shard on a 1-D mesh, or HSDP on a replicate "
-        f"x shard mesh); {why} Use FSDP2 or HSDP for {spec.name!r}, or an elementwise optimizer with "
-        f"{name}: {allowed}"
+        f"x shard mesh); {why} Use FSDP2 or HSDP for {spec.name!r}, or with {name} one of: {allowed}"
     )
 
 

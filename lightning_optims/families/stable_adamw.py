@@ -15,7 +15,7 @@ import torch
 from optimi import StableAdamW
 from optimi.utils import debias_beta
 
-from lightning_optims.placements import ShardSums, local
+from lightning_optims.placements import Along, ShardSums, local
 
 __all__ = ["ShardedStableAdamW"]
 
@@ -28,14 +28,13 @@ class ShardedStableAdamW(StableAdamW):
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
         super().__init__(params, **{**kwargs, "foreach": False, "triton": False})
-        self._sums = ShardSums.over(self.param_groups)
+        self._set_up_done = True
         for group in self.param_groups:
             self._set_up(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        if hasattr(self, "_sums"):  # (a group added during training: BaseFinetuning unfreezing a backbone)
-            self._sums = ShardSums.over(self.param_groups)
+        if hasattr(self, "_set_up_done"):  # (a group added during training: BaseFinetuning unfreezing a backbone)
             self._set_up(self.param_groups[-1])
 
     def _set_up(self, group: dict[str, Any]) -> None:
@@ -72,7 +71,7 @@ class ShardedStableAdamW(StableAdamW):
                 exp_avg_sq.mul_(beta2_hat).addcmul_(grad, grad, value=1 - beta2_hat)
                 items.append((p, group, grad, exp_avg, exp_avg_sq, state["eps_sq"]))
         # the one sum of the step: each parameter's grad^2 / max(exp_avg_sq, eps^2), over its whole tensor
-        ratios = self._sums.sums([g.pow(2).div_(v.maximum(eps_sq)).sum() for _, _, g, _, v, eps_sq in items])
+        ratios = ShardSums().sums([Along(g.pow(2).div_(v.maximum(eps_sq)).sum(), p) for p, _, g, _, v, eps_sq in items])
         for (p, group, _grad, exp_avg, exp_avg_sq, _), ratio in zip(items, ratios):
             rms = (ratio / p.numel()).sqrt()
             lr = group["lr"] / max(1, rms.item())

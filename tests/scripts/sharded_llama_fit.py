@@ -36,6 +36,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import default_data_collator
 
 from tests.collectives import CollectiveCounter
@@ -44,7 +45,6 @@ from tests.helpers import (
     LlamaModule,
     RankInterleavedSampler,
     TokenDataset,
-    ddp_loader,
     tiny_llama,
 )
 
@@ -54,8 +54,18 @@ STEPS_PER_EPOCH, EPOCHS, BATCH = 2, 2, 4  # BATCH: the combined batch of a step,
 ACCELERATOR = os.environ.get("SHARDED_TEST_ACCELERATOR", "cpu")
 PROCESSES = int(os.environ.get("SHARDED_TEST_PROCESSES", "2"))
 # fsdp2: fully_shard on the 1-D data-parallel mesh; hsdp: on a replicate x shard mesh of PROCESSES // 2 x 2 (the
-# replicate dimension first, as torch's init_device_mesh lays out nodes x GPUs per node)
+# replicate dimension first, as torch's init_device_mesh lays out nodes x GPUs per node); tp: tensor parallelism on
+# PROCESSES processes (ColwiseParallel on q/k/v/gate/up, RowwiseParallel on o/down; embeddings, norms and head plain
+# tensors, the same on every process); 2d: tensor parallelism over 2 processes and fully_shard over PROCESSES // 2
 LAYOUT = os.environ.get("SHARDED_TEST_LAYOUT", "fsdp2")
+TENSOR_PARALLEL = {"tp": PROCESSES, "2d": 2}.get(LAYOUT, 1)
+DATA_PARALLEL = PROCESSES // TENSOR_PARALLEL
+PLAN = {
+    **{f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")},
+    "self_attn.o_proj": RowwiseParallel(),
+    **{f"mlp.{n}": ColwiseParallel() for n in ("gate_proj", "up_proj")},
+    "mlp.down_proj": RowwiseParallel(),
+}
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
 
 
@@ -86,17 +96,83 @@ def data_parallel_mesh(module: L.LightningModule):
     return module.device_mesh["data_parallel"]
 
 
+class DataParallelSampler(RankInterleavedSampler):
+    """Data-parallel rank r of w takes samples r, r + w, ...: the processes of one tensor-parallel group (consecutive
+    ranks, as ModelParallelStrategy's mesh lays them out) take the same samples."""
+
+    def _rank_world(self) -> tuple[int, int]:
+        rank, world = super()._rank_world()
+        return rank // TENSOR_PARALLEL, world // TENSOR_PARALLEL
+
+
 class ShardedLlama(LlamaModule):
     def __init__(self, shard: bool, **kwargs) -> None:
         super().__init__(model=tiny_llama(), **kwargs)
         self.shard = shard
+        self.split = False  # (the micro reference of a tensor-parallel layout: its linear layers split)
 
     def configure_model(self) -> None:
         if self.shard:
-            mesh = data_parallel_mesh(self)
-            for layer in self.model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
+            parallelize(self, self.model.model.layers, self.model)
+        elif self.split:
+            split_like_tensor_parallel(self.model.model.layers)
+
+
+class SplitLinear(torch.nn.Module):
+    """The arithmetic of a tensor-parallel linear layer on one process: the weight's ``parts`` blocks along ``dim``
+    (0: ColwiseParallel's output features, each block's output concatenated, so the input's gradient is the sum of
+    the blocks' parts, in order, as the parallel layer's all-reduce adds them; 1: RowwiseParallel's input features,
+    the blocks' outputs added in order, as its all-reduce does)."""
+
+    def __init__(self, linear: torch.nn.Linear, dim: int, parts: int) -> None:
+        super().__init__()
+        self.weight, self.dim, self.parts = linear.weight, dim, parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.weight.chunk(self.parts, dim=self.dim)
+        if self.dim == 0:
+            return torch.cat([torch.nn.functional.linear(x, w) for w in blocks], dim=-1)
+        inputs = x.chunk(self.parts, dim=-1)
+        out = torch.nn.functional.linear(inputs[0], blocks[0])
+        for x_part, w in zip(inputs[1:], blocks[1:]):
+            out = out + torch.nn.functional.linear(x_part, w)
+        return out
+
+
+def split_like_tensor_parallel(layers) -> None:
+    """The one-process reference of a tensor-parallel layout: each linear layer of ``PLAN`` computed as its
+    ``TENSOR_PARALLEL`` parts are (``SplitLinear``); its weight stays the same parameter, under the same name."""
+    for layer in layers:
+        for name, style in PLAN.items():
+            parent, _, leaf = name.rpartition(".")
+            owner = layer.get_submodule(parent)
+            split = SplitLinear(getattr(owner, leaf), 0 if isinstance(style, ColwiseParallel) else 1, TENSOR_PARALLEL)
+            owner._modules[leaf] = _SplitModule(split)
+
+
+class _SplitModule(torch.nn.Module):
+    """Keeps the weight's name (``...q_proj.weight``) for the state dict compared with the parallel run's."""
+
+    def __init__(self, split: SplitLinear) -> None:
+        super().__init__()
+        self.weight = split.weight
+        self._split = [split]  # (not a submodule: its weight is this module's)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._split[0](x)
+
+
+def parallelize(module: L.LightningModule, layers, model) -> None:
+    """The layout ``LAYOUT`` of the decoder ``layers`` and the ``model``, as a user's ``configure_model`` builds it."""
+    if TENSOR_PARALLEL > 1:
+        for layer in layers:
+            parallelize_module(layer, module.device_mesh["tensor_parallel"], PLAN)
+    if LAYOUT == "tp":
+        return
+    mesh = data_parallel_mesh(module)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 class AuxNet(torch.nn.Module):
@@ -127,10 +203,7 @@ class ShardedAuxLlama(ShardedLlama):
 
     def configure_model(self) -> None:
         if self.shard:
-            mesh = data_parallel_mesh(self)
-            for layer in self.model.model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)
+            parallelize(self, self.model.model.model.layers, self.model)
             self.model.set_reduce_scatter_unused_params(os.environ.get("SHARDED_TEST_UNUSED_SWITCH", "1") == "1")
 
     def training_step(self, batch, batch_idx):
@@ -262,7 +335,7 @@ def shard_local_step(self, p, group, index, check_finite=False) -> None:
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims import mixin
     from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
-    from lightning_optims.placements import ShardSums
+    from lightning_optims.placements import Along, ShardSums
     from lightning_optims.sharded import GatheredStepOptimizer
 
     all_sum, sync_unused = InBackwardOptimizer._all_sum, mixin.sync_unused_parameters
@@ -270,7 +343,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     if option == "local":  # the control: each process uses its shard's statistics only
         InBackwardOptimizer._all_sum = lambda self, tensor: tensor
         GatheredStepOptimizer._step = shard_local_step
-        ShardSums.sums = lambda self, parts: parts
+        ShardSums.sums = lambda self, parts: [p.tensor if isinstance(p, Along) else p for p in parts]
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
         mixin.sync_unused_parameters = lambda module: 0
     chosen = optimizer_settings(optim, float(max_grad_norm))
@@ -289,11 +362,14 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     # micro: one process on the combined batch of each step, its gradient accumulated over the processes' halves in
     # their order, as FSDP2 sums them (the same arithmetic: a whole batch in one matmul rounds otherwise)
     micro = not sharded and option == "micro"
+    module.split = micro and TENSOR_PARALLEL > 1
     trainer = L.Trainer(
         accelerator=ACCELERATOR,
-        accumulate_grad_batches=PROCESSES if micro else 1,
+        accumulate_grad_batches=DATA_PARALLEL if micro else 1,
         devices=PROCESSES if sharded else 1,
-        strategy=ModelParallelStrategy(data_parallel_size=PROCESSES, tensor_parallel_size=1) if sharded else "auto",
+        strategy=ModelParallelStrategy(data_parallel_size=DATA_PARALLEL, tensor_parallel_size=TENSOR_PARALLEL)
+        if sharded
+        else "auto",
         max_epochs=EPOCHS,
         logger=False,
         enable_checkpointing=option == "ckpt",
@@ -305,21 +381,23 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         callbacks=callbacks,
         default_root_dir=out,
     )
-    per_process, n = BATCH // PROCESSES if sharded else BATCH, BATCH * STEPS_PER_EPOCH
-    data = ddp_loader(per_process, n=n)
-    if micro:  # step s: each process's part of it, as RankInterleavedSampler deals them (process 0's first)
-        part = BATCH // PROCESSES
+    per_process, n = BATCH // DATA_PARALLEL if sharded else BATCH, BATCH * STEPS_PER_EPOCH
+    data = torch.utils.data.DataLoader(
+        TokenDataset(n), batch_size=per_process, sampler=DataParallelSampler(n), collate_fn=default_data_collator
+    )
+    if micro:  # step s: each data-parallel rank's part of it, as DataParallelSampler deals them (rank 0's first)
+        part = BATCH // DATA_PARALLEL
         parts = [
-            list(range(r, n, PROCESSES))[s * part : (s + 1) * part]
+            list(range(r, n, DATA_PARALLEL))[s * part : (s + 1) * part]
             for s in range(STEPS_PER_EPOCH)
-            for r in range(PROCESSES)
+            for r in range(DATA_PARALLEL)
         ]
         data = torch.utils.data.DataLoader(TokenDataset(n), batch_sampler=parts, collate_fn=default_data_collator)
     if option.startswith("unused"):
         data = torch.utils.data.DataLoader(
             FlaggedTokenDataset(n, flagged=(0,)),
             batch_size=per_process,
-            sampler=RankInterleavedSampler(n),
+            sampler=DataParallelSampler(n),
             collate_fn=default_data_collator,
         )
     try:
