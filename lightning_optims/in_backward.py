@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from lightning_optims.placements import ShardSums, dim0_group, local, state_like
+from lightning_optims.placements import Along, ShardSums, local, reduction_key, state_along, state_like
 
 __all__ = [
     "AdaLomo",
@@ -72,7 +73,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._pending_bytes = 0
         self._world = 1
         self._reduce_grads = False  # DDP: average each bucket here; FSDP2 reduce-scatters before the hooks run
-        self._shard_group: Any = None  # FSDP2: the process group over which each parameter is sharded
+        self._sharded = False  # DTensor parameters (FSDP2, HSDP, tensor parallel): sums over their placements
+        self._key: dict[torch.Tensor, tuple[str, ...]] = {}  # each parameter's placements.reduction_key
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}")
         self.clip_grad_norm = clip_grad_norm
@@ -83,7 +85,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self.steps_taken = 0  # fused backwards run, for error messages
         self._active = False
         self._norm_pass = False
-        self._norms: list[torch.Tensor] = []
+        self._norms: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (parameters, their gradients' norms)
         self._bad = False
         self._handles: list[Any] = []
         self._hooked: set[torch.Tensor] = set()
@@ -101,7 +103,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         # (the whole tensor's size, also for an FSDP2 shard: every process then cuts its buckets at the same
         # parameters, whatever its shard's size, and the per-bucket collectives line up)
         self._nbytes = {p: p.numel() * p.element_size() for p in self._group_index}
-        self._shard_group = dim0_group(list(self._group_index))
+        self._sharded = any(isinstance(p, DTensor) for p in self._group_index)
+        self._key = {p: reduction_key(p) for p in self._group_index}
         # where the step's small tensors live (a collective backend such as NCCL takes tensors on its device only)
         self._device = next((local(p).device for p in self._group_index), torch.device("cpu"))
         for p in self._group_index:
@@ -221,7 +224,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             # the norm pass, or (without clipping) the one pass: each gradient's norm, for the logged global norm
             # and, without a norm pass, to check this bucket before writing it
             norms = torch.stack(torch._foreach_norm(grads, 2.0))
-            self._norms.append(norms)
+            self._norms.append((params, norms))
             if self._norm_pass:
                 return
             if not bool(torch.isfinite(norms).all()):
@@ -246,7 +249,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """Apply the fp32 ``grads`` (unscaled, finite) to ``params``: the update method every in-backward optimizer
         implements, for a bucket at once. Under FSDP2 the buckets are cut at the same parameters on every process, so
-        a collective issued per bucket (``_all_sum``) lines up across processes."""
+        a collective issued per bucket (``_sums``) lines up across processes."""
         raise NotImplementedError
 
     def _by_group(
@@ -274,11 +277,28 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         checkpoint loader that shapes what it loads after the optimizer's current state (torch's distributed
         checkpoint, which Lightning uses under ModelParallelStrategy) then finds every entry."""
 
-    def _all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the processes that shard the parameters (FSDP2); unchanged otherwise."""
-        if self._shard_group is not None:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._shard_group)
-        return tensor
+    def _per_param(
+        self, ps: list[torch.Tensor], values: torch.Tensor
+    ) -> tuple[list[Along], Callable[[list[torch.Tensor]], torch.Tensor]]:
+        """Parts that sum ``values`` (one number per parameter of ``ps``, of this process's part) over the processes
+        that shard each parameter, one part per placement, and the function that puts the sums back in order."""
+        by_key: dict[tuple[str, ...], list[int]] = {}
+        for i, p in enumerate(ps):
+            by_key.setdefault(self._key[p], []).append(i)
+        groups = list(by_key.values())
+        parts = [Along(values[idx], ps[idx[0]]) for idx in groups]
+
+        def unpack(summed: list[torch.Tensor]) -> torch.Tensor:
+            out = values.clone()
+            for idx, total in zip(groups, summed):
+                out[idx] = total
+            return out
+
+        return parts, unpack
+
+    def _sums(self, parts: list[Any]) -> list[torch.Tensor]:
+        """The sums of several parts over the processes that shard them (``ShardSums``); unchanged on one process."""
+        return ShardSums().sums(parts)
 
     # -- the step -------------------------------------------------------------------------------------------------
 
@@ -303,7 +323,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         if [len(g["params"]) for g in self.param_groups] != self._layout:
             self._sync_params()
         self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self._reduce_grads = self._world > 1 and self._shard_group is None
+        self._reduce_grads = self._world > 1 and not self._sharded  # (DDP)
         self._before_backward()
         scale = self._grad_scale()
         scaled = loss * scale if scale != 1.0 else loss
@@ -318,9 +338,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 scaled.backward(retain_graph=True)
                 self._finish_pass()
                 self._norm_pass = False
-                total = self._local_norm()
-                if self._shard_group is not None:  # the norm over every shard of every parameter
-                    total = self._all_sum(total.square()).sqrt()
+                total = self._total_norm()
                 self._norms = []
                 self.last_grad_norm = total
                 if not torch.isfinite(total):
@@ -341,14 +359,11 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                         p.grad = None
             self._pending, self._pending_bytes = [], 0
         if self.last_grad_norm is None:  # no norm pass: the norms measured as the gradients were applied
-            total = self._local_norm()
-            if self._shard_group is not None:
-                # one collective: the squared norm over every shard, and whether any process saw a non-finite
-                # gradient (every process stops, or none: a lone error would hang the others)
-                summed = self._all_sum(
-                    torch.stack([total.square(), torch.tensor(float(self._bad), device=total.device)])
-                )
-                total, self._bad = summed[0].sqrt(), bool(summed[1] > 0)
+            total = self._total_norm()
+            if self._sharded:
+                # a non-finite gradient on any process makes the summed norm non-finite on every one: every
+                # process stops, or none (a lone error would hang the others)
+                self._bad = not bool(torch.isfinite(total))
             self.last_grad_norm = total
             self._norms = []
         if self._bad:
@@ -359,11 +374,16 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 "check the data, or enable clipping with max_grad_norm)"
             )
 
-    def _local_norm(self) -> torch.Tensor:
-        """The L2 norm of the gradients measured in this backward pass (this process's parts under FSDP2)."""
+    def _total_norm(self) -> torch.Tensor:
+        """The global L2 norm of the gradients measured in this backward pass: with sharded parameters, each
+        parameter's squared norm summed over the processes that shard it (one all-reduce per mesh dimension)."""
         if not self._norms:
             return torch.zeros((), device=self._device)
-        return torch.linalg.vector_norm(torch.cat(self._norms), 2.0)
+        norms = torch.cat([n for _, n in self._norms])
+        if not self._sharded:
+            return torch.linalg.vector_norm(norms, 2.0)
+        parts, _ = self._per_param([p for ps, _ in self._norms for p in ps], norms.square())
+        return torch.stack([total.sum() for total in self._sums(parts)]).sum().sqrt()
 
     def grad_norm(self) -> torch.Tensor | None:
         """The global gradient norm of the last fused backward (see :attr:`last_grad_norm`)."""
@@ -600,11 +620,10 @@ class AdaLomo(InBackwardOptimizer):
         state = self.state[p]
         if p.dim() > 1:
             if "exp_avg_sq_row" not in state:
-                state["exp_avg_sq_row"] = state_like(p, (p.shape[0],), sharded=True)
-                state["exp_avg_sq_col"] = state_like(p, (p.shape[1],), sharded=False)
+                state["exp_avg_sq_row"] = state_along(p, (0,))
+                state["exp_avg_sq_col"] = state_along(p, (1,))
         elif "exp_avg_sq" not in state:
-            rows = p.shape[0] if p.dim() else 1
-            state["exp_avg_sq"] = state_like(p, (rows,), sharded=p.dim() == 1)
+            state["exp_avg_sq"] = state_along(p, (0,)) if p.dim() == 1 else state_like(p, (1,), sharded=False)
 
     def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """lomo_optim's AdaLomo update, for a bucket at once: elementwise work with foreach ops over the bucket, the
@@ -625,24 +644,33 @@ class AdaLomo(InBackwardOptimizer):
             weights = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
             matrices = [i for i, p in enumerate(ps) if p.dim() > 1]
             vectors = [i for i, p in enumerate(ps) if p.dim() <= 1]
-            # matrices of one shape are reduced together, stacked (one op per shape instead of one per matrix)
-            shapes: dict[tuple[int, ...], list[int]] = {}
+            # matrices of one shape and placement are reduced together, stacked (one op per kind, not per matrix)
+            kinds: dict[tuple[Any, ...], list[int]] = {}
             for i in matrices:
-                shapes.setdefault(tuple(squares[i].shape), []).append(i)
-            stacks = [torch.stack([squares[i] for i in idx]) for idx in shapes.values()]
-            rows = [[local(self.state[ps[i]]["exp_avg_sq_row"]) for i in idx] for idx in shapes.values()]
-            cols = [[local(self.state[ps[i]]["exp_avg_sq_col"]) for i in idx] for idx in shapes.values()]
-            for rs, stack in zip(rows, stacks):
+                p = ps[i]
+                kinds.setdefault((tuple(squares[i].shape), self._key[p], reduction_key(p, (1,))), []).append(i)
+            shapes, split = list(kinds.values()), [k for k, kind in enumerate(kinds) if kind[2]]
+            stacks = [torch.stack([squares[i] for i in idx]) for idx in shapes]
+            reps = [ps[idx[0]] for idx in shapes]
+            rows = [[local(self.state[ps[i]]["exp_avg_sq_row"]) for i in idx] for idx in shapes]
+            cols = [[local(self.state[ps[i]]["exp_avg_sq_col"]) for i in idx] for idx in shapes]
+            # the row means: local where the columns are whole (FSDP2, HSDP, column-parallel weights); where they
+            # are split (row-parallel weights) a first collective sums them
+            summed_rows = self._sums([Along(stacks[k].sum(dim=-1), reps[k], (1,)) for k in split]) if split else []
+            row_means = {k: total.div_(reps[k].shape[-1]) for k, total in zip(split, summed_rows)}
+            for k, (rs, stack) in enumerate(zip(rows, stacks)):
                 torch._foreach_mul_(rs, beta2t)
-                torch._foreach_add_(rs, list(stack.mean(dim=-1).unbind()), alpha=1.0 - beta2t)
-            # the first collective: column sums, row-statistic sums, parameter squared norms (whole tensors)
+                torch._foreach_add_(rs, list(row_means.get(k, stack.mean(dim=-1)).unbind()), alpha=1.0 - beta2t)
+            # then one collective: column sums, row-statistic sums, parameter squared norms (whole tensors)
             p_norms = torch.stack(torch._foreach_norm(weights, 2.0))
-            parts = [stack.sum(dim=-2) for stack in stacks] + [torch.stack(rs).sum(dim=-1, keepdim=True) for rs in rows]
-            summed = self._all_sum_parts([*parts, p_norms.square()] if self._shard_group else [*parts])
+            parts: list[Any] = [Along(stack.sum(dim=-2), rep, (0,)) for stack, rep in zip(stacks, reps)]
+            parts += [Along(torch.stack(rs).sum(dim=-1, keepdim=True), rep, (0,)) for rs, rep in zip(rows, reps)]
+            norm_parts, norms_of = self._per_param(ps, p_norms.square())
+            summed = self._sums([*parts, *norm_parts] if self._sharded else parts)
             col_sums, row_sums = summed[: len(stacks)], summed[len(stacks) : 2 * len(stacks)]
-            p_norms = summed[-1].sqrt() if self._shard_group else p_norms
+            p_norms = norms_of(summed[2 * len(stacks) :]).sqrt() if self._sharded else p_norms
             updates: list[torch.Tensor] = [torch.empty(0)] * len(ps)
-            for idx, cs, col_sum, rs, row_sum in zip(shapes.values(), cols, col_sums, rows, row_sums):
+            for idx, cs, col_sum, rs, row_sum in zip(shapes, cols, col_sums, rows, row_sums):
                 n_rows = float(ps[idx[0]].shape[0])  # of the whole tensor (a DTensor's shape is global)
                 torch._foreach_mul_(cs, beta2t)
                 torch._foreach_add_(cs, list(col_sum.div_(n_rows).unbind()), alpha=1.0 - beta2t)
@@ -658,8 +686,9 @@ class AdaLomo(InBackwardOptimizer):
             torch._foreach_mul_(updates, gs)
             # the second collective: the updates' squared norms
             u_norms = torch.stack(torch._foreach_norm(updates, 2.0))
-            if self._shard_group:
-                u_norms = self._all_sum_parts([u_norms.square()])[0].sqrt()
+            if self._sharded:
+                u_parts, u_norms_of = self._per_param(ps, u_norms.square())
+                u_norms = u_norms_of(self._sums(u_parts)).sqrt()
             sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in ps], device=u_norms.device)
             clip = (u_norms / sqrt_numel / group["clip_threshold"]).clamp_(min=1.0)
             torch._foreach_div_(updates, list(clip.unbind()))
@@ -671,7 +700,3 @@ class AdaLomo(InBackwardOptimizer):
             for part, w in zip(locals_, weights):
                 if w.data_ptr() != part.data_ptr():
                     part.copy_(w)
-
-    def _all_sum_parts(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The sums over the shards of several tensors in one collective (``ShardSums``); unchanged on one process."""
-        return ShardSums(self._shard_group).sums(parts)

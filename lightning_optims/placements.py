@@ -33,6 +33,7 @@ __all__ = [
     "dim0_group",
     "local",
     "my_rows",
+    "reduction_key",
     "replicated",
     "row_coordinate",
     "row_mesh_dim",
@@ -132,6 +133,12 @@ def _mesh_dim_key(p: DTensor, i: int) -> str:
     shares the dimension (a 2-D mesh and its 1-D data-parallel sub-mesh): its name, else its index and mesh shape."""
     names = p.device_mesh.mesh_dim_names
     return names[i] if names else f"#{i} of {tuple(p.device_mesh.shape)}"
+
+
+def reduction_key(p: Any, dims: Iterable[int] | None = None) -> tuple[str, ...]:
+    """What a sum along ``p``'s tensor dimensions ``dims`` (None: all) is completed over, as names every process
+    shares: parameters with the same key can have their parts summed together (``()``: nothing to sum)."""
+    return tuple(_mesh_dim_key(p, i) for i in sharding(p, dims))
 
 
 def state_along(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

@@ -323,19 +323,25 @@ def layout(module: Any) -> tuple[str, str] | None:
     return "2-D (tensor parallel + FSDP2)", example(*odd)
 
 
+def _any_placement(spec: OptimizerSpec) -> bool:
+    """Its sharded step takes any placement: a family's own (``sharded_target``), or the in-backward engine (its sums
+    completed over each parameter's placements; not the layer-wise names, whose step is the row step)."""
+    return spec.sharded_target is not None or (spec.shards_in_backward and not spec.layerwise)
+
+
 @rule
 def sharded_optimizer_layout(fit: Fit) -> str | None:
-    """An optimizer that runs on FSDP2's row shards (LOMO, AdaLomo, APOLLO, GaLore, layer-wise) on a layout other than
-    FSDP2 on dim 0 (one mesh dimension, or HSDP's replicate x shard): tensor parallel, or tensor parallel with FSDP2
-    (Adafactor, GrokAdamW and StableAdamW step any layout)."""
+    """An optimizer that runs on FSDP2's row shards (APOLLO, GaLore, layer-wise) on a layout other than FSDP2 on dim 0
+    (one mesh dimension, or HSDP's replicate x shard): tensor parallel, or tensor parallel with FSDP2 (Adafactor,
+    GrokAdamW, StableAdamW, LOMO and AdaLomo step any layout)."""
     if not fit.sharded_here or fit.spec.elementwise:
         return None
     found = layout(fit.module)
-    if found is None or found[0] in ("FSDP2", "HSDP") or fit.spec.sharded_target is not None:
-        return None  # (a sharded_target steps any placement)
+    if found is None or found[0] in ("FSDP2", "HSDP") or _any_placement(fit.spec):
+        return None
     name, where = found
     spec = fit.spec
-    allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise or get_spec(n).sharded_target)
+    allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise or _any_placement(get_spec(n)))
     if spec.updates_in_backward:
         why = "its engine updates each parameter in FSDP2's gradient hooks and reduces its statistics over the rows."
     else:

@@ -518,11 +518,11 @@ def test_hsdp_a_non_finite_gradient_on_one_process_stops_every_process_at_the_sa
 
 # -- tensor parallelism: alone (2 processes) and with FSDP2 (2-D, 4 processes) ---------------------------------------
 
-# Adafactor, GrokAdamW and StableAdamW (a sharded_target: any placement) and the elementwise AdamW; the others are
-# refused on these layouts when fit starts (tests/test_strategies.py)
-ANY_LAYOUT = ["adafactor", "grokadamw", "stable_adamw"]
+# Adafactor, GrokAdamW and StableAdamW (a sharded_target: any placement), LOMO and AdaLomo (the in-backward engine)
+# and the elementwise AdamW; the others are refused on these layouts when fit starts (tests/test_strategies.py)
+ANY_LAYOUT = ["adafactor", "grokadamw", "stable_adamw", "lomo", "adalomo"]
 TP_LAYOUTS = {"tp": 2, "2d": 4}  # layout: processes
-TP_CONTROLS = [("adafactor", "1.0"), ("stable_adamw", "1.0")]
+TP_CONTROLS = [("adafactor", "1.0"), ("stable_adamw", "1.0"), ("adalomo", "0")]
 TP_MODULES = 2  # parallelize_module on each decoder layer (tests/scripts/sharded_llama_fit.py)
 
 
@@ -547,9 +547,11 @@ def tensor_parallel_runs(tmp_path_factory) -> Path:
     return out
 
 
-def _single_like(layout: str, optim: str, norm: str, out: Path, option: str = "micro") -> dict[str, torch.Tensor]:
-    """One process on the combined batches, its gradient accumulated over the data-parallel parts and its
-    tensor-parallel linear layers computed as their parts are (``SplitLinear`` in the script: the same sums)."""
+def _single_like(layout: str, optim: str, norm: str, out: Path) -> dict[str, torch.Tensor]:
+    """One process on the combined batches, its tensor-parallel linear layers computed as their parts are
+    (``SplitLinear`` in the script: the same sums), its gradient accumulated over the data-parallel parts (the
+    in-backward optimizers, which cannot accumulate: the whole batch at once)."""
+    option = "" if get_spec(optim).updates_in_backward else "micro"
     before = os.environ.get("SHARDED_TEST_LAYOUT")
     os.environ["SHARDED_TEST_LAYOUT"] = layout
     try:
@@ -608,7 +610,11 @@ def test_tensor_parallel_local_statistics_would_differ(tensor_parallel_runs, tmp
 
 
 @pytest.mark.parametrize("layout", TP_LAYOUTS)
-@pytest.mark.parametrize(("optim", "norm"), [(o, n) for o in ANY_LAYOUT for n in NORMS])
+@pytest.mark.parametrize(
+    ("optim", "norm"),
+    # (LOMO and AdaLomo with clipping: the norm pass is a second backward, with its own collectives, as under FSDP2)
+    [(o, n) for o in ANY_LAYOUT for n in NORMS if not (get_spec(o).updates_in_backward and n != "0")],
+)
 def test_tensor_parallel_layouts_communicate_within_adamws_bound(tensor_parallel_runs, layout, optim, norm):
     """Against AdamW in the same layout: bytes at most 1.05x (measured 1.00x to 1.04x), no all-gather beyond
     AdamW's, and calls at most AdamW's plus 2 per group: under 2-D per FSDP group (3), under tensor parallelism

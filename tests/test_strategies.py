@@ -195,7 +195,7 @@ def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layo
     assert found["layout"][0] == LAYOUT_NAMES[layout]
     if layout == "tp" and get_spec(name).one_kernel_per_group:  # (the embeddings, norms and head: plain tensors)
         assert found["message"].startswith(f"MisconfigurationException: optim={name!r} steps each param group with")
-    elif layout in ("fsdp2", "hsdp") or name in ELEMENTWISE or get_spec(name).sharded_target:
+    elif layout in ("fsdp2", "hsdp") or name in ELEMENTWISE or rules._any_placement(get_spec(name)):
         assert found["message"] is None  # (on 2 and 4 processes: tests/test_sharded.py)
     else:  # the optimizer, the layout as the user built it, and what works instead
         message = found["message"]
@@ -205,7 +205,7 @@ def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layo
 
 @pytest.mark.slow
 # torch's optimizers that step each tensor on its own, and the families whose sharded step takes any placement
-@pytest.mark.parametrize("name", ["adamw_torch", "sgd", "adafactor", "stable_adamw", "grokadamw"])
+@pytest.mark.parametrize("name", ["adamw_torch", "sgd", "adafactor", "stable_adamw", "grokadamw", "lomo", "adalomo"])
 def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_one_process(tmp_path, name):
     """Only two layers parallelised (ColwiseParallel, RowwiseParallel), the LayerNorm and the last layer left plain
     tensors, max_grad_norm=1.0: the norm spans both meshes (torch's clipping crashes on the mix)."""
@@ -222,12 +222,12 @@ def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_
 @pytest.mark.parametrize(
     ("name", "refusal"),
     [
-        ("adalomo", "optim='adalomo' cannot run on this layout: tensor parallel ('net.3.weight'"),
+        ("apollo_adamw", "optim='apollo_adamw' cannot run on this layout: tensor parallel ('net.3.weight'"),
         ("schedule_free_adamw", "optim='schedule_free_adamw' steps each param group with one fused / foreach kernel"),
     ],
 )
 def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(tmp_path, name, refusal):
-    """AdaLomo: its engine reduces over rows only; schedule-free (and fused AdamW): one kernel over a group mixing
+    """APOLLO: its projections step split rows only; schedule-free (and fused AdamW): one kernel over a group mixing
     DTensors and plain tensors, which torch refuses at the first step (measured without the rule: RuntimeError
     "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
     proc = run_script(name, tmp_path / "x.pt", "tp")

@@ -102,6 +102,8 @@ class DataParallelSampler(RankInterleavedSampler):
 
     def _rank_world(self) -> tuple[int, int]:
         rank, world = super()._rank_world()
+        if world == 1:  # (the one-process reference)
+            return 0, 1
         return rank // TENSOR_PARALLEL, world // TENSOR_PARALLEL
 
 
@@ -334,14 +336,13 @@ def shard_local_step(self, p, group, index, check_finite=False) -> None:
 
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims import mixin
-    from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError, NonFiniteLossError
+    from lightning_optims.in_backward import NonFiniteGradientError, NonFiniteLossError
     from lightning_optims.placements import Along, ShardSums
     from lightning_optims.sharded import GatheredStepOptimizer
 
-    all_sum, sync_unused = InBackwardOptimizer._all_sum, mixin.sync_unused_parameters
+    sync_unused = mixin.sync_unused_parameters
     step_param, shard_sums = GatheredStepOptimizer._step, ShardSums.sums
     if option == "local":  # the control: each process uses its shard's statistics only
-        InBackwardOptimizer._all_sum = lambda self, tensor: tensor
         GatheredStepOptimizer._step = shard_local_step
         ShardSums.sums = lambda self, parts: [p.tensor if isinstance(p, Along) else p for p in parts]
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
@@ -362,7 +363,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     # micro: one process on the combined batch of each step, its gradient accumulated over the processes' halves in
     # their order, as FSDP2 sums them (the same arithmetic: a whole batch in one matmul rounds otherwise)
     micro = not sharded and option == "micro"
-    module.split = micro and TENSOR_PARALLEL > 1
+    module.split = not sharded and TENSOR_PARALLEL > 1  # (the reference of a tensor-parallel layout)
     trainer = L.Trainer(
         accelerator=ACCELERATOR,
         accumulate_grad_batches=DATA_PARALLEL if micro else 1,
@@ -406,7 +407,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         if not option.startswith("nan-"):
             raise
     finally:
-        InBackwardOptimizer._all_sum, mixin.sync_unused_parameters = all_sum, sync_unused
+        mixin.sync_unused_parameters = sync_unused
         GatheredStepOptimizer._step, ShardSums.sums = step_param, shard_sums
 
 
