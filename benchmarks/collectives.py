@@ -48,7 +48,10 @@ LAYOUTS = [  # label, layout, processes
 ]
 # what runs under tensor parallelism (the rest is refused when fit starts: docs/strategies.md); schedule-free only
 # where every parameter is a DTensor (2-D)
-ON_TENSOR_PARALLEL = {"tp": {"adamw_torch", "adafactor", "grokadamw", "stable_adamw", "lomo", "adalomo"}}
+ON_TENSOR_PARALLEL = {
+    "tp": {"adamw_torch", "adafactor", "grokadamw", "stable_adamw", "lomo", "adalomo", "apollo_mini", "apollo_adamw"}
+}
+ON_TENSOR_PARALLEL["tp"] |= {"galore_adamw"}
 ON_TENSOR_PARALLEL["2d"] = ON_TENSOR_PARALLEL["tp"] | {"schedule_free_adamw"}
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "ShardSums",
     "dim0_group",
     "local",
+    "local_indices",
     "my_rows",
     "reduction_key",
     "replicated",
@@ -133,6 +134,27 @@ def _mesh_dim_key(p: DTensor, i: int) -> str:
     shares the dimension (a 2-D mesh and its 1-D data-parallel sub-mesh): its name, else its index and mesh shape."""
     names = p.device_mesh.mesh_dim_names
     return names[i] if names else f"#{i} of {tuple(p.device_mesh.shape)}"
+
+
+def local_indices(p: Any, dim: int) -> torch.Tensor:
+    """The global indices along ``p``'s dimension ``dim`` of this process's part, in its order (torch's
+    ``_StridedShard`` included); every index for a plain tensor or a dimension no mesh dimension splits. No
+    collective: each process splits the index vector as its part of ``p`` was split."""
+    device = local(p).device
+    every = torch.arange(p.shape[dim], device=device)
+    if not sharding(p, (dim,)):
+        return every
+    placements: list[Any] = []
+    for pl in p.placements:
+        if isinstance(pl, _StridedShard) and pl.dim == dim:
+            placements.append(_StridedShard(0, split_factor=pl.split_factor))
+        elif isinstance(pl, Shard) and pl.dim == dim:
+            placements.append(Shard(0))
+        else:
+            placements.append(Replicate())
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(every, p.device_mesh, placements, src_data_rank=None).to_local()
 
 
 def reduction_key(p: Any, dims: Iterable[int] | None = None) -> tuple[str, ...]:

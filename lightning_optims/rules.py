@@ -324,16 +324,27 @@ def layout(module: Any) -> tuple[str, str] | None:
 
 
 def _any_placement(spec: OptimizerSpec) -> bool:
-    """Its sharded step takes any placement: a family's own (``sharded_target``), or the in-backward engine (its sums
-    completed over each parameter's placements; not the layer-wise names, whose step is the row step)."""
-    return spec.sharded_target is not None or (spec.shards_in_backward and not spec.layerwise)
+    """Its sharded step takes any placement: a family's own (``sharded_target``), the in-backward engine (its sums
+    completed over each parameter's placements), or a projection stepped on each process's block (APOLLO's random
+    projection, GaLore AdamW: the optimizer class says so); not the layer-wise names."""
+    if spec.layerwise:
+        return False
+    if spec.sharded_target is not None or spec.shards_in_backward:
+        return True
+    if not spec.shards_by_gathering:
+        return False
+    import importlib
+
+    module, _, name = spec.target.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    return bool(getattr(cls, "random_projection_on_rows", False) or getattr(cls, "projected_adam_on_rows", False))
 
 
 @rule
 def sharded_optimizer_layout(fit: Fit) -> str | None:
-    """An optimizer that runs on FSDP2's row shards (APOLLO, GaLore, layer-wise) on a layout other than FSDP2 on dim 0
-    (one mesh dimension, or HSDP's replicate x shard): tensor parallel, or tensor parallel with FSDP2 (Adafactor,
-    GrokAdamW, StableAdamW, LOMO and AdaLomo step any layout)."""
+    """An optimizer that runs on FSDP2's row shards only (GaLore Adafactor, the layer-wise names) on a layout other
+    than FSDP2 on dim 0 (one mesh dimension, or HSDP's replicate x shard): tensor parallel, or tensor parallel with
+    FSDP2 (Adafactor, GrokAdamW, StableAdamW, LOMO, AdaLomo, APOLLO and GaLore AdamW step any layout)."""
     if not fit.sharded_here or fit.spec.elementwise:
         return None
     found = layout(fit.module)

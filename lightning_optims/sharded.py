@@ -20,20 +20,23 @@ from collections.abc import Callable, Generator
 from typing import Any, cast
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from lightning_optims.layerwise import StepHooks
 from lightning_optims.placements import (
+    Along,
     ShardSums,
     dim0_group,
+    local,
+    local_indices,
     my_rows,
-    replicated,
-    row_coordinate,
     row_mesh_dim,
     rows_placements,
+    sharding,
 )
 
-Sums = Generator[list[torch.Tensor], list[torch.Tensor], None]  # (a step that yields what it needs summed)
+Sums = Generator[list[Any], list[torch.Tensor], None]  # (a step that yields what it needs summed)
 
 __all__ = ["GatheredLayerwiseOptimizer", "GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
 
@@ -59,14 +62,23 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         super().__init__(param_groups, dict(kwargs))
         self._optimizer_cls, self._kwargs = optimizer_cls, dict(kwargs)
         params = [p for g in self.param_groups for p in g["params"]]
-        not_sharded = [tuple(p.shape) for p in params if not _dim0_sharded(p)]
-        if not_sharded:
-            raise ValueError(
-                f"{optimizer_cls.__name__} under FSDP2 needs every parameter sharded on dim 0 (fully_shard on a 1-D "
-                f"mesh, or HSDP); {len(not_sharded)} are not (shapes {not_sharded[:3]})"
-            )
         self._position = {p: i + 1 for i, p in enumerate(params)}  # APOLLO's 1-based position among all parameters
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
+        self._indices: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the step on each process's part takes any placement; the gathered step splits rows only
+        gathered = [
+            (tuple(p.shape), tuple(getattr(p, "placements", ())))
+            for g in self.param_groups
+            for p in g["params"]
+            if not self._elementwise(g) and self._on_rows(p, g) is None and not _dim0_sharded(p)
+        ]
+        if gathered:
+            raise ValueError(
+                f"{optimizer_cls.__name__} with these settings steps whole tensors gathered from FSDP2's row shards "
+                f"(GaLore Adafactor; APOLLO with proj=svd or another proj_type), which needs every parameter sharded "
+                f"on dim 0 only (FSDP2 or HSDP); {len(gathered)} are not (shape and placements {gathered[0]}). Use "
+                "FSDP2 or HSDP, or APOLLO with proj=random / GaLore AdamW, which step any placement"
+            )
 
     # -- one parameter -------------------------------------------------------------------------------------------
 
@@ -189,7 +201,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 else:
                     self._step(p, group, index)
         if on_rows:
-            ShardSums.over(self.param_groups).lockstep(on_rows)
+            ShardSums().lockstep(on_rows)
         return loss
 
     def _step(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
@@ -205,7 +217,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if self._elementwise(group):
             self._step_rows(p, group)
         elif (on_rows := self._on_rows(p, group)) is not None:
-            ShardSums(dim0_group([p])).lockstep([on_rows(p, group)])
+            ShardSums().lockstep([on_rows(p, group)])
         else:
             self._step_param(p, group, index)
 
@@ -228,16 +240,19 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         )
 
     def _galore_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
-        """``galore_torch.GaLoreAdamW.step`` for one matrix ``[m, n]`` on this process's rows. A regular step needs
-        no whole tensor: ``m >= n``, the projected gradient ``G @ P.T`` has the parameter's rows (moments kept as this
-        process's rows, ``P`` whole on every process); ``m < n``, ``P.T @ G`` is a sum over row blocks (one sum of
-        ``r * n`` numbers; moments whole, each process keeps its rows of ``P``). A projection renewal (every
-        ``update_proj_gap`` steps) takes the SVD of the whole gradient: it is assembled on every process by a sum of
-        the processes' row blocks (one sum of the matrix), and every process computes the same SVD of it."""
+        """``galore_torch.GaLoreAdamW.step`` for one matrix ``[m, n]`` on this process's block of it (rows ``R``,
+        columns ``C``: all of them where that dimension is not split). A regular step needs no whole tensor: ``m >=
+        n``, the projected gradient ``G @ P.T`` has the parameter's rows (moments kept as this process's rows, ``P``
+        whole on every process), a sum over the column blocks where the columns are split; ``m < n``, ``P.T @ G``
+        has its columns, a sum over the row blocks (moments with the parameter's columns, each process keeps its rows
+        of ``P``). A projection renewal (every ``update_proj_gap`` steps) takes the SVD of the whole gradient: it is
+        assembled on every process by a sum of the processes' blocks (one sum of the matrix), and every process
+        computes the same SVD of it."""
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
         state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
-        grad, rows = _grad(p).to_local().to(p.dtype), p.to_local()
+        grad, block = local(_grad(p)).to(p.dtype), local(p)
+        rows, cols = self._block(p)
         m, n = p.shape
         right = m >= n
         if "step" not in state:
@@ -249,30 +264,34 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             )
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            rank, world = row_coordinate(p)
-            chunk = -(-m // world)
-            start = min(rank * chunk, m)
             blocks = grad.new_zeros(m, n)
-            blocks[start : start + grad.shape[0]] = grad
-            (whole,) = yield [blocks]
+            blocks[rows.unsqueeze(1), cols] = grad
+            (whole,) = yield [Along(blocks, p)]
             projector.ortho_matrix = projector.get_orthogonal_matrix(
                 whole, projector.rank, "right" if right else "left"
             )
             if not right:
-                projector.ortho_matrix = my_rows(projector.ortho_matrix, p).clone()
+                projector.ortho_matrix = projector.ortho_matrix[rows].clone()
         if right:
-            low = grad @ projector.ortho_matrix.t()
+            (low,) = yield [Along(grad @ projector.ortho_matrix[:, cols].t(), p, (1,))]
         else:
-            (low,) = yield [projector.ortho_matrix.t() @ grad]
+            (low,) = yield [Along(projector.ortho_matrix.t() @ grad, p, (0,))]
         norm_grad, step_size = _adam_on_projected(state, low, group)
         if right:
-            back = torch.matmul(norm_grad, projector.ortho_matrix) * projector.scale
+            back = torch.matmul(norm_grad, projector.ortho_matrix[:, cols]) * projector.scale
         else:
             back = torch.matmul(projector.ortho_matrix, norm_grad) * projector.scale
-        rows.add_(back, alpha=-step_size)
+        block.add_(back, alpha=-step_size)
         if group["weight_decay"] > 0.0:
-            rows.add_(rows, alpha=(-group["lr"] * group["weight_decay"]))
-        self.state[p] = self._wrap_state(state, p, rows_of_p={"exp_avg", "exp_avg_sq"} if right else {"ortho_matrix"})
+            block.add_(block, alpha=(-group["lr"] * group["weight_decay"]))
+        self.state[p] = self._wrap_state(state, p, right)
+
+    def _block(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global indices of this process's rows and columns of the matrix ``p`` (any placement, torch's
+        ``_StridedShard`` included), computed once."""
+        if p not in self._indices:
+            self._indices[p] = (local_indices(p, 0), local_indices(p, 1))
+        return self._indices[p]
 
     def _apollo_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
         """APOLLO's random projection of a matrix (proj=random, proj_type=std): stepped on this process's rows."""
@@ -284,9 +303,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             and group.get("proj_type") == "std"
         )
 
-    def _apollo_rows(
-        self, p: DTensor, group: dict[str, Any]
-    ) -> Generator[list[torch.Tensor], list[torch.Tensor], None]:
+    def _apollo_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
         """``apollo_torch.APOLLOAdamW.step`` for one matrix ``[m, n]``, computed on this process's rows of the
         parameter and its gradient (neither is gathered), with sums of a few numbers over the processes: it yields
         the tensors to sum and receives their sums (``ShardSums.lockstep`` batches them over every matrix of the
@@ -305,7 +322,9 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
         if not state:
             state["seed"] = self._position[p]
-        grad, rows = _grad(p).to_local().to(p.dtype), p.to_local()
+        grad, block = local(_grad(p)).to(p.dtype), local(p)
+        rows, cols = self._block(p)
+        split_cols = bool(sharding(p, (1,)))
         m, n = p.shape
         right = m >= n
         if "step" not in state:
@@ -317,11 +336,11 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
             projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
             if not right:
-                projector.ortho_matrix = my_rows(projector.ortho_matrix, p).clone()
+                projector.ortho_matrix = projector.ortho_matrix[rows].clone()
         if right:
-            low = grad @ projector.ortho_matrix.t()
+            (low,) = yield [Along(grad @ projector.ortho_matrix[:, cols].t(), p, (1,))]
         else:
-            (low,) = yield [projector.ortho_matrix.t() @ grad]
+            (low,) = yield [Along(projector.ortho_matrix.t() @ grad, p, (0,))]
         norm_grad, step_size = _adam_on_projected(state, low, group)
         front = math.sqrt(group["scale"]) if inner.scale_front else 1.0
         grad_norm = None  # the norm of the scaled gradient, for the limiter
@@ -331,9 +350,15 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             if dim == 1:
                 factor = factor.unsqueeze(1)
         elif group["scale_type"] == "tensor" and right:
-            (sums,) = yield [torch.stack([norm_grad.square().sum(), low.square().sum(), grad.square().sum()])]
-            factor = sums[0].sqrt() / (sums[1].sqrt() + 1e-8)
-            grad_norm = factor * sums[2].sqrt() * front
+            low_sums, grad_sum = yield [
+                Along(torch.stack([norm_grad.square().sum(), low.square().sum()]), p, (0,)),
+                Along(grad.square().sum(), p),
+            ]
+            factor = low_sums[0].sqrt() / (low_sums[1].sqrt() + 1e-8)
+            grad_norm = factor * grad_sum.sqrt() * front
+        elif group["scale_type"] == "tensor" and split_cols:  # (O.T @ G has the parameter's columns)
+            (low_sums,) = yield [Along(torch.stack([norm_grad.square().sum(), low.square().sum()]), p, (1,))]
+            factor = low_sums[0].sqrt() / (low_sums[1].sqrt() + 1e-8)
         elif group["scale_type"] == "tensor":
             factor = torch.norm(norm_grad) / (torch.norm(low) + 1e-8)
         else:
@@ -343,7 +368,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             scaled *= front
         if not inner.disable_nl:
             if grad_norm is None:
-                (grad_norm,) = yield [scaled.square().sum()]
+                (grad_norm,) = yield [Along(scaled.square().sum(), p)]
                 grad_norm = grad_norm.sqrt()
             if "scaled_grad" in state:
                 limiter = max(grad_norm / (state["scaled_grad"] + 1e-8), 1.01) / 1.01
@@ -353,25 +378,28 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 state["scaled_grad"] = grad_norm
         if not inner.scale_front:
             scaled *= math.sqrt(group["scale"])
-        rows.add_(scaled, alpha=-step_size)
+        block.add_(scaled, alpha=-step_size)
         if group["weight_decay"] > 0.0:
-            rows.add_(rows, alpha=(-group["lr"] * group["weight_decay"]))
-        # the moments have the parameter's rows when m >= n, O when m < n; the others are whole on every process
-        self.state[p] = self._wrap_state(state, p, rows_of_p={"exp_avg", "exp_avg_sq"} if right else {"ortho_matrix"})
+            block.add_(block, alpha=(-group["lr"] * group["weight_decay"]))
+        self.state[p] = self._wrap_state(state, p, right)
 
     @staticmethod
-    def _wrap_state(state: dict[str, Any], p: DTensor, rows_of_p: set[str]) -> dict[str, Any]:
-        """The tensors named in ``rows_of_p`` are this process's rows of a tensor with ``p``'s rows (``Shard(0)``),
-        the others are the same on every process (``Replicate``)."""
-
-        def place(key: str, value: Any) -> Any:
-            if not isinstance(value, torch.Tensor) or value.dim() == 0:
-                return value
-            if key.split(".")[-1] in rows_of_p:
-                return _rows_as_dtensor(value, p)
-            return DTensor.from_local(value, p.device_mesh, replicated(p), run_check=False)
-
-        return GatheredStepOptimizer._flatten_state(state, {}, place)
+    def _wrap_state(state: dict[str, Any], p: torch.Tensor, right: bool) -> dict[str, Any]:
+        """A projected step's state placed as the parameter's dimensions it follows: ``m >= n``, the moments
+        (``[m, r]``) follow its rows; ``m < n``, the moments (``[r, n]``) its columns and the projection (``[m, r]``)
+        its rows; the rest is the same on every process."""
+        follows = (
+            {"exp_avg": {0: 0}, "exp_avg_sq": {0: 0}}
+            if right
+            else {
+                "exp_avg": {1: 1},
+                "exp_avg_sq": {1: 1},
+                "ortho_matrix": {0: 0},
+            }
+        )
+        return GatheredStepOptimizer._flatten_state(
+            state, {}, lambda key, value: _place(value, p, follows.get(key.split(".")[-1], {}))
+        )
 
     def _elementwise(self, group: dict[str, Any]) -> bool:
         """APOLLO's and GaLore AdamW's groups without ``rank`` (what ``optim_target_modules`` does not select) are
@@ -386,14 +414,15 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         for key, value in group.items():
             if key != "params":
                 inner_group[key] = value
-        rows = p.to_local().detach()  # (the parameter's own storage: updated in place)
-        rows.grad = _grad(p).to_local().detach().to(rows.dtype)
+        rows = local(p).detach()  # (the parameter's own storage: updated in place)
+        rows.grad = local(_grad(p)).detach().to(rows.dtype)
         inner_group["params"] = [rows]
         inner.state[rows], group_state = self._unflatten_state(self.state.get(p, {}), whole=False)
         inner_group.update(group_state)
         inner.step()
         kept = {k: v for k, v in inner_group.items() if k != "params" and k not in group}
-        self.state[p] = self._flatten_state(inner.state.pop(rows), kept, lambda key, value: _rows_as_dtensor(value, p))
+        like_p = {d: d for d in range(p.dim())}
+        self.state[p] = self._flatten_state(inner.state.pop(rows), kept, lambda key, value: _place(value, p, like_p))
         inner_group["params"] = [torch.empty(0)]
 
 
@@ -502,19 +531,24 @@ def _all_finite(grad: DTensor) -> bool:
     return bool(flag)
 
 
-def _rows_as_dtensor(value: Any, p: DTensor) -> Any:
-    """This process's rows of a state tensor whose rows are ``p``'s, as the ``DTensor`` of the whole; scalars and
-    numbers as they are."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+def _place(value: Any, p: torch.Tensor, follows: dict[int, int]) -> Any:
+    """This process's part of a state tensor as the ``DTensor`` of the whole, on ``p``'s mesh: its dimension ``i``
+    follows ``p``'s dimension ``follows[i]`` (sharded where that one is, as it is), the others are whole; scalars,
+    numbers and the state of a plain ``p`` as they are."""
+    if not isinstance(p, DTensor) or not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
-    shape = (p.shape[0], *value.shape[1:])
+    placements: list[Any] = []
+    for pl in p.placements:
+        dim = next((i for i, d in follows.items() if isinstance(pl, (Shard, _StridedShard)) and pl.dim == d), None)
+        if dim is None:
+            placements.append(Replicate())
+        elif isinstance(pl, _StridedShard):
+            placements.append(_StridedShard(dim, split_factor=pl.split_factor))
+        else:
+            placements.append(Shard(dim))
+    shape = tuple(p.shape[follows[i]] if i in follows else size for i, size in enumerate(value.shape))
     return DTensor.from_local(
-        value,
-        p.device_mesh,
-        rows_placements(p),
-        run_check=False,
-        shape=torch.Size(shape),
-        stride=_contiguous_strides(shape),
+        value, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=_contiguous_strides(shape)
     )
 
 

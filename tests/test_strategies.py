@@ -222,12 +222,12 @@ def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_
 @pytest.mark.parametrize(
     ("name", "refusal"),
     [
-        ("apollo_adamw", "optim='apollo_adamw' cannot run on this layout: tensor parallel ('net.3.weight'"),
+        ("galore_adafactor", "optim='galore_adafactor' cannot run on this layout: tensor parallel ('net.3.weight'"),
         ("schedule_free_adamw", "optim='schedule_free_adamw' steps each param group with one fused / foreach kernel"),
     ],
 )
 def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(tmp_path, name, refusal):
-    """APOLLO: its projections step split rows only; schedule-free (and fused AdamW): one kernel over a group mixing
+    """GaLore Adafactor: its step gathers rows; schedule-free (and fused AdamW): one kernel over a group mixing
     DTensors and plain tensors, which torch refuses at the first step (measured without the rule: RuntimeError
     "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
     proc = run_script(name, tmp_path / "x.pt", "tp")

@@ -120,15 +120,18 @@ class ShardedLlama(LlamaModule):
             split_like_tensor_parallel(self.model.model.layers)
 
 
-class SplitLinear(torch.nn.Module):
+class SplitLinear(torch.nn.Linear):
     """The arithmetic of a tensor-parallel linear layer on one process: the weight's ``parts`` blocks along ``dim``
     (0: ColwiseParallel's output features, each block's output concatenated, so the input's gradient is the sum of
     the blocks' parts, in order, as the parallel layer's all-reduce adds them; 1: RowwiseParallel's input features,
-    the blocks' outputs added in order, as its all-reduce does)."""
+    the blocks' outputs added in order, as its all-reduce does). Still an ``nn.Linear`` with the same weight (what
+    ``optim_target_modules="all-linear"`` selects)."""
 
     def __init__(self, linear: torch.nn.Linear, dim: int, parts: int) -> None:
-        super().__init__()
-        self.weight, self.dim, self.parts = linear.weight, dim, parts
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, None
+        self.dim, self.parts = dim, parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self.weight.chunk(self.parts, dim=self.dim)
@@ -148,20 +151,8 @@ def split_like_tensor_parallel(layers) -> None:
         for name, style in PLAN.items():
             parent, _, leaf = name.rpartition(".")
             owner = layer.get_submodule(parent)
-            split = SplitLinear(getattr(owner, leaf), 0 if isinstance(style, ColwiseParallel) else 1, TENSOR_PARALLEL)
-            owner._modules[leaf] = _SplitModule(split)
-
-
-class _SplitModule(torch.nn.Module):
-    """Keeps the weight's name (``...q_proj.weight``) for the state dict compared with the parallel run's."""
-
-    def __init__(self, split: SplitLinear) -> None:
-        super().__init__()
-        self.weight = split.weight
-        self._split = [split]  # (not a submodule: its weight is this module's)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._split[0](x)
+            dim = 0 if isinstance(style, ColwiseParallel) else 1
+            setattr(owner, leaf, SplitLinear(getattr(owner, leaf), dim, TENSOR_PARALLEL))
 
 
 def parallelize(module: L.LightningModule, layers, model) -> None:
@@ -323,15 +314,15 @@ def shard_local_step(self, p, group, index, check_finite=False) -> None:
     norms, factorisations and projections then see half of each tensor)."""
     steppers = self.__dict__.setdefault("_local_steppers", {})
     if p not in steppers:
-        rows = torch.nn.Parameter(p.to_local().detach().clone())
+        rows = torch.nn.Parameter(_local(p).detach().clone())
         options = {k: v for k, v in group.items() if k != "params"}
         steppers[p] = (rows, self._optimizer_cls([{"params": [rows], **options}], **self._kwargs))
     rows, inner = steppers[p]
     inner.param_groups[0]["lr"] = group["lr"]
-    rows.data.copy_(p.to_local())
-    rows.grad = p.grad.to_local().clone()
+    rows.data.copy_(_local(p))
+    rows.grad = _local(p.grad).clone()
     inner.step()
-    p.to_local().copy_(rows.detach())
+    _local(p).copy_(rows.detach())
 
 
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
