@@ -176,6 +176,7 @@ def main() -> None:
             f"{r['apollo-mini (rank 1, tensor)']:.3f}x | {r['grokadamw']:.2f}x |"
         )
     m = sharded["meta"]
+    adamw = sharded["rows"]["adamw_torch"]
     lines += [
         "",
         f"## 7. Sharded training (`benchmarks/sharded.py`): FSDP2 (ModelParallelStrategy), {m['processes']} CPU "
@@ -183,11 +184,16 @@ def main() -> None:
         "",
         f"Llama {m['model']} (memory: {m['memory_model']}, glibc's mmap threshold fixed so that the peak counts what "
         "the process holds, not freed blocks kept in its heap), every decoder layer and the model `fully_shard`-ed; "
-        f"medians of {m['repeats']} alternating repeats; each figure is the larger of the two processes'.",
+        f"medians of {m['repeats']} alternating repeats; each figure is the largest of the processes'. Calls and "
+        "bytes: the most of any step (a projection renewal counts). Optimizer CPU: the optimizer's main-thread CPU "
+        "time per step and process (its work inside backward included for the in-backward and layer-wise engines), "
+        "at 4 processes / at 2; goal: within 0.15 of AdamW's own ratio (the work divides as AdamW's does). Step time: "
+        "2 processes (the 4-process runs share 2 cores); goal: at most 1.3x AdamW's.",
         "",
-        "| optimizer | per-process state / one-device state | goal | step / FSDP2 AdamW step | goal | "
+        "| optimizer | calls / step, 2 / 4 (AdamW's) | bytes / AdamW's, 2 / 4 | optimizer CPU, 4 / 2 | goal | "
+        "step / FSDP2 AdamW step, 2 | goal | per-process state / one-device state | goal | "
         "peak memory growth / FSDP2 AdamW's | goal |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, row in sharded["rows"].items():
         state_ratio = "no state" if row["state_ratio"] is None else f"{row['state_ratio']:.3f}"
@@ -196,19 +202,20 @@ def main() -> None:
             if row["state_ratio"] is None
             else f"<= {row['state_goal']:.3f}: {'met' if row['state_ratio'] <= row['state_goal'] else 'not met'}"
         )
-        step_goal = (
-            f"<= 1.5x: {'met' if row['step_ratio_vs_fsdp2_adamw'] <= 1.5 else 'not met'}"
-            if label.startswith(("lomo", "apollo-mini"))
-            else ""
-        )
+        step_goal = f"<= 1.3x: {'met' if row['step_ratio_vs_fsdp2_adamw'] <= 1.3 else 'not met'}"
         mem_goal = (
             f"<= 0.35x: {'met' if row['peak_growth_ratio_vs_fsdp2_adamw'] <= 0.35 else 'not met'}"
             if label.startswith("lomo")
             else ""
         )
+        cpu, reference = row["optimizer_cpu_ratio_4_vs_2"], adamw["optimizer_cpu_ratio_4_vs_2"]
+        cpu_goal = f"<= {reference + 0.15:.2f}: {'met' if cpu <= reference + 0.15 else 'not met'}"
         lines.append(
-            f"| {label} | {state_ratio} | {state_goal} | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
-            f"({row['step_ms']:.0f} ms) | {step_goal} | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
+            f"| {label} | {row['calls']} / {row['calls_4']} ({adamw['calls']} / {adamw['calls_4']}) | "
+            f"{row['bytes'] / adamw['bytes']:.2f}x / {row['bytes_4'] / adamw['bytes_4']:.2f}x | {cpu:.2f} "
+            f"({row['optimizer_cpu_ms_2']:.1f} -> {row['optimizer_cpu_ms_4']:.1f} ms) | {cpu_goal} | "
+            f"{row['step_ratio_vs_fsdp2_adamw']:.2f}x ({row['step_ms']:.0f} ms) | {step_goal} | {state_ratio} | "
+            f"{state_goal} | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
             f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) | {mem_goal} |"
         )
     lines += ["", "![results](results.png)", ""]

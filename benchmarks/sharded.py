@@ -1,7 +1,14 @@
-"""Sharded training benchmark: the optimizers that run under ModelParallelStrategy (FSDP2), two CPU processes (gloo).
+"""Sharded training benchmark: the optimizers that run under ModelParallelStrategy (FSDP2), 2 and 4 CPU processes.
 
 For each optimizer, a Lightning fit of a Llama (every decoder layer and the model ``fully_shard``-ed) as a user runs
 it, measured in each process:
+
+- collective calls and bytes per training step (the most of any step; counted from tensor sizes by
+  ``tests/collectives.py``) / FSDP2 AdamW's, at 2 and 4 processes;
+- the optimizer's CPU time per process and step (``OptimizerClock``: its main thread's CPU time in ``step`` without
+  the closure, plus its work inside backward for the in-backward and layer-wise engines), at 4 processes / at 2,
+  beside FSDP2 AdamW's own ratio (goal: within 0.15 of it, i.e. the optimizer's work divides as AdamW's does); with 2
+  cores the 4-process run shares them, so only CPU time, not wall time, is compared there;
 
 - per-process optimizer state (bytes of this process's part of every state tensor) / the state the same optimizer
   holds on one device for the same model (goal <= 0.5 plus the largest tensor's share);
@@ -58,6 +65,7 @@ CONFIGS = {  # label: settings
     ),
     "adafactor": dict(optim="adafactor", max_grad_norm=1.0),
     "grokadamw": dict(optim="grokadamw", max_grad_norm=1.0),
+    "stable_adamw": dict(optim="stable_adamw", max_grad_norm=1.0),
 }
 SIZES = {
     "full": dict(layers=4, hidden=256, intermediate=688, vocab=4096, seq=64, batch=4, steps=16),
@@ -104,8 +112,57 @@ def state_bytes(optimizer) -> int:
     return sum(size(entry) for entry in optimizer.state.values())
 
 
-def worker(label: str, size_name: str, out: str) -> None:
-    """One process of a two-process fit (Lightning re-executes this script for the second)."""
+class OptimizerClock:
+    """The optimizer's own CPU time in a training step, on this process's main thread (``time.thread_time``): an
+    optimizer's ``step`` without its closure (forward and backward), plus what runs inside backward for the
+    in-backward engine (its bucket updates and norm) and the layer-wise hooks (each parameter's step); collectives
+    the optimizer waits on count as the time spent in them."""
+
+    def __init__(self, optimizer) -> None:
+        from lightning_optims.in_backward import InBackwardOptimizer
+        from lightning_optims.layerwise import StepHooks
+
+        self.spent = 0.0
+        inside = ["_update_bucket", "_total_norm"] if isinstance(optimizer, InBackwardOptimizer) else []
+        inside += ["_step_one"] if isinstance(optimizer, StepHooks) else []
+        for name in inside:
+            setattr(optimizer, name, self._timed(getattr(optimizer, name)))
+        if isinstance(optimizer, StepHooks):  # (the hooks hold the method they were registered with)
+            optimizer.remove_hooks()
+            optimizer.register_hooks()
+        step = optimizer.step
+
+        def timed_step(closure=None, **kwargs):
+            in_closure = [0.0]
+
+            def closure_timed():
+                t0, before = time.thread_time(), self.spent
+                try:
+                    return closure()
+                finally:  # (the optimizer's own work inside backward stays counted)
+                    in_closure[0] += time.thread_time() - t0 - (self.spent - before)
+
+            t0 = time.thread_time()
+            try:
+                return step(closure_timed if closure is not None else None, **kwargs)
+            finally:
+                self.spent += time.thread_time() - t0 - in_closure[0]
+
+        optimizer.step = timed_step
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            t0 = time.thread_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.spent += time.thread_time() - t0
+
+        return timed
+
+
+def worker(label: str, size_name: str, out: str, processes: int = 2) -> None:
+    """One process of a fit on ``processes`` processes (Lightning re-executes this script for the others)."""
     import _memory
     import lightning as L
     import torch
@@ -114,6 +171,7 @@ def worker(label: str, size_name: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from lightning_optims import OptimizerMixin
+    from tests.collectives import CollectiveCounter
 
     size = SIZES[size_name]
     torch.set_num_threads(1)
@@ -135,33 +193,44 @@ def worker(label: str, size_name: str, out: str) -> None:
     class Measure(Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.optimizer_cpu: list[float] = []
+            self.collectives: list[dict] = []
             self.base = 0
 
         def on_train_start(self, trainer, pl_module):
             self.base = _memory.start()
+            self.clock = OptimizerClock(trainer.optimizers[0])
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.counter = CollectiveCounter().__enter__()
+            self.spent = self.clock.spent
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.times.append(time.perf_counter() - self.t0)
+            self.optimizer_cpu.append(self.clock.spent - self.spent)
+            self.counter.__exit__(None, None, None)
+            self.collectives.append(self.counter.snapshot())
 
         def on_train_end(self, trainer, pl_module):
             result = {
                 "step_s": statistics.median(self.times[2:]),
+                "optimizer_cpu_s": statistics.median(self.optimizer_cpu[2:]),
+                "calls": max(sum(step["calls"].values()) for step in self.collectives),
+                "bytes": max(sum(step["bytes"].values()) for step in self.collectives),
                 "peak_growth": _memory.growth_since(self.base),
                 "state_bytes": state_bytes(trainer.optimizers[0]),
             }
             Path(f"{out}.rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, size["vocab"], (size["batch"] * 2 * size["steps"], size["seq"]), generator=g)
+    data = torch.randint(0, size["vocab"], (size["batch"] * processes * size["steps"], size["seq"]), generator=g)
     loader = torch.utils.data.DataLoader(data, batch_size=size["batch"])
     module = Module(learning_rate=1e-3, **CONFIGS[label])
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        devices=processes,
+        strategy=ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1),
         max_steps=size["steps"],
         logger=False,
         enable_checkpointing=False,
@@ -208,12 +277,12 @@ def one_device_state_bytes(label: str, size_name: str) -> tuple[int, float]:
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def run_config(label: str, size_name: str) -> dict:
+def run_config(label: str, size_name: str, processes: int = 2) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(FIXED_MALLOC if size_name == "memory" else {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", label, size_name, out],
+            [sys.executable, __file__, "--worker", label, size_name, out, str(processes)],
             capture_output=True,
             text=True,
             timeout=900,
@@ -221,27 +290,31 @@ def run_config(label: str, size_name: str) -> dict:
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{label}: {proc.stderr[-3000:]}")
-        ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
+        ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(processes)]
     return {key: max(r[key] for r in ranks) for key in ranks[0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", nargs=3)
+    parser.add_argument("--worker", nargs=4)
     parser.add_argument("--out", default=str(HERE / "sharded.json"))
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker)
+        label, size_name, out, processes = args.worker
+        worker(label, size_name, out, int(processes))
         return
     size_name = "quick" if args.quick else "full"
     repeats = 1 if args.quick else 2
     runs: dict[str, list[dict]] = {label: [] for label in CONFIGS}
+    on_four: dict[str, list[dict]] = {label: [] for label in CONFIGS}  # (the optimizer's CPU time and traffic)
     for repeat in range(repeats):
         order = list(CONFIGS) if repeat % 2 == 0 else list(reversed(CONFIGS))
         for label in order:
             runs[label].append(run_config(label, size_name))
             print(f"  {label} (repeat {repeat + 1}): {runs[label][-1]}", flush=True)
+            on_four[label].append(run_config(label, size_name, processes=4))
+            print(f"  {label} (repeat {repeat + 1}, 4 processes): {on_four[label][-1]}", flush=True)
     memory_size = "quick" if args.quick else "memory"
     memory = {label: run_config(label, memory_size) for label in CONFIGS}
     for label, result in memory.items():
@@ -256,7 +329,16 @@ def main() -> None:
         step = statistics.median(r["step_s"] for r in results)
         growth = statistics.median(r["peak_growth"] for r in results)
         per_rank = max(r["state_bytes"] for r in results)
+        cpu2 = statistics.median(r["optimizer_cpu_s"] for r in results)
+        cpu4 = statistics.median(r["optimizer_cpu_s"] for r in on_four[label])
         rows[label] = {
+            "calls": results[0]["calls"],
+            "bytes": results[0]["bytes"],
+            "calls_4": on_four[label][0]["calls"],
+            "bytes_4": on_four[label][0]["bytes"],
+            "optimizer_cpu_ms_2": 1e3 * cpu2,
+            "optimizer_cpu_ms_4": 1e3 * cpu4,
+            "optimizer_cpu_ratio_4_vs_2": cpu4 / cpu2 if cpu2 else None,
             "per_rank_state_bytes": per_rank,
             "one_device_state_bytes": one_state,
             "state_ratio": per_rank / one_state if one_state else None,
@@ -273,24 +355,30 @@ def main() -> None:
         "size": size_name,
         "model": SIZES[size_name],
         "memory_model": SIZES[memory_size],
-        "processes": 2,
+        "processes": [2, 4],
         "repeats": repeats,
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"\nFSDP2 (ModelParallelStrategy), 2 CPU processes, gloo; model {SIZES[size_name]}")
+    print(f"\nFSDP2 (ModelParallelStrategy), 2 and 4 CPU processes, gloo; model {SIZES[size_name]}")
+    adamw = rows["adamw_torch"]
     print(
-        "| optimizer | per-process state / one-device state | goal | step / FSDP2 AdamW step | "
-        "peak memory growth / FSDP2 AdamW's |"
+        "| optimizer | calls / step (AdamW's), 2 / 4 | bytes / AdamW's, 2 / 4 | optimizer CPU per process, 4 / 2 "
+        "(AdamW's) | step / FSDP2 AdamW step, 2 | per-process state / one-device state (goal) | peak memory growth "
+        "/ FSDP2 AdamW's |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for label, row in rows.items():
         state = "no state" if row["state_ratio"] is None else f"{row['state_ratio']:.3f}"
+        cpu = row["optimizer_cpu_ratio_4_vs_2"]
         print(
-            f"| {label} | {state} | <= {row['state_goal']:.3f} | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
-            f"({row['step_ms']:.0f} ms) | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
-            f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) |"
+            f"| {label} | {row['calls']} ({adamw['calls']}) / {row['calls_4']} ({adamw['calls_4']}) | "
+            f"{row['bytes'] / adamw['bytes']:.2f}x / {row['bytes_4'] / adamw['bytes_4']:.2f}x | "
+            f"{cpu:.2f} ({row['optimizer_cpu_ms_2']:.1f} -> {row['optimizer_cpu_ms_4']:.1f} ms; AdamW "
+            f"{adamw['optimizer_cpu_ratio_4_vs_2']:.2f}) | {row['step_ratio_vs_fsdp2_adamw']:.2f}x "
+            f"({row['step_ms']:.0f} ms) | {state} (<= {row['state_goal']:.3f}) | "
+            f"{row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x ({row['peak_growth_bytes'] / 2**20:.1f} MiB) |"
         )
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
