@@ -1,20 +1,24 @@
 """Reductions over the placements of sharded parameters: what a family's step on this process's part needs to get
 the numbers of the whole tensor.
 
-FSDP2 on one mesh dimension shards every parameter on dim 0 (``Shard(0)``): a statistic along the rows (a row mean,
-a per-row scale) is local, one that spans the rows (a column sum, a norm, an RMS) is a sum of the processes' parts.
-:class:`ShardSums` completes such sums for many tensors at once: the small statistics of a step are flattened into
-one all-reduce over the mesh dimension that shards them, so a step issues a fixed, small number of collectives
-whatever the number of parameters. On one process (or for plain tensors) nothing is communicated.
+A statistic along a tensor dimension (a row mean sums along dim 1, a column sum along dim 0, a norm or an RMS along
+all) is a sum of the processes' parts over exactly the mesh dimensions that shard that tensor dimension:
+:func:`sharding` names them (``Shard(d)`` and torch's ``_StridedShard(d)``; a ``Replicate`` mesh dimension holds the
+same numbers, a plain tensor is whole). :class:`ShardSums` completes many such parts at once (an :class:`Along` each,
+or plain tensors summed over the processes that shard every parameter's rows), flattened into one all-reduce per mesh
+dimension involved, so a step issues a fixed, small number of collectives whatever the number of parameters;
+``lockstep`` batches the rounds of steps written as generators. On one process nothing is communicated.
 
-HSDP (``fully_shard`` on a replicate x shard mesh, how FSDP2 runs across nodes) places a parameter
-``(Replicate(), Shard(0))``: FSDP2 reduce-scatters each gradient over the shard dimension and all-reduces it over the
-replicate dimension before its post-accumulate-grad hooks run and before ``optimizer.step``, so every replica holds the
-same rows of the same gradient, and a sum over the rows needs the shard dimension only (:func:`dim0_group`). State
-tensors are placed as their parameter (:func:`rows_placements`) or replicated over the whole mesh (:func:`replicated`).
+The layouts: FSDP2 on one mesh dimension (``Shard(0)``); HSDP (``(Replicate(), Shard(0))``: FSDP2 reduce-scatters each
+gradient over the shard dimension and all-reduces it over the replicate dimension before its post-accumulate-grad
+hooks and ``optimizer.step``, so the replicas hold the same rows of the same gradient); tensor parallelism
+(column-parallel weights ``Shard(0)``, row-parallel ``Shard(1)``, the rest often plain tensors); both (2-D, where
+FSDP2 shards a column-parallel weight's rows again: ``_StridedShard(0)``). State tensors are placed along the
+dimensions of the parameter they follow (:func:`state_along`); :func:`local_indices` gives a process's global rows or
+columns (APOLLO's and GaLore's projections).
 
-Used by the in-backward engine (AdaLomo's per-bucket sums) and by the sharded steps of the whole-tensor families
-(:class:`~lightning_optims.families.adafactor.ShardedAdafactor`).
+Used by the in-backward engine (LOMO's norm, AdaLomo's per-bucket statistics), the layer-wise engine (its norm), the
+sharded steps of Adafactor, StableAdamW and GrokAdamW, and the block steps of APOLLO and GaLore AdamW.
 """
 
 from __future__ import annotations
