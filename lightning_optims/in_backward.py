@@ -75,6 +75,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._reduce_grads = False  # DDP: average each bucket here; FSDP2 reduce-scatters before the hooks run
         self._sharded = False  # DTensor parameters (FSDP2, HSDP, tensor parallel): sums over their placements
         self._key: dict[torch.Tensor, tuple[str, ...]] = {}  # each parameter's placements.reduction_key
+        self._column_key: dict[torch.Tensor, tuple[str, ...]] = {}  # a matrix's, along its columns
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm should be positive, got {clip_grad_norm}")
         self.clip_grad_norm = clip_grad_norm
@@ -105,6 +106,7 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._nbytes = {p: p.numel() * p.element_size() for p in self._group_index}
         self._sharded = any(isinstance(p, DTensor) for p in self._group_index)
         self._key = {p: reduction_key(p) for p in self._group_index}
+        self._column_key = {p: reduction_key(p, (1,)) for p in self._group_index if p.dim() > 1}
         # where the step's small tensors live (a collective backend such as NCCL takes tensors on its device only)
         self._device = next((local(p).device for p in self._group_index), torch.device("cpu"))
         for p in self._group_index:
@@ -648,7 +650,7 @@ class AdaLomo(InBackwardOptimizer):
             kinds: dict[tuple[Any, ...], list[int]] = {}
             for i in matrices:
                 p = ps[i]
-                kinds.setdefault((tuple(squares[i].shape), self._key[p], reduction_key(p, (1,))), []).append(i)
+                kinds.setdefault((tuple(squares[i].shape), self._key[p], self._column_key[p]), []).append(i)
             shapes, split = list(kinds.values()), [k for k, kind in enumerate(kinds) if kind[2]]
             stacks = [torch.stack([squares[i] for i in idx]) for idx in shapes]
             reps = [ps[idx[0]] for idx in shapes]

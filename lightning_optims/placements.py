@@ -203,11 +203,6 @@ class ShardSums:
     def __init__(self, group: Any = None) -> None:
         self.group = group
 
-    @classmethod
-    def over(cls, param_groups: list[dict[str, Any]]) -> ShardSums:
-        """The sums over the processes that shard the parameters of ``param_groups`` (see :func:`dim0_group`)."""
-        return cls(dim0_group([p for group in param_groups for p in group["params"]]))
-
     def sums(self, parts: list[Any]) -> list[torch.Tensor]:
         results = [part.tensor if isinstance(part, Along) else part for part in parts]
         rounds: dict[str, tuple[Any, list[int]]] = {}

@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_optims.arguments import OptimizerArguments
-from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
+from lightning_optims.registry import OptimizerSpec, _load, get_spec, registered_names
 from lightning_optims.sharded import is_sharded
 
 __all__ = ["METRIC_SCHEDULERS", "RULES", "Fit", "Rule", "check", "plain_data_parallel", "spans_steps"]
@@ -333,10 +333,7 @@ def _any_placement(spec: OptimizerSpec) -> bool:
         return True
     if not spec.shards_by_gathering:
         return False
-    import importlib
-
-    module, _, name = spec.target.partition(":")
-    cls = getattr(importlib.import_module(module), name)
+    cls = _load(spec.target)
     return bool(getattr(cls, "random_projection_on_rows", False) or getattr(cls, "projected_adam_on_rows", False))
 
 

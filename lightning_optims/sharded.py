@@ -270,12 +270,8 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             projector.ortho_matrix = projector.get_orthogonal_matrix(
                 whole, projector.rank, "right" if right else "left"
             )
-            if not right:
-                projector.ortho_matrix = projector.ortho_matrix[rows].clone()
-        if right:
-            (low,) = yield [Along(grad @ projector.ortho_matrix[:, cols].t(), p, (1,))]
-        else:
-            (low,) = yield [Along(projector.ortho_matrix.t() @ grad, p, (0,))]
+            _keep_my_rows(projector, rows, right)
+        low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         norm_grad, step_size = _adam_on_projected(state, low, group)
         if right:
             back = torch.matmul(norm_grad, projector.ortho_matrix[:, cols]) * projector.scale
@@ -335,12 +331,8 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
             # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
             projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
-            if not right:
-                projector.ortho_matrix = projector.ortho_matrix[rows].clone()
-        if right:
-            (low,) = yield [Along(grad @ projector.ortho_matrix[:, cols].t(), p, (1,))]
-        else:
-            (low,) = yield [Along(projector.ortho_matrix.t() @ grad, p, (0,))]
+            _keep_my_rows(projector, rows, right)
+        low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         norm_grad, step_size = _adam_on_projected(state, low, group)
         front = math.sqrt(group["scale"]) if inner.scale_front else 1.0
         grad_norm = None  # the norm of the scaled gradient, for the limiter
@@ -440,6 +432,7 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
         self._position = dict.fromkeys(self._position, 1)
         # (the index: load_state_dict replaces the group dicts)
         self._group_of = {p: index for index, group in enumerate(self.param_groups) for p in group["params"]}
+        self._row_group = dim0_group(list(self._group_of))  # (its step's norm is summed over it)
         self._hook_handles: list[Any] = []
         self.register_hooks()
 
@@ -461,7 +454,7 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
 
     def _sum_over_processes(self, squared: torch.Tensor) -> torch.Tensor:
         """One all-reduce of the step's squared norm over the mesh that shards the parameters."""
-        (total,) = ShardSums(dim0_group(list(self._group_of))).sums([squared.clone()])
+        (total,) = ShardSums(self._row_group).sums([squared.clone()])
         return total
 
     @torch.no_grad()
@@ -475,6 +468,26 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
                 loss = closure()
         super().step()
         return loss
+
+
+def _keep_my_rows(projector: Any, rows: torch.Tensor, right: bool) -> None:
+    """After a renewal: ``m < n``, the projection ``O`` (``[m, r]``) is kept as this process's rows of it; ``m >= n``,
+    ``O`` (``[r, n]``) whole on every process."""
+    if not right:
+        projector.ortho_matrix = projector.ortho_matrix[rows].clone()
+
+
+def _project(
+    grad: torch.Tensor, ortho: torch.Tensor, p: torch.Tensor, right: bool, cols: torch.Tensor
+) -> Generator[list[Any], list[torch.Tensor], torch.Tensor]:
+    """The projected gradient of APOLLO and GaLore from this process's block ``grad`` of ``p``: ``m >= n``, ``G @
+    O.T`` (a sum over the column blocks, with ``O``'s columns of the block); ``m < n``, ``O.T @ G`` (a sum over the
+    row blocks, ``O`` being this process's rows). Yields the part to sum, returns the sum."""
+    if right:
+        (low,) = yield [Along(grad @ ortho[:, cols].t(), p, (1,))]
+    else:
+        (low,) = yield [Along(ortho.t() @ grad, p, (0,))]
+    return low
 
 
 def _adam_on_projected(state: dict[str, Any], low: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, float]:

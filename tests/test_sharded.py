@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -178,19 +179,29 @@ def _script():
     return script
 
 
-def single_process(optim: str, norm: str, out: Path, option: str = "", processes: int = 2) -> dict[str, torch.Tensor]:
+def single_process(
+    optim: str, norm: str, out: Path, option: str = "", processes: int = 2, layout: str = "fsdp2"
+) -> dict[str, torch.Tensor]:
     """The reference, in this process: one process on the combined batches, same script (``micro``: the gradient
-    accumulated over ``processes`` parts of each batch, in their order)."""
-    before = os.environ.get("SHARDED_TEST_PROCESSES")
-    os.environ["SHARDED_TEST_PROCESSES"] = str(processes)
-    try:
+    accumulated over the data-parallel parts of each batch, in their order; a tensor-parallel ``layout``: its linear
+    layers split as that layout splits them)."""
+    with mock.patch.dict(os.environ, {"SHARDED_TEST_PROCESSES": str(processes), "SHARDED_TEST_LAYOUT": layout}):
         _script().main(str(out), "single", f"single:{optim}:{norm}:{option}")
-    finally:
-        if before is None:
-            del os.environ["SHARDED_TEST_PROCESSES"]
-        else:
-            os.environ["SHARDED_TEST_PROCESSES"] = before
     return torch.load(out / "single.pt", weights_only=True)
+
+
+def assert_equals_one_process(folder: Path, name: str, single: dict[str, torch.Tensor], reference: Path) -> None:
+    """Every process of run ``name`` ended with the same full weights (one digest), those of the one-process run
+    ``single`` within 1e-5, every parameter trained, and the ``grad_norm`` of each step within 1e-5 relative of the
+    one ``reference`` logged."""
+    assert len(set(digests(folder, name))) == 1  # every process's full weights, bit for bit
+    sharded, initial = weights(folder, name), tiny_llama().state_dict()
+    assert sharded.keys() == single.keys() == initial.keys()
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+        assert not torch.equal(single[key], initial[key]) or "rotary" in key, f"{key} was not trained"
+    norms, single_norms = grad_norms(folder, name), grad_norms(reference, "single")
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(single_norms), rtol=1e-5, atol=0)
 
 
 def digests(folder: Path, name: str) -> list[str]:
@@ -220,19 +231,11 @@ def test_fsdp2_two_processes_equal_one_process(sharded_runs, tmp_path, optim, no
     (measured 3e-8 to 2e-6); with clipping the global norm is summed over the shards in another order. The
     in-backward and layer-wise optimizers cannot accumulate: one process on the whole batch, within 1e-5 (measured 4e-9
     to 2e-6)."""
-    micro = optim in GATHERED
-    sharded = weights(sharded_runs, _name(optim, norm))
-    assert len(set(digests(sharded_runs, _name(optim, norm)))) == 1  # every process's full weights, bit for bit
-    single = single_process(optim, norm, tmp_path, "micro" if micro else "")
-    initial = tiny_llama().state_dict()
-    assert sharded.keys() == single.keys() == initial.keys()
-    for key in single:
-        torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
-        assert not torch.equal(single[key], initial[key]) or "rotary" in key, f"{key} was not trained"
+    single = single_process(optim, norm, tmp_path, "micro" if optim in GATHERED else "")
+    assert_equals_one_process(sharded_runs, _name(optim, norm), single, tmp_path)
     # grad_norm, logged at each step: the global norm before clipping, as one process has it
     norms, single_norms = grad_norms(sharded_runs, _name(optim, norm)), grad_norms(tmp_path, "single")
     assert len(norms) == len(single_norms) == 4 and all(n > 0 for n in norms)
-    torch.testing.assert_close(torch.tensor(norms), torch.tensor(single_norms), rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow
@@ -442,17 +445,10 @@ def test_hsdp_four_processes_equal_one_process(hsdp_runs, tmp_path, optim, norm)
     weights are the same bits, and equal one process on the combined batches within 1e-5 (measured 4e-9 to 2.3e-6,
     GrokAdamW the largest, as with FSDP2); the elementwise AdamW and schedule-free AdamW too."""
     name = HSDP + _name(optim, norm)
-    assert len(digests(hsdp_runs, name)) == 4 and len(set(digests(hsdp_runs, name))) == 1
-    sharded = weights(hsdp_runs, name)
+    assert len(digests(hsdp_runs, name)) == 4
     after_backward = optim in GATHERED or get_spec(optim).elementwise
     single = single_process(optim, norm, tmp_path, "micro" if after_backward else "", processes=4)
-    initial = tiny_llama().state_dict()
-    assert sharded.keys() == single.keys() == initial.keys()
-    for key in single:
-        torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
-        assert not torch.equal(single[key], initial[key]) or "rotary" in key, f"{key} was not trained"
-    norms, single_norms = grad_norms(hsdp_runs, name), grad_norms(tmp_path, "single")
-    torch.testing.assert_close(torch.tensor(norms), torch.tensor(single_norms), rtol=1e-5, atol=0)
+    assert_equals_one_process(hsdp_runs, name, single, tmp_path)
 
 
 @pytest.mark.slow
@@ -564,15 +560,7 @@ def _single_like(layout: str, optim: str, norm: str, out: Path) -> dict[str, tor
     (``SplitLinear`` in the script: the same sums), its gradient accumulated over the data-parallel parts (the
     in-backward optimizers, which cannot accumulate: the whole batch at once)."""
     option = "" if optim in IN_BACKWARD else "micro"
-    before = os.environ.get("SHARDED_TEST_LAYOUT")
-    os.environ["SHARDED_TEST_LAYOUT"] = layout
-    try:
-        return single_process(optim, norm, out, option, processes=TP_LAYOUTS[layout])
-    finally:
-        if before is None:
-            del os.environ["SHARDED_TEST_LAYOUT"]
-        else:
-            os.environ["SHARDED_TEST_LAYOUT"] = before
+    return single_process(optim, norm, out, option, processes=TP_LAYOUTS[layout], layout=layout)
 
 
 @pytest.mark.slow
@@ -587,16 +575,7 @@ def test_tensor_parallel_layouts_equal_one_process(tensor_parallel_runs, tmp_pat
     sum. ``max_grad_norm`` 1.0 clips the global norm over the DTensors of two meshes and the plain tensors."""
     name = f"{layout}-{_name(optim, norm)}"
     assert len(digests(tensor_parallel_runs, name)) == TP_LAYOUTS[layout]
-    assert len(set(digests(tensor_parallel_runs, name))) == 1
-    sharded = weights(tensor_parallel_runs, name)
-    single = _single_like(layout, optim, norm, tmp_path)
-    initial = tiny_llama().state_dict()
-    assert sharded.keys() == single.keys() == initial.keys()
-    for key in single:
-        torch.testing.assert_close(sharded[key], single[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
-        assert not torch.equal(single[key], initial[key]) or "rotary" in key, f"{key} was not trained"
-    norms, single_norms = grad_norms(tensor_parallel_runs, name), grad_norms(tmp_path, "single")
-    torch.testing.assert_close(torch.tensor(norms), torch.tensor(single_norms), rtol=1e-5, atol=0)
+    assert_equals_one_process(tensor_parallel_runs, name, _single_like(layout, optim, norm, tmp_path), tmp_path)
 
 
 @pytest.mark.slow

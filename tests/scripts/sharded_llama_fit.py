@@ -39,6 +39,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import default_data_collator
 
+from lightning_optims.placements import local
 from tests.collectives import CollectiveCounter
 from tests.helpers import (
     FlaggedTokenDataset,
@@ -230,7 +231,7 @@ class RecordFailure(Callback):
 
     @staticmethod
     def _parts(trainer) -> list[torch.Tensor]:  # (the optimizer's: FSDP2 swaps the module's own during a step)
-        return [_local(p).detach() for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        return [local(p).detach() for group in trainer.optimizers[0].param_groups for p in group["params"]]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before = [p.clone() for p in self._parts(trainer)]
@@ -245,10 +246,6 @@ class RecordFailure(Callback):
             "unchanged": all(torch.equal(a, b) for a, b in zip(self.before, now)),
         }
         self.path.with_suffix(f".failed.rank{trainer.global_rank}").write_text(json.dumps(record))
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
 
 
 class CountCollectives(Callback):
@@ -314,15 +311,15 @@ def shard_local_step(self, p, group, index, check_finite=False) -> None:
     norms, factorisations and projections then see half of each tensor)."""
     steppers = self.__dict__.setdefault("_local_steppers", {})
     if p not in steppers:
-        rows = torch.nn.Parameter(_local(p).detach().clone())
+        rows = torch.nn.Parameter(local(p).detach().clone())
         options = {k: v for k, v in group.items() if k != "params"}
         steppers[p] = (rows, self._optimizer_cls([{"params": [rows], **options}], **self._kwargs))
     rows, inner = steppers[p]
     inner.param_groups[0]["lr"] = group["lr"]
-    rows.data.copy_(_local(p))
-    rows.grad = _local(p.grad).clone()
+    rows.data.copy_(local(p))
+    rows.grad = local(p.grad).clone()
     inner.step()
-    _local(p).copy_(rows.detach())
+    local(p).copy_(rows.detach())
 
 
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
