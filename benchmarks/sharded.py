@@ -303,6 +303,10 @@ def main() -> None:
     if args.worker:
         label, size_name, out, processes = args.worker
         worker(label, size_name, out, int(processes))
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # (gloo's threads can abort an interpreter exiting without it)
+            dist.destroy_process_group()
         return
     size_name = "quick" if args.quick else "full"
     repeats = 1 if args.quick else 2

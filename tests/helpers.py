@@ -192,3 +192,14 @@ def lightning_trainer(max_steps: int, **kwargs) -> L.Trainer:
 
 def clone(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group before a launched script's interpreter exits. Without it gloo's worker
+    threads can abort the process during interpreter finalisation, after the work is done (SIGABRT, "terminate
+    called without an active exception"; seen once in a tensor-parallel test, as described in pytorch/pytorch#179291),
+    which fails a test by chance."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
