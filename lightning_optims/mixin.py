@@ -28,7 +28,7 @@ from lightning_optims.callbacks.runtime import MIXIN_HOOKS, attach_callbacks, sc
 from lightning_optims.grad_norm import clip_with_norm, gradient_norm, norm_value
 from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
-from lightning_optims.sharded import sync_unused_parameters
+from lightning_optims.sharded import step_after_each_fsdp_group, sync_unused_parameters
 
 __all__ = ["MIXIN_HOOKS", "OptimizerMixin"]
 
@@ -187,6 +187,8 @@ class OptimizerMixin(_MixinBase):
         if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy):
             # FSDP2 groups with set_reduce_scatter_unused_params(True): parameters used on some processes only
             sync_unused_parameters(self)
+            # a layer-wise optimizer steps each FSDP2 group's parameters together, after the group's post-backward
+            step_after_each_fsdp_group(self, optimizer)
         if trainer is not None and isinstance(optimizer, InBackwardOptimizer):
             # the engine averages each gradient itself: DDP's reducer must not prepare a reduction it never sees
             wrapped = trainer.strategy.model
@@ -225,7 +227,12 @@ class OptimizerMixin(_MixinBase):
                 raise finite.gradient_error(self, error) from error
             finite.gradients_were_finite(self)
         else:
-            super().backward(loss, *args, **kwargs)
+            try:
+                super().backward(loss, *args, **kwargs)
+            except NonFiniteGradientError as error:  # (a layer-wise optimizer's, raised in its hooks)
+                raise finite.gradient_error(self, error) from error
+            if self.optimizer_spec.updates_in_backward:
+                finite.gradients_were_finite(self)
         if check and anomaly:
             finite.check_loss(self, loss, "after backward, where anomaly detection reported nothing")
 

@@ -266,6 +266,9 @@ def _galore(name: str) -> type:
             "elementwise_without_rank": name == "GaLoreAdamW",
             # under FSDP2, a projected matrix of GaLore AdamW steps on each process's rows (sharded.py)
             "projected_adam_on_rows": name == "GaLoreAdamW",
+            # and one of GaLore Adafactor, and its groups without "rank" (Adafactor), on each process's part
+            "projected_adafactor_on_rows": name == "GaLoreAdafactor",
+            "adafactor_without_rank": name == "GaLoreAdafactor",
             "projector_class": importlib.import_module("galore_torch.galore_projector").GaLoreProjector,
         },
     )

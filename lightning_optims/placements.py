@@ -23,7 +23,7 @@ sharded steps of Adafactor, StableAdamW and GrokAdamW, and the block steps of AP
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -33,8 +33,8 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 __all__ = [
     "Along",
+    "Rounds",
     "ShardSums",
-    "dim0_group",
     "local",
     "local_indices",
     "my_rows",
@@ -64,26 +64,6 @@ def row_mesh_dim(p: Any) -> int | None:
     if len(sharded) != 1 or type(p.placements[sharded[0]]) is not Shard or p.placements[sharded[0]] != Shard(0):
         return None
     return sharded[0]
-
-
-def dim0_group(params: list[torch.Tensor]) -> Any:
-    """The process group over which the ``DTensor`` s among ``params`` are sharded on dim 0 (FSDP2: the mesh's one
-    dimension; HSDP: its shard dimension, as the replicate dimension holds the same numbers); ``None`` if there is no
-    ``DTensor``. Any other layout is refused (the compatibility rules refuse it earlier, when ``fit`` starts, naming
-    it)."""
-    sharded = [p for p in params if isinstance(p, DTensor)]
-    if not sharded:
-        return None
-    mesh, dim = sharded[0].device_mesh, row_mesh_dim(sharded[0])
-    for p in sharded:
-        if p.device_mesh != mesh or dim is None or row_mesh_dim(p) != dim:
-            raise ValueError(
-                "this optimizer steps parameters sharded by FSDP2 on dim 0 (fully_shard on a 1-D mesh, or HSDP on a "
-                f"replicate x shard mesh); got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
-            )
-    if len(sharded) != len(params):
-        raise ValueError("this optimizer needs every parameter sharded by FSDP2, or none")
-    return mesh.get_group(dim)
 
 
 def row_coordinate(p: DTensor) -> tuple[int, int]:
@@ -222,26 +202,77 @@ class ShardSums:
                 results[i] = summed
         return results
 
-    def lockstep(self, steps: list[Generator[list[Any], list[torch.Tensor], None]]) -> None:
+    def lockstep(
+        self,
+        steps: list[Generator[list[Any], list[torch.Tensor], None]],
+        first: list[Any] | None = None,
+        check: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> None:
         """Run several parameters' steps written as generators that yield the tensors they need summed and receive
         the sums: each round, what every step yields goes into one all-reduce. Every process runs the same steps
-        with the same rounds (they depend on shapes and settings only), so the collectives line up."""
-        pending = []
+        with the same rounds (they depend on shapes and settings only), so the collectives line up. ``first``: parts
+        summed in the first round too, whose sums ``check`` receives before any step does (it may raise: a flag
+        agreed across processes, such as a non-finite gradient, stops every step before it writes anything)."""
+        rounds = Rounds(self)
+        rounds.advance(steps, first, check)
+        rounds.drain()
+
+
+class Rounds:
+    """Steps in lockstep (as :meth:`ShardSums.lockstep`) spread over several calls, so that steps started at
+    different times share rounds: each :meth:`advance` runs one round, of the steps in flight and of those it
+    starts; :meth:`drain` finishes them. A layer-wise optimizer starts each FSDP2 group's steps when the group's
+    gradients are reduced: their second round runs with the next group's first, so a backward issues about one
+    round per group, not one per group and round."""
+
+    def __init__(self, sums: ShardSums) -> None:
+        self._sums = sums
+        self._flight: list[tuple[Generator[list[Any], list[torch.Tensor], None], list[Any]]] = []
+
+    def advance(
+        self,
+        steps: list[Generator[list[Any], list[torch.Tensor], None]],
+        first: list[Any] | None = None,
+        check: Callable[[list[torch.Tensor]], None] | None = None,
+    ) -> None:
+        """One round: the ``first`` parts, the next parts of the steps in flight and the first parts of ``steps``,
+        summed together. ``check`` receives the sums of ``first`` before any step does; if it raises, ``steps``
+        are dropped before they write anything, the steps in flight are finished, and the error propagates."""
+        new = []
         for step in steps:
             try:
-                pending.append((step, next(step)))
+                new.append((step, next(step)))
             except StopIteration:
                 pass
-        while pending:
-            summed = self.sums([t for _, parts in pending for t in parts])
-            after, at = [], 0
-            for step, parts in pending:
-                result, at = summed[at : at + len(parts)], at + len(parts)
-                try:
-                    after.append((step, step.send(result)))
-                except StopIteration:
-                    pass
-            pending = after
+        extra = list(first or [])
+        if not (extra or self._flight or new):
+            return
+        summed = self._sums.sums(
+            [*extra, *(t for _, parts in self._flight for t in parts), *(t for _, parts in new for t in parts)]
+        )
+        error: Exception | None = None
+        if check is not None:
+            try:
+                check(summed[: len(extra)])
+            except Exception as caught:  # (after the steps in flight are finished)
+                error = caught
+        summed = summed[len(extra) :]
+        running = self._flight if error is not None else [*self._flight, *new]
+        self._flight, at = [], 0
+        for step, parts in running:
+            result, at = summed[at : at + len(parts)], at + len(parts)
+            try:
+                self._flight.append((step, step.send(result)))
+            except StopIteration:
+                pass
+        if error is not None:
+            self.drain()
+            raise error
+
+    def drain(self) -> None:
+        """The remaining rounds of the steps in flight."""
+        while self._flight:
+            self.advance([])
 
 
 def state_like(p: torch.Tensor, shape: tuple[int, ...], sharded: bool) -> torch.Tensor:

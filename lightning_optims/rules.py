@@ -325,39 +325,50 @@ def layout(module: Any) -> tuple[str, str] | None:
 
 def _any_placement(spec: OptimizerSpec) -> bool:
     """Its sharded step takes any placement: a family's own (``sharded_target``), the in-backward engine (its sums
-    completed over each parameter's placements), or a projection stepped on each process's block (APOLLO's random
-    projection, GaLore AdamW: the optimizer class says so); not the layer-wise names."""
-    if spec.layerwise:
-        return False
+    completed over each parameter's placements), or a projection stepped on each process's block (APOLLO, GaLore
+    AdamW and Adafactor: the optimizer class says so). The layer-wise names step the same blocks, batched by FSDP2
+    group: they need FSDP2 (any layout with it), see :func:`_runs_on`."""
     if spec.sharded_target is not None or spec.shards_in_backward:
-        return True
+        return not spec.layerwise
     if not spec.shards_by_gathering:
         return False
     cls = _load(spec.target)
-    return bool(getattr(cls, "random_projection_on_rows", False) or getattr(cls, "projected_adam_on_rows", False))
+    return any(
+        getattr(cls, flag, False)
+        for flag in ("random_projection_on_rows", "projected_adam_on_rows", "projected_adafactor_on_rows")
+    )
+
+
+def _runs_on(spec: OptimizerSpec, layout_name: str) -> bool:
+    """Whether ``spec``'s sharded step runs on the layout :func:`layout` named: every layout for the elementwise
+    optimizers and :func:`_any_placement`'s; the layer-wise names on any layout with FSDP2 groups (their steps wait
+    for each group's post-backward), not on tensor parallelism alone."""
+    if spec.elementwise or layout_name in ("FSDP2", "HSDP"):
+        return True
+    if spec.layerwise:
+        return _any_placement(spec) and layout_name != "tensor parallel"
+    return _any_placement(spec)
 
 
 @rule
 def sharded_optimizer_layout(fit: Fit) -> str | None:
-    """An optimizer that runs on FSDP2's row shards only (GaLore Adafactor, the layer-wise names) on a layout other
-    than FSDP2 on dim 0 (one mesh dimension, or HSDP's replicate x shard): tensor parallel, or tensor parallel with
-    FSDP2 (Adafactor, GrokAdamW, StableAdamW, LOMO, AdaLomo, APOLLO and GaLore AdamW step any layout)."""
+    """A layer-wise name on tensor parallelism without FSDP2: its steps are batched per FSDP2 group (one group's
+    sums in a few all-reduces); without groups each parameter would step alone, with its own collectives. (Every
+    other optimizer that runs under ModelParallelStrategy steps any layout: FSDP2, HSDP, tensor parallel, 2-D.)"""
     if not fit.sharded_here or fit.spec.elementwise:
         return None
     found = layout(fit.module)
-    if found is None or found[0] in ("FSDP2", "HSDP") or _any_placement(fit.spec):
+    if found is None or _runs_on(fit.spec, found[0]):
         return None
     name, where = found
     spec = fit.spec
-    allowed = ", ".join(n for n in registered_names() if get_spec(n).elementwise or _any_placement(get_spec(n)))
-    if spec.updates_in_backward:
-        why = "its engine updates each parameter in FSDP2's gradient hooks and reduces its statistics over the rows."
-    else:
-        why = f"its update reads whole rows, columns or tensors, which {name} splits another way."
+    allowed = ", ".join(n for n in registered_names() if _runs_on(get_spec(n), name))
     return (
-        f"optim={spec.name!r} cannot run on this layout: {name} ({where}). Under ModelParallelStrategy it runs on "
-        "FSDP2's shards when every parameter is sharded on dim 0 (fully_shard on a 1-D mesh, or HSDP on a replicate "
-        f"x shard mesh); {why} Use FSDP2 or HSDP for {spec.name!r}, or with {name} one of: {allowed}"
+        f"optim={spec.name!r} cannot run on this layout: {name} ({where}). A layer-wise optimizer under "
+        "ModelParallelStrategy steps each FSDP2 group's parameters together once the group's gradients are "
+        "reduced (fully_shard on a 1-D mesh, HSDP, or tensor parallel with FSDP2); with tensor parallelism alone "
+        "there is no group, and each parameter would step alone with its own collectives. Add fully_shard "
+        f"(2-D) for {spec.name!r}, or with {name} alone use one of: {allowed}"
     )
 
 

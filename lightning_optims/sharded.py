@@ -1,12 +1,17 @@
-"""Whole-tensor optimizers on FSDP2's sharded parameters, with the numbers of one device.
+"""The whole-tensor optimizers of transformers' list on FSDP2's sharded parameters (and on any layout with tensor
+parallelism), with the numbers of one device.
 
-Adafactor's factored moments, APOLLO's and GaLore's projections, GrokAdamW's per-tensor clipping and StableAdamW's
-per-tensor RMS need each parameter whole. :class:`GatheredStepOptimizer` keeps every state tensor sharded on its
-dim 0 like the parameters (``DTensor`` s, so Lightning's distributed checkpoint saves and restores them), and steps
-one parameter at a time: it gathers the parameter, its gradient and its state, runs the upstream optimizer on the
-whole tensors (every process computes the same update), keeps this process's rows of the new parameter and state,
-and frees the rest. Per process the persistent state is ``1/W`` of one device's, plus, for
-the time of one parameter's step, that parameter's whole tensors.
+APOLLO's and GaLore's projections, Adafactor's factored moments (GaLore Adafactor) read whole rows, columns or
+tensors. :class:`GatheredStepOptimizer` steps each parameter on this process's part: the family's block step (APOLLO
+with a random or an SVD projection, GaLore AdamW, GaLore Adafactor; the groups without projection element by element,
+or, for GaLore Adafactor, as Adafactor on the part), its sums (row and column statistics, norms, RMS, the projected
+gradient) completed over the mesh dimensions that shard them (:mod:`lightning_optims.placements`), every parameter's
+at once; a projection renewal (every ``update_proj_gap`` steps) sums each matrix's blocks for its SVD. State tensors
+are ``DTensor`` s placed like the parameter dimensions they follow, so Lightning's distributed checkpoint saves and
+reshards them. What no block step covers (GaLore's and APOLLO's proj_type other than ``std``) is stepped on whole
+tensors gathered from FSDP2's row shards: the parameter, its gradient and its state, every process computing the same
+update and keeping its rows (FSDP2 and HSDP only). :class:`GatheredLayerwiseOptimizer` runs the same steps for the
+layer-wise names, an FSDP2 group at a time (:class:`~lightning_optims.placements.Rounds`).
 
 The exactness fix-ups live here too: APOLLO seeds each random projection with the parameter's position among all
 parameters, GrokAdamW scales beta1 by the parameter's index among its group's parameters with a gradient; stepping one
@@ -23,14 +28,16 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from lightning_optims.families.adafactor import adafactor_update
 from lightning_optims.layerwise import StepHooks
 from lightning_optims.placements import (
     Along,
+    Rounds,
     ShardSums,
-    dim0_group,
     local,
     local_indices,
     my_rows,
+    reduction_key,
     row_mesh_dim,
     rows_placements,
     sharding,
@@ -38,7 +45,13 @@ from lightning_optims.placements import (
 
 Sums = Generator[list[Any], list[torch.Tensor], None]  # (a step that yields what it needs summed)
 
-__all__ = ["GatheredLayerwiseOptimizer", "GatheredStepOptimizer", "is_sharded", "sync_unused_parameters"]
+__all__ = [
+    "GatheredLayerwiseOptimizer",
+    "GatheredStepOptimizer",
+    "is_sharded",
+    "step_after_each_fsdp_group",
+    "sync_unused_parameters",
+]
 
 
 def _projectors() -> Any:
@@ -204,16 +217,9 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             ShardSums().lockstep(on_rows)
         return loss
 
-    def _step(self, p: DTensor, group: dict[str, Any], index: int, check_finite: bool = False) -> None:
-        """One parameter's step: on this process's rows where the math allows (with small collectives), else on
-        the whole tensors gathered."""
-        if check_finite and not _all_finite(_grad(p)):
-            from lightning_optims.in_backward import NonFiniteGradientError
-
-            raise NonFiniteGradientError(
-                "non-finite gradient in a layer-wise optimizer: this parameter was not updated and training stops "
-                "here (parameters whose gradients arrived earlier in this backward were updated)"
-            )
+    def _step(self, p: DTensor, group: dict[str, Any], index: int) -> None:
+        """One parameter's step: on this process's part where its family has a step for it (with small
+        collectives), else on the whole tensors gathered."""
         if self._elementwise(group):
             self._step_rows(p, group)
         elif (on_rows := self._on_rows(p, group)) is not None:
@@ -222,12 +228,17 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             self._step_param(p, group, index)
 
     def _on_rows(self, p: DTensor, group: dict[str, Any]) -> Callable[[DTensor, dict[str, Any]], Sums] | None:
-        """The step on this process's rows for ``p``, where its family has one (APOLLO's random projection, GaLore
-        AdamW's projection); None: the gathered step."""
+        """The step on this process's part of ``p``, where its family has one (APOLLO's projections, GaLore's
+        projections with AdamW and with Adafactor, GaLore Adafactor's groups without ``rank``); None: the gathered
+        step."""
         if self._apollo_on_rows(p, group):
             return self._apollo_rows
         if self._galore_on_rows(p, group):
             return self._galore_rows
+        if self._galore_adafactor_on_rows(p, group):
+            return self._galore_adafactor_rows
+        if getattr(self._optimizer_cls, "adafactor_without_rank", False) and "rank" not in group and p.dim() <= 2:
+            return self._adafactor_part
         return None
 
     def _galore_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
@@ -264,13 +275,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             )
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            blocks = grad.new_zeros(m, n)
-            blocks[rows.unsqueeze(1), cols] = grad
-            (whole,) = yield [Along(blocks, p)]
-            projector.ortho_matrix = projector.get_orthogonal_matrix(
-                whole, projector.rank, "right" if right else "left"
-            )
-            _keep_my_rows(projector, rows, right)
+            yield from _renew(projector, grad, p, rows, cols, right)
         low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         norm_grad, step_size = _adam_on_projected(state, low, group)
         if right:
@@ -281,6 +286,83 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if group["weight_decay"] > 0.0:
             block.add_(block, alpha=(-group["lr"] * group["weight_decay"]))
         self.state[p] = self._wrap_state(state, p, right)
+
+    def _galore_adafactor_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
+        """GaLore Adafactor's projection of a matrix (proj_type=std): stepped on this process's block."""
+        return (
+            getattr(self._optimizer_cls, "projected_adafactor_on_rows", False)
+            and "rank" in group
+            and p.dim() == 2
+            and group.get("proj_type", "std") == "std"
+        )
+
+    def _galore_adafactor_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
+        """``galore_torch.GaLoreAdafactor.step`` for one matrix ``[m, n]`` on this process's block of it: the
+        projection as GaLore AdamW's (:meth:`_galore_rows`: a renewal sums the blocks for the SVD), then Adafactor on
+        the projected gradient (:func:`~lightning_optims.families.adafactor.adafactor_update`): ``m >= n``, ``G @
+        P.T`` (``[m, r]``) has the parameter's rows, so its row statistics are this process's and its column
+        statistics (``[r]``) and RMS sums over the row blocks; ``m < n``, ``P.T @ G`` (``[r, n]``) has its columns,
+        the row statistics (``[r]``) sum over the column blocks. The update is projected back onto this process's
+        block; the parameter's RMS (which the state keeps) is one more number summed."""
+        inner: Any = self._inner_for(p, group)
+        group = {**inner.param_groups[0], **group}  # (the upstream defaults: clip_threshold, decay_rate, ...)
+        state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
+        part = local(p)
+        grad = local(_grad(p))
+        grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+        weights = part.float() if part.dtype in (torch.float16, torch.bfloat16) else part
+        rows, cols = self._block(p)
+        m, n = p.shape
+        right = m >= n
+        if "step" not in state:
+            state["step"] = 0
+        if "projector" not in state:
+            state["projector"] = type(inner).projector_class(
+                group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"], proj_type="std"
+            )
+        projector = state["projector"]
+        if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
+            yield from _renew(projector, grad, p, rows, cols, right)
+        low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
+        shape, follows = ((m, low.shape[1]), {0: 0}) if right else ((low.shape[0], n), {1: 1})
+        update, lr = yield from adafactor_update(inner, low, shape, follows, p, weights, state, group)
+        if right:
+            back = torch.matmul(update, projector.ortho_matrix[:, cols]) * projector.scale
+        else:
+            back = torch.matmul(projector.ortho_matrix, update) * projector.scale
+        if group["weight_decay"] != 0:
+            weights.add_(weights, alpha=(-group["weight_decay"] * lr))
+        weights.add_(-back)
+        if weights.data_ptr() != part.data_ptr():
+            part.copy_(weights)
+        self.state[p] = self._wrap_state(state, p, right)
+
+    def _adafactor_part(self, p: DTensor, group: dict[str, Any]) -> Sums:
+        """GaLore Adafactor's step of a parameter without projection (a group without ``rank``: Adafactor, whose
+        statistics and RMS read whole rows, columns and tensors) on this process's part, its sums completed over the
+        processes (:func:`~lightning_optims.families.adafactor.adafactor_update`, as ``ShardedAdafactor``)."""
+        inner: Any = self._inner_for(p, group)
+        group = {**inner.param_groups[0], **group}
+        state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
+        part = local(p)
+        grad = local(_grad(p))
+        grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+        weights = part.float() if part.dtype in (torch.float16, torch.bfloat16) else part
+        every = {d: d for d in range(p.dim())}
+        update, lr = yield from adafactor_update(inner, grad, tuple(p.shape), every, p, weights, state, group)
+        if group["weight_decay"] != 0:
+            weights.add_(weights, alpha=(-group["weight_decay"] * lr))
+        weights.add_(-update)
+        if weights.data_ptr() != part.data_ptr():
+            part.copy_(weights)
+        d = p.dim()
+        follows = {
+            "exp_avg": every,
+            "exp_avg_sq": every,
+            "exp_avg_sq_row": {i: i for i in range(d - 1)},
+            "exp_avg_sq_col": {**{i: i for i in range(d - 2)}, max(d - 2, 0): d - 1},
+        }
+        self.state[p] = self._flatten_state(state, {}, lambda key, value: _place(value, p, follows.get(key, {})))
 
     def _block(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The global indices of this process's rows and columns of the matrix ``p`` (any placement, torch's
@@ -295,7 +377,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             getattr(self._optimizer_cls, "random_projection_on_rows", False)
             and "rank" in group
             and p.dim() == 2
-            and group.get("proj") == "random"
+            and group.get("proj") in ("random", "svd")
             and group.get("proj_type") == "std"
         )
 
@@ -329,9 +411,12 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             state["projector"] = inner._initialize_projector(group, state)
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
-            projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
-            _keep_my_rows(projector, rows, right)
+            if group["proj"] == "svd":  # (GaLore's projector: the SVD of the whole gradient, its blocks summed)
+                yield from _renew(projector, grad, p, rows, cols, right)
+                projector.svd_count += 1
+            else:  # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
+                projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
+                _keep_my_rows(projector, rows, right)
         low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         norm_grad, step_size = _adam_on_projected(state, low, group)
         front = math.sqrt(group["scale"]) if inner.scale_front else 1.0
@@ -381,11 +466,12 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         (``[m, r]``) follow its rows; ``m < n``, the moments (``[r, n]``) its columns and the projection (``[m, r]``)
         its rows; the rest is the same on every process."""
         follows = (
-            {"exp_avg": {0: 0}, "exp_avg_sq": {0: 0}}
+            {"exp_avg": {0: 0}, "exp_avg_sq": {0: 0}, "exp_avg_sq_row": {0: 0}}
             if right
             else {
                 "exp_avg": {1: 1},
                 "exp_avg_sq": {1: 1},
+                "exp_avg_sq_col": {0: 1},
                 "ortho_matrix": {0: 0},
             }
         )
@@ -420,54 +506,184 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
 
 class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
     """A layer-wise optimizer (``*_layerwise``: one upstream optimizer per parameter, stepped as soon as its gradient
-    exists) over FSDP2's sharded parameters. FSDP2 reduce-scatters each group's gradients during backward and then
-    runs the post-accumulate-grad hooks of its sharded parameters; the hook here runs the gathered step of that one
-    parameter (its parameter, gradient and state gathered whole, the update computed on every process, each keeping
-    its rows, the state sharded) and frees its gradient, so no parameter's gradient outlives its own step, as on one
-    device. Each parameter is its own optimizer's only one (APOLLO's seed is 1, as in transformers' layer-wise
-    construction); the learning rate is its group's (a scheduler drives every group alike)."""
+    exists) over FSDP2's sharded parameters (FSDP2 on one mesh dimension, HSDP, or 2-D with tensor parallelism).
+    FSDP2 reduce-scatters each group's gradients during backward and then runs the post-accumulate-grad hooks of its
+    sharded parameters; the hooks here collect the group's parameters, and once the group's post-backward is done
+    (:func:`step_after_each_fsdp_group`) their steps start, each on this process's part (the family's block step, or
+    element by element). Their sums go into one all-reduce per round (per mesh dimension), the first also carrying a
+    flag of non-finite gradients, so that every process stops before the group writes anything; a group's later
+    rounds share the next group's first (:class:`~lightning_optims.placements.Rounds`), the last ones finish after
+    backward. A gradient is freed when its step ends: no gradient outlives its FSDP group by more than the rounds of
+    its step (two or three groups' gradients at a time), where on one device none outlives its parameter. Without that
+    signal (the optimizer used outside ``OptimizerMixin``) each parameter steps in its own hook. Each parameter is its
+    own optimizer's only one (APOLLO's seed is 1, as in transformers' layer-wise construction); the learning rate is
+    its group's (a scheduler drives every group alike)."""
 
     def __init__(self, param_groups: list[dict[str, Any]], optimizer_cls: type, kwargs: dict[str, Any]) -> None:
         super().__init__(param_groups, optimizer_cls, kwargs)
         self._position = dict.fromkeys(self._position, 1)
         # (the index: load_state_dict replaces the group dicts)
         self._group_of = {p: index for index, group in enumerate(self.param_groups) for p in group["params"]}
-        self._row_group = dim0_group(list(self._group_of))  # (its step's norm is summed over it)
+        self._pending: list[torch.Tensor] = []
+        self._rounds = Rounds(ShardSums())
+        self.batched = False  # (set by step_after_each_fsdp_group: the group's steps wait for its post-backward)
+        self._grad_sq_by_key: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._hook_handles: list[Any] = []
         self.register_hooks()
 
     def _hooked_params(self) -> list[torch.Tensor]:
         return list(self._group_of)
 
+    def _start_step(self) -> None:
+        super()._start_step()
+        self._grad_sq_by_key = {}
+
+    def _measure(self, grad: torch.Tensor, p: Any = None) -> torch.Tensor:
+        """This process's part of ``p``'s squared gradient norm, kept per reduction key (the mesh dimensions that
+        shard ``p``), so that :meth:`grad_norm` sums each over exactly its processes."""
+        norm = torch.linalg.vector_norm(grad, 2.0, dtype=torch.float32)
+        key = reduction_key(p)
+        if key in self._grad_sq_by_key:
+            total, like = self._grad_sq_by_key[key]
+            self._grad_sq_by_key[key] = (total + norm.square(), like)
+        else:
+            self._grad_sq_by_key[key] = (norm.square(), p)
+        return norm
+
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global norm of the gradients of the last step: each reduction key's part summed over its processes
+        (one all-reduce per mesh dimension), the keys added in their sorted order."""
+        if not self._grad_sq_by_key:
+            return None
+        keys = sorted(self._grad_sq_by_key)
+        parts = [Along(self._grad_sq_by_key[k][0].clone(), self._grad_sq_by_key[k][1]) for k in keys]
+        return torch.stack(ShardSums().sums(parts)).sum().sqrt()
+
     def _step_one(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
-        self._measure(_grad(p).to_local())
+        self._measure(_grad(p).to_local(), p)
+        self._pending.append(p)
+        if not self.batched:
+            self.finish_steps()
+
+    def step_pending(self) -> None:
+        """Start the steps of the parameters whose gradients arrived since the last call (an FSDP2 group's), in
+        one round of sums with the steps still in flight (:class:`~lightning_optims.placements.Rounds`): its first
+        round carries a flag of non-finite gradients summed over the processes, so every process raises
+        ``NonFiniteGradientError`` before any of the group's parameters is written (the groups started earlier are
+        finished first, and were updated). The elementwise parameters step at once, with no collective; the others
+        on their blocks, finished in later rounds (with later groups', or by :meth:`finish_steps`)."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
         with torch.no_grad():
-            self._step(cast(DTensor, p), self.param_groups[self._group_of[p]], 0, check_finite=True)
-        p.grad = None
+            bad = torch.zeros((), dtype=torch.float32, device=local(batch[0]).device)
+            for p in batch:
+                bad += (~torch.isfinite(_grad(p).to_local())).any().to(torch.float32)
+            # (summed over the mesh dimensions that shard the parameter whose sharding spans most of them: every
+            # process of an FSDP group; a replicated dimension holds the same gradients, so the same flag)
+            widest = max(batch, key=lambda p: len(sharding(p)))
+            steps, elementwise = [], []
+            for p in batch:
+                group = self.param_groups[self._group_of[p]]
+                on_part = None if self._elementwise(group) else self._on_rows(cast(DTensor, p), group)
+                if on_part is not None:
+                    steps.append(on_part(cast(DTensor, p), group))
+                else:
+                    elementwise.append((p, group))
+
+            def check(sums: list[torch.Tensor]) -> None:
+                if float(sums[0]) > 0:
+                    for p in batch:
+                        p.grad = None
+                    from lightning_optims.in_backward import NonFiniteGradientError
+
+                    raise NonFiniteGradientError(
+                        "non-finite gradient in a layer-wise optimizer: the parameters of this FSDP group were not "
+                        "updated and training stops here (parameters of groups whose gradients arrived earlier in "
+                        "this backward were updated)"
+                    )
+
+            self._rounds.advance(steps, first=[Along(bad, widest)], check=check)
+            for p, group in elementwise:
+                if self._elementwise(group):
+                    self._step_rows(cast(DTensor, p), group)
+                else:
+                    self._step_param(cast(DTensor, p), group, 0)
+        for p in batch:  # (a step in flight holds its gradient until it ends)
+            p.grad = None
+
+    def finish_steps(self) -> None:
+        """What is pending, then the remaining rounds of the steps in flight."""
+        self.step_pending()
+        with torch.no_grad():
+            self._rounds.drain()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "_hook_handles"):  # (groups from __init__ go through torch's add_param_group)
             raise TypeError("a layer-wise optimizer under FSDP2 cannot take a param group added during training")
         super().add_param_group(param_group)
 
-    def _sum_over_processes(self, squared: torch.Tensor) -> torch.Tensor:
-        """One all-reduce of the step's squared norm over the mesh that shards the parameters."""
-        (total,) = ShardSums(self._row_group).sums([squared.clone()])
-        return total
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Runs the closure (its backward steps every parameter in the hooks); a gradient set without backward (torch's
-        distributed checkpoint initialising the state with zero gradients and lr 0) is stepped here."""
+        """Runs the closure (its backward steps every parameter in the hooks, by FSDP group); what is left pending
+        after it, and a gradient set without backward (torch's distributed checkpoint initialising the state with
+        zero gradients and lr 0), is stepped here."""
         loss = None
         self._start_step()
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.finish_steps()
         super().step()
         return loss
+
+
+_AFTER = "_lightning_optims_after_post_backward"  # (on an FSDP2 param group: what runs after its post-backward)
+
+
+def step_after_each_fsdp_group(module: torch.nn.Module, optimizer: Any) -> None:
+    """Run ``optimizer.step_pending`` after each FSDP2 group's post-backward (its reduce-scatter, and under HSDP its
+    all-reduce, then its parameters' post-accumulate-grad hooks), for a layer-wise optimizer; for any other optimizer
+    clear what an earlier fit set. FSDP2's per-group hook is wrapped once, on the instance."""
+    from torch.distributed.fsdp import FSDPModule
+
+    after = optimizer.step_pending if isinstance(optimizer, GatheredLayerwiseOptimizer) else None
+    for sub in module.modules():
+        if not isinstance(sub, FSDPModule):
+            continue
+        for group in sub._get_fsdp_state()._fsdp_param_groups:
+            if not hasattr(group, _AFTER):
+                group.post_backward = _then_after(group, group.post_backward)  # type: ignore[method-assign]
+            setattr(group, _AFTER, after)
+            if after is not None:
+                optimizer.batched = True
+
+
+def _then_after(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any) -> Any:
+        result = post_backward(*args)
+        after = getattr(group, _AFTER, None)
+        if after is not None:
+            after()
+        return result
+
+    return wrapped
+
+
+def _renew(
+    projector: Any, grad: torch.Tensor, p: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, right: bool
+) -> Generator[list[Any], list[torch.Tensor], None]:
+    """A projection renewal of GaLore (and APOLLO ``proj=svd``): the SVD of the whole gradient, assembled on every
+    process by one sum of the processes' blocks (each process's block in place, zeros elsewhere), every process
+    computing the same SVD; then each keeps its part of the projection (:func:`_keep_my_rows`)."""
+    m, n = p.shape
+    blocks = grad.new_zeros(m, n)
+    blocks[rows.unsqueeze(1), cols] = grad
+    (whole,) = yield [Along(blocks, p)]
+    projector.ortho_matrix = projector.get_orthogonal_matrix(whole, projector.rank, "right" if right else "left")
+    _keep_my_rows(projector, rows, right)
 
 
 def _keep_my_rows(projector: Any, rows: torch.Tensor, right: bool) -> None:
@@ -535,13 +751,6 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(step)
         step *= size
     return tuple(reversed(strides))
-
-
-def _all_finite(grad: DTensor) -> bool:
-    """Whether every element of the whole gradient is finite (one all-reduce of a flag)."""
-    flag = torch.isfinite(grad.to_local()).all().to(torch.int32)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=dim0_group([grad]))
-    return bool(flag)
 
 
 def _place(value: Any, p: torch.Tensor, follows: dict[int, int]) -> Any:

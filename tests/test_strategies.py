@@ -195,7 +195,7 @@ def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layo
     assert found["layout"][0] == LAYOUT_NAMES[layout]
     if layout == "tp" and get_spec(name).one_kernel_per_group:  # (the embeddings, norms and head: plain tensors)
         assert found["message"].startswith(f"MisconfigurationException: optim={name!r} steps each param group with")
-    elif layout in ("fsdp2", "hsdp") or name in ELEMENTWISE or rules._any_placement(get_spec(name)):
+    elif rules._runs_on(get_spec(name), LAYOUT_NAMES[layout]):
         assert found["message"] is None  # (on 2 and 4 processes: tests/test_sharded.py)
     else:  # the optimizer, the layout as the user built it, and what works instead
         message = found["message"]
@@ -205,7 +205,9 @@ def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layo
 
 @pytest.mark.slow
 # torch's optimizers that step each tensor on its own, and the families whose sharded step takes any placement
-@pytest.mark.parametrize("name", ["adamw_torch", "sgd", "adafactor", "stable_adamw", "grokadamw", "lomo", "adalomo"])
+@pytest.mark.parametrize(
+    "name", ["adamw_torch", "sgd", "adafactor", "stable_adamw", "grokadamw", "lomo", "adalomo", "galore_adafactor"]
+)
 def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_one_process(tmp_path, name):
     """Only two layers parallelised (ColwiseParallel, RowwiseParallel), the LayerNorm and the last layer left plain
     tensors, max_grad_norm=1.0: the norm spans both meshes (torch's clipping crashes on the mix)."""
@@ -222,14 +224,17 @@ def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_
 @pytest.mark.parametrize(
     ("name", "refusal"),
     [
-        ("galore_adafactor", "optim='galore_adafactor' cannot run on this layout: tensor parallel ('net.3.weight'"),
+        (
+            "galore_adafactor_layerwise",
+            "optim='galore_adafactor_layerwise' cannot run on this layout: tensor parallel ('net.3.weight'",
+        ),
         ("schedule_free_adamw", "optim='schedule_free_adamw' steps each param group with one fused / foreach kernel"),
     ],
 )
 def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(tmp_path, name, refusal):
-    """GaLore Adafactor: its step gathers rows; schedule-free (and fused AdamW): one kernel over a group mixing
-    DTensors and plain tensors, which torch refuses at the first step (measured without the rule: RuntimeError
-    "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
+    """A layer-wise name: its engine steps FSDP2's row shards only; schedule-free (and fused AdamW): one kernel over a
+    group mixing DTensors and plain tensors, which torch refuses at the first step (measured without the rule:
+    RuntimeError "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
     proc = run_script(name, tmp_path / "x.pt", "tp")
     assert proc.returncode != 0 and not (tmp_path / "x.pt").exists()
     assert refusal in proc.stderr + proc.stdout

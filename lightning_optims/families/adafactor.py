@@ -20,7 +20,7 @@ from transformers.optimization import Adafactor
 
 from lightning_optims.placements import Along, ShardSums, local, sharding, state_along
 
-__all__ = ["ShardedAdafactor"]
+__all__ = ["ShardedAdafactor", "adafactor_update"]
 
 
 class ShardedAdafactor(Adafactor):
@@ -79,57 +79,102 @@ class ShardedAdafactor(Adafactor):
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> Generator[list[Any], list[torch.Tensor], None]:
         """transformers' Adafactor step of one parameter on this process's part, yielding the sums it needs (the
-        steps of every parameter run in lockstep: each round's sums in one all-reduce per mesh dimension). Rows
-        split (FSDP2, HSDP, column-parallel weights): two rounds, the row statistics local; columns split too
-        (row-parallel weights): one more, for the row statistics."""
+        steps of every parameter run in lockstep: each round's sums in one all-reduce per mesh dimension)."""
         grad = local(p.grad)
         grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-        state = self.state[p]
-        factored, use_first_moment = self._get_options(group, p.shape)
         part = local(p)
         weights = part.float() if part.dtype in (torch.float16, torch.bfloat16) else part
-        state["step"] += 1
-        beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
-        square = (grad**2) + group["eps"][0]
-        rows, columns = p.shape[0], p.shape[-1]
-        if factored:
-            row = local(state["exp_avg_sq_row"])
-            if sharding(p, (1,)):  # the rows' means need the other processes' columns first
-                p_square, row_sum, col_sum = yield [
-                    Along(weights.square().sum(), p),
-                    Along(square.sum(dim=-1), p, (1,)),
-                    Along(square.sum(dim=-2), p, (0,)),
-                ]
-                row.mul_(beta2t).add_(row_sum.div_(columns), alpha=(1.0 - beta2t))
-                (row_total,) = yield [Along(row.sum(dim=-1, keepdim=True), p, (0,))]
-            else:
-                row.mul_(beta2t).add_(square.mean(dim=-1), alpha=(1.0 - beta2t))
-                p_square, col_sum, row_total = yield [
-                    Along(weights.square().sum(), p),
-                    Along(square.sum(dim=-2), p, (0,)),
-                    Along(row.sum(dim=-1, keepdim=True), p, (0,)),
-                ]
-            col = local(state["exp_avg_sq_col"])
-            col.mul_(beta2t).add_(col_sum.div_(rows), alpha=(1.0 - beta2t))
-            r_factor = (row / row_total.div_(rows)).rsqrt_().unsqueeze(-1)
-            update = torch.mul(r_factor, col.unsqueeze(-2).rsqrt())
-            update.mul_(grad)
-        else:
-            local(state["exp_avg_sq"]).mul_(beta2t).add_(square, alpha=(1.0 - beta2t))
-            (p_square,) = yield [Along(weights.square().sum(), p)]
-            update = local(state["exp_avg_sq"]).rsqrt().mul_(grad)
-        state["RMS"] = p_square.sqrt() / (p.numel() ** 0.5)
-        lr = self._get_lr(group, state)
-        (u_square,) = yield [Along(update.square().sum(), p)]
-        rms = u_square.sqrt() / (p.numel() ** 0.5)
-        update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
-        update.mul_(lr)
-        if use_first_moment:
-            exp_avg = local(state["exp_avg"])
-            exp_avg.mul_(group["beta1"]).add_(update, alpha=(1 - group["beta1"]))
-            update = exp_avg
+        every = {d: d for d in range(p.dim())}
+        update, lr = yield from adafactor_update(self, grad, tuple(p.shape), every, p, weights, self.state[p], group)
         if group["weight_decay"] != 0:
             weights.add_(weights, alpha=(-group["weight_decay"] * lr))
         weights.add_(-update)
         if weights.data_ptr() != part.data_ptr():
             part.copy_(weights)
+
+
+def adafactor_update(
+    optimizer: Any,
+    grad: torch.Tensor,
+    shape: tuple[int, ...],
+    follows: dict[int, int],
+    p: torch.Tensor,
+    weights: torch.Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+) -> Generator[list[Any], list[torch.Tensor], tuple[torch.Tensor, float]]:
+    """transformers' (and GaLore's) Adafactor update of ``grad``: this process's part of a tensor of the whole
+    ``shape`` whose dimension ``i`` lies along ``p``'s dimension ``follows[i]`` (split as ``p`` splits it; a dimension
+    not in ``follows`` is whole on every process). That tensor is ``p``'s gradient (``follows`` the identity) or
+    GaLore's projection of it (``G @ P.T`` follows ``p``'s rows, ``P.T @ G`` its columns). Yields the sums it needs
+    (:class:`~lightning_optims.placements.Along` ``p``): rows split, two rounds, the row statistics local; columns
+    split, two rounds too, a third for the row statistics' mean where the rows are split as well. Returns the update
+    (divided by its clipped RMS, times the learning rate, through the first moment) and the learning rate; the
+    caller applies weight decay and subtracts the update. ``weights`` is this process's part of ``p`` in fp32, whose
+    RMS the state keeps. The state's tensors are local parts (created here the first time, as upstream creates them
+    at the first step); none is written before the first round."""
+
+    def along(*dims: int) -> tuple[int, ...]:  # the dimensions of p that a sum along these dimensions of grad spans
+        return tuple(follows[d] for d in dims if d in follows)
+
+    factored, use_first_moment = optimizer._get_options(group, shape)
+    if "RMS" not in state:
+        state["step"] = 0
+        if use_first_moment:
+            state["exp_avg"] = torch.zeros_like(grad)
+        if factored:
+            state["exp_avg_sq_row"] = torch.zeros(grad.shape[:-1]).to(grad)
+            state["exp_avg_sq_col"] = torch.zeros(grad.shape[:-2] + grad.shape[-1:]).to(grad)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["RMS"] = 0
+    # (nothing of the state is written before the first round: a flag summed with it may stop the step there)
+    step = state["step"] + 1
+    beta2t = 1.0 - math.pow(step, group["decay_rate"])
+    square = (grad**2) + group["eps"][0]
+    last, before = grad.dim() - 1, grad.dim() - 2
+    if factored:
+        rows, columns = shape[-2], shape[-1]
+        row = local(state["exp_avg_sq_row"])
+        if sharding(p, along(last)):  # the rows' means need the other processes' columns first
+            p_square, row_sum, col_sum = yield [
+                Along(weights.square().sum(), p),
+                Along(square.sum(dim=-1), p, along(last)),
+                Along(square.sum(dim=-2), p, along(before)),
+            ]
+            state["step"] = step
+            row.mul_(beta2t).add_(row_sum.div_(columns), alpha=(1.0 - beta2t))
+            if sharding(p, along(before)):
+                (row_total,) = yield [Along(row.sum(dim=-1, keepdim=True), p, along(before))]
+            else:  # (the rows are whole here: no round of sums for them)
+                row_total = row.sum(dim=-1, keepdim=True)
+        else:
+            new_row = row.mul(beta2t).add_(square.mean(dim=-1), alpha=(1.0 - beta2t))
+            p_square, col_sum, row_total = yield [
+                Along(weights.square().sum(), p),
+                Along(square.sum(dim=-2), p, along(before)),
+                Along(new_row.sum(dim=-1, keepdim=True), p, along(before)),
+            ]
+            state["step"] = step
+            row.copy_(new_row)
+        col = local(state["exp_avg_sq_col"])
+        col.mul_(beta2t).add_(col_sum.div_(rows), alpha=(1.0 - beta2t))
+        r_factor = (row / row_total.div_(rows)).rsqrt_().unsqueeze(-1)
+        update = torch.mul(r_factor, col.unsqueeze(-2).rsqrt())
+        update.mul_(grad)
+    else:
+        (p_square,) = yield [Along(weights.square().sum(), p)]
+        state["step"] = step
+        local(state["exp_avg_sq"]).mul_(beta2t).add_(square, alpha=(1.0 - beta2t))
+        update = local(state["exp_avg_sq"]).rsqrt().mul_(grad)
+    state["RMS"] = p_square.sqrt() / (p.numel() ** 0.5)
+    lr = optimizer._get_lr(group, state)
+    (u_square,) = yield [Along(update.square().sum(), p, along(*range(grad.dim())))]
+    rms = u_square.sqrt() / (math.prod(shape) ** 0.5)
+    update.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
+    update.mul_(lr)
+    if use_first_moment:
+        exp_avg = local(state["exp_avg"])
+        exp_avg.mul_(group["beta1"]).add_(update, alpha=(1 - group["beta1"]))
+        update = exp_avg
+    return update, lr

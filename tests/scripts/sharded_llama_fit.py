@@ -13,7 +13,8 @@ uses it, the other not; step 1: no process), with FSDP2's ``set_reduce_scatter_u
 ``unused-torch`` is its control, with that switch alone (torch's zeros for every unused parameter, without this
 package's rule); ``nan-grad`` / ``nan-loss``: at global step 1 the last process's gradient (its loss finite) / its
 loss is non-finite, the others' not: each process writes what stopped it to ``NAME.failed.rankR`` (the error, the
-step, whether its part of the weights is finite and as before that step) and the launch goes on.
+step, whether its part of the weights is finite and as before that step) and the launch goes on; ``gathered`` (the
+control of the collective counter) steps every parameter whole, gathered from the shards (FSDP2 and HSDP only).
 ``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP). Every fit writes the digest of each
 process's full weights to ``NAME.digests``. All runs of a launch share its processes (one launch, many fits, as
 Lightning allows), in the order given.
@@ -46,6 +47,7 @@ from tests.helpers import (
     LlamaModule,
     RankInterleavedSampler,
     TokenDataset,
+    leave_process_group,
     tiny_llama,
 )
 
@@ -68,16 +70,24 @@ PLAN = {
     "mlp.down_proj": RowwiseParallel(),
 }
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
+LOSS_SCALE = float(os.environ.get("SHARDED_TEST_LOSS_SCALE", "1"))
+SVD = "proj=svd,rank=2,update_proj_gap=2"  # APOLLO with GaLore's projections (the SVD of the gradient)
 
 
 def optimizer_settings(optim: str, max_grad_norm: float) -> dict:
     """The test settings of ``optim`` (low-rank: all-linear targets, rank 2, projections renewed every 2 steps),
-    with weight decay where the optimizer takes it; ``apollo_mini`` is APOLLO with tensor-wise scaling, rank 1;
+    with weight decay where the optimizer takes it; ``apollo_mini`` is APOLLO with tensor-wise scaling, rank 1,
+    ``apollo_svd`` APOLLO with ``proj=svd``;
     GrokAdamW clips each gradient at 0.01."""
     from lightning_optims import get_spec
     from tests.test_reliability import settings
 
-    chosen = settings("apollo_adamw", optim_args=MINI) if optim == "apollo_mini" else settings(optim)
+    if optim == "apollo_mini":
+        chosen = settings("apollo_adamw", optim_args=MINI)
+    elif optim == "apollo_svd":
+        chosen = settings("apollo_adamw", optim_args=SVD)
+    else:
+        chosen = settings(optim)
     chosen.update(learning_rate=1e-2, max_grad_norm=max_grad_norm)
     spec = get_spec(chosen["optim"])
     if spec.updates_in_backward and not spec.layerwise:  # (LOMO / AdaLomo take it in optim_args)
@@ -119,6 +129,11 @@ class ShardedLlama(LlamaModule):
             parallelize(self, self.model.model.layers, self.model)
         elif self.split:
             split_like_tensor_parallel(self.model.model.layers)
+
+    def training_step(self, batch, batch_idx):
+        # SHARDED_TEST_LOSS_SCALE: every gradient rescaled by about 1e-7 relative (what the tests' tolerance of an
+        # ill-conditioned optimizer measures its spread with); 1 leaves the loss as it is
+        return super().training_step(batch, batch_idx) * LOSS_SCALE
 
 
 class SplitLinear(torch.nn.Linear):
@@ -329,10 +344,12 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     from lightning_optims.sharded import GatheredStepOptimizer
 
     sync_unused = mixin.sync_unused_parameters
-    step_param, shard_sums = GatheredStepOptimizer._step, ShardSums.sums
+    step_param, on_rows, shard_sums = GatheredStepOptimizer._step, GatheredStepOptimizer._on_rows, ShardSums.sums
     if option == "local":  # the control: each process uses its shard's statistics only
         GatheredStepOptimizer._step = shard_local_step
         ShardSums.sums = lambda self, parts: [p.tensor if isinstance(p, Along) else p for p in parts]
+    if option == "gathered":  # the control of the collective counter: the whole-tensor step, gathered
+        GatheredStepOptimizer._on_rows = lambda self, p, group: None
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
         mixin.sync_unused_parameters = lambda module: 0
     chosen = optimizer_settings(optim, float(max_grad_norm))
@@ -396,7 +413,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
             raise
     finally:
         mixin.sync_unused_parameters = sync_unused
-        GatheredStepOptimizer._step, ShardSums.sums = step_param, shard_sums
+        GatheredStepOptimizer._step, GatheredStepOptimizer._on_rows, ShardSums.sums = step_param, on_rows, shard_sums
 
 
 def main(out: str, mode: str, *runs: str) -> None:
@@ -406,3 +423,4 @@ def main(out: str, mode: str, *runs: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    leave_process_group()
