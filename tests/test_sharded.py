@@ -681,7 +681,7 @@ def test_tensor_parallel_layouts_communicate_within_adamws_bound(tensor_parallel
     """Against AdamW in the same layout: bytes at most 1.05x (measured 1.00x to 1.04x), no all-gather beyond
     AdamW's, and calls at most AdamW's plus 2 per group: under 2-D per FSDP group (3), under tensor parallelism
     alone, which has no FSDP group, per parallelised module (``parallelize_module`` on each of the 2 decoder layers).
-    Measured: Adafactor +3 (tensor parallel) and +6 (2-D: three rounds of sums, over two mesh dimensions),
+    Measured: Adafactor +2 (tensor parallel) and +6 (2-D: three rounds of sums, over two mesh dimensions),
     StableAdamW +1 / +2, GrokAdamW +2 / +3. GaLore and APOLLO proj=svd: the steps that do not renew the projections
     (a renewal, steps 0 and 2 here, sums each projected matrix's blocks for its SVD)."""
     ours = collectives(tensor_parallel_runs, f"{layout}-{_name(optim, norm)}")
