@@ -63,6 +63,9 @@ CONFIGS = {  # label: settings
     "galore_adamw": dict(
         optim="galore_adamw", max_grad_norm=1.0, optim_target_modules="all-linear", optim_args="rank=64"
     ),
+    "galore_adafactor": dict(
+        optim="galore_adafactor", max_grad_norm=1.0, optim_target_modules="all-linear", optim_args="rank=64"
+    ),
     "adafactor": dict(optim="adafactor", max_grad_norm=1.0),
     "grokadamw": dict(optim="grokadamw", max_grad_norm=1.0),
     "stable_adamw": dict(optim="stable_adamw", max_grad_norm=1.0),
@@ -115,7 +118,8 @@ def state_bytes(optimizer) -> int:
 class OptimizerClock:
     """The optimizer's own CPU time in a training step, on this process's main thread (``time.thread_time``): an
     optimizer's ``step`` without its closure (forward and backward), plus what runs inside backward for the
-    in-backward engine (its bucket updates and norm) and the layer-wise hooks (each parameter's step); collectives
+    in-backward engine (its bucket updates and norm) and the layer-wise hooks (each parameter's step, or each FSDP2
+    group's steps after the group's post-backward); collectives
     the optimizer waits on count as the time spent in them."""
 
     def __init__(self, optimizer) -> None:
@@ -125,6 +129,8 @@ class OptimizerClock:
         self.spent = 0.0
         inside = ["_update_bucket", "_total_norm"] if isinstance(optimizer, InBackwardOptimizer) else []
         inside += ["_step_one"] if isinstance(optimizer, StepHooks) else []
+        # (the sharded layer-wise engine steps an FSDP2 group's parameters after the group's post-backward)
+        inside += ["after_group"] if hasattr(optimizer, "after_group") else []
         for name in inside:
             setattr(optimizer, name, self._timed(getattr(optimizer, name)))
         if isinstance(optimizer, StepHooks):  # (the hooks hold the method they were registered with)

@@ -614,6 +614,11 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
         for p in batch:  # (a step in flight holds its gradient until it ends)
             p.grad = None
 
+    def after_group(self) -> None:
+        """An FSDP2 group's post-backward is done (its gradients reduced, its parameters' hooks run): start its
+        parameters' steps."""
+        self.step_pending()
+
     def finish_steps(self) -> None:
         """What is pending, then the remaining rounds of the steps in flight."""
         self.step_pending()
@@ -644,12 +649,12 @@ _AFTER = "_lightning_optims_after_post_backward"  # (on an FSDP2 param group: wh
 
 
 def step_after_each_fsdp_group(module: torch.nn.Module, optimizer: Any) -> None:
-    """Run ``optimizer.step_pending`` after each FSDP2 group's post-backward (its reduce-scatter, and under HSDP its
+    """Run ``optimizer.after_group`` after each FSDP2 group's post-backward (its reduce-scatter, and under HSDP its
     all-reduce, then its parameters' post-accumulate-grad hooks), for a layer-wise optimizer; for any other optimizer
     clear what an earlier fit set. FSDP2's per-group hook is wrapped once, on the instance."""
     from torch.distributed.fsdp import FSDPModule
 
-    after = optimizer.step_pending if isinstance(optimizer, GatheredLayerwiseOptimizer) else None
+    after = optimizer if isinstance(optimizer, GatheredLayerwiseOptimizer) else None
     for sub in module.modules():
         if not isinstance(sub, FSDPModule):
             continue
@@ -666,7 +671,7 @@ def _then_after(group: Any, post_backward: Callable[..., Any]) -> Callable[..., 
         result = post_backward(*args)
         after = getattr(group, _AFTER, None)
         if after is not None:
-            after()
+            after.after_group()
         return result
 
     return wrapped
