@@ -373,6 +373,26 @@ def sharded_optimizer_layout(fit: Fit) -> str | None:
 
 
 @rule
+def gathered_projection_layout(fit: Fit) -> str | None:
+    """GaLore or APOLLO with a `proj_type` other than `std` on tensor parallelism (alone, or 2-D with FSDP2): that
+    projection is stepped on whole tensors gathered from FSDP2's row shards, which needs every parameter sharded on
+    dim 0 (FSDP2, HSDP)."""
+    if not fit.sharded_here or fit.spec.params != "low_rank":
+        return None
+    proj_type = fit.args.parsed_optim_args.get("proj_type", "std")
+    found = layout(fit.module)
+    if proj_type == "std" or found is None or found[0] in ("FSDP2", "HSDP"):
+        return None
+    name, where = found
+    return (
+        f"optim={fit.spec.name!r} with optim_args proj_type={proj_type!r} cannot run on this layout: {name} "
+        f"({where}). Only proj_type='std' is stepped on each process's block of a matrix (any layout); "
+        f"proj_type={proj_type!r} is stepped on whole tensors gathered from FSDP2's row shards, which needs every "
+        "parameter sharded on dim 0 (fully_shard on a 1-D mesh, or HSDP). Use proj_type='std', or FSDP2 / HSDP"
+    )
+
+
+@rule
 def plain_and_distributed_tensors_in_one_kernel(fit: Fit) -> str | None:
     """Trainable parameters that mix `DTensor` s and plain tensors (tensor parallelism that leaves some layers
     unparallelised), with an optimizer whose step runs one fused / foreach kernel per param group (fused AdamW,

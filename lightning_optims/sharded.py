@@ -28,7 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from lightning_optims.families.adafactor import adafactor_update
+from lightning_optims.families.adafactor import adafactor_update, apply_adafactor, fp32
 from lightning_optims.layerwise import StepHooks
 from lightning_optims.placements import (
     Along,
@@ -233,22 +233,46 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         step."""
         if self._apollo_on_rows(p, group):
             return self._apollo_rows
-        if self._galore_on_rows(p, group):
+        if self._projects("projected_adam_on_rows", p, group):
             return self._galore_rows
-        if self._galore_adafactor_on_rows(p, group):
+        if self._projects("projected_adafactor_on_rows", p, group):
             return self._galore_adafactor_rows
         if getattr(self._optimizer_cls, "adafactor_without_rank", False) and "rank" not in group and p.dim() <= 2:
             return self._adafactor_part
         return None
 
-    def _galore_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
-        """GaLore AdamW's projection of a matrix (proj_type=std): stepped on this process's rows."""
+    def _projects(self, flag: str, p: DTensor, group: dict[str, Any]) -> bool:
+        """GaLore's projection of a matrix (proj_type=std), stepped on this process's block, where the optimizer class
+        says so (``flag``: ``projected_adam_on_rows`` for GaLore AdamW, ``projected_adafactor_on_rows`` for GaLore
+        Adafactor)."""
         return (
-            getattr(self._optimizer_cls, "projected_adam_on_rows", False)
+            getattr(self._optimizer_cls, flag, False)
             and "rank" in group
             and p.dim() == 2
             and group.get("proj_type", "std") == "std"
         )
+
+    def _galore_projection(
+        self, inner: Any, group: dict[str, Any], state: dict[str, Any], grad: torch.Tensor, p: DTensor
+    ) -> Generator[list[Any], list[torch.Tensor], tuple[torch.Tensor, Any, bool, torch.Tensor]]:
+        """GaLore's projection of this process's block ``grad`` of the matrix ``p``: the projector created the first
+        time, renewed every ``update_proj_gap`` steps (:func:`_renew`), the projected gradient summed over the blocks
+        that share it (:func:`_project`). Returns it, the projector, whether it is ``G @ P.T`` (``m >= n``) and this
+        process's columns."""
+        rows, cols = self._block(p)
+        m, n = p.shape
+        right = m >= n
+        if "step" not in state:
+            state["step"] = 0
+        if "projector" not in state:
+            state["projector"] = type(inner).projector_class(
+                group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"], proj_type="std"
+            )
+        projector = state["projector"]
+        if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
+            yield from _renew(projector, grad, p, rows, cols, right)
+        low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
+        return low, projector, right, cols
 
     def _galore_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
         """``galore_torch.GaLoreAdamW.step`` for one matrix ``[m, n]`` on this process's block of it (rows ``R``,
@@ -263,38 +287,12 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
         state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
         grad, block = local(_grad(p)).to(p.dtype), local(p)
-        rows, cols = self._block(p)
-        m, n = p.shape
-        right = m >= n
-        if "step" not in state:
-            state["step"] = 0
-        if "projector" not in state:
-            projector_cls = type(inner).projector_class
-            state["projector"] = projector_cls(
-                group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"], proj_type="std"
-            )
-        projector = state["projector"]
-        if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            yield from _renew(projector, grad, p, rows, cols, right)
-        low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
+        low, projector, right, cols = yield from self._galore_projection(inner, group, state, grad, p)
         norm_grad, step_size = _adam_on_projected(state, low, group)
-        if right:
-            back = torch.matmul(norm_grad, projector.ortho_matrix[:, cols]) * projector.scale
-        else:
-            back = torch.matmul(projector.ortho_matrix, norm_grad) * projector.scale
-        block.add_(back, alpha=-step_size)
+        block.add_(_project_back(norm_grad, projector, right, cols), alpha=-step_size)
         if group["weight_decay"] > 0.0:
             block.add_(block, alpha=(-group["lr"] * group["weight_decay"]))
         self.state[p] = self._wrap_state(state, p, right)
-
-    def _galore_adafactor_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
-        """GaLore Adafactor's projection of a matrix (proj_type=std): stepped on this process's block."""
-        return (
-            getattr(self._optimizer_cls, "projected_adafactor_on_rows", False)
-            and "rank" in group
-            and p.dim() == 2
-            and group.get("proj_type", "std") == "std"
-        )
 
     def _galore_adafactor_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
         """``galore_torch.GaLoreAdafactor.step`` for one matrix ``[m, n]`` on this process's block of it: the
@@ -307,34 +305,13 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults: clip_threshold, decay_rate, ...)
         state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
-        part = local(p)
-        grad = local(_grad(p))
-        grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-        weights = part.float() if part.dtype in (torch.float16, torch.bfloat16) else part
-        rows, cols = self._block(p)
+        part, grad = local(p), fp32(local(_grad(p)))
+        weights = fp32(part)
+        low, projector, right, cols = yield from self._galore_projection(inner, group, state, grad, p)
         m, n = p.shape
-        right = m >= n
-        if "step" not in state:
-            state["step"] = 0
-        if "projector" not in state:
-            state["projector"] = type(inner).projector_class(
-                group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"], proj_type="std"
-            )
-        projector = state["projector"]
-        if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            yield from _renew(projector, grad, p, rows, cols, right)
-        low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         shape, follows = ((m, low.shape[1]), {0: 0}) if right else ((low.shape[0], n), {1: 1})
         update, lr = yield from adafactor_update(inner, low, shape, follows, p, weights, state, group)
-        if right:
-            back = torch.matmul(update, projector.ortho_matrix[:, cols]) * projector.scale
-        else:
-            back = torch.matmul(projector.ortho_matrix, update) * projector.scale
-        if group["weight_decay"] != 0:
-            weights.add_(weights, alpha=(-group["weight_decay"] * lr))
-        weights.add_(-back)
-        if weights.data_ptr() != part.data_ptr():
-            part.copy_(weights)
+        apply_adafactor(weights, part, _project_back(update, projector, right, cols), lr, group)
         self.state[p] = self._wrap_state(state, p, right)
 
     def _adafactor_part(self, p: DTensor, group: dict[str, Any]) -> Sums:
@@ -344,17 +321,11 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}
         state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
-        part = local(p)
-        grad = local(_grad(p))
-        grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-        weights = part.float() if part.dtype in (torch.float16, torch.bfloat16) else part
+        part, grad = local(p), fp32(local(_grad(p)))
+        weights = fp32(part)
         every = {d: d for d in range(p.dim())}
         update, lr = yield from adafactor_update(inner, grad, tuple(p.shape), every, p, weights, state, group)
-        if group["weight_decay"] != 0:
-            weights.add_(weights, alpha=(-group["weight_decay"] * lr))
-        weights.add_(-update)
-        if weights.data_ptr() != part.data_ptr():
-            part.copy_(weights)
+        apply_adafactor(weights, part, update, lr, group)
         d = p.dim()
         follows = {
             "exp_avg": every,
@@ -709,6 +680,14 @@ def _project(
     else:
         (low,) = yield [Along(ortho.t() @ grad, p, (0,))]
     return low
+
+
+def _project_back(update: torch.Tensor, projector: Any, right: bool, cols: torch.Tensor) -> torch.Tensor:
+    """GaLore's ``project_back`` onto this process's block: ``m >= n``, ``U @ P[:, C]``; ``m < n``, ``P[R] @ U``
+    (``P`` kept as this process's rows); times the projector's scale."""
+    if right:
+        return torch.matmul(update, projector.ortho_matrix[:, cols]) * projector.scale
+    return torch.matmul(projector.ortho_matrix, update) * projector.scale
 
 
 def _adam_on_projected(state: dict[str, Any], low: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, float]:

@@ -3,6 +3,7 @@ parameters, refusals for the rest (FSDP, DeepSpeed, ModelParallel), bf16-mixed f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,15 @@ SHARDS_IN_BACKWARD = [n for n in USABLE if get_spec(n).shards_in_backward]
 SHARDS_AFTER_BACKWARD = [n for n in USABLE if get_spec(n).runs_sharded and not get_spec(n).shards_in_backward]
 
 
-def run_script(optim: str, out: Path, mode: str) -> subprocess.CompletedProcess:
+def run_script(optim: str, out: Path, mode: str, optim_args: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"MODEL_PARALLEL_OPTIM_ARGS": optim_args} if optim_args is not None else {})}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), optim, str(out), mode], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, str(SCRIPT), optim, str(out), mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
@@ -222,19 +229,30 @@ def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_
 
 
 @pytest.mark.parametrize(
-    ("name", "refusal"),
+    ("name", "optim_args", "refusal"),
     [
         (
             "galore_adafactor_layerwise",
+            None,
             "optim='galore_adafactor_layerwise' cannot run on this layout: tensor parallel ('net.3.weight'",
         ),
-        ("schedule_free_adamw", "optim='schedule_free_adamw' steps each param group with one fused / foreach kernel"),
+        (
+            "galore_adamw",
+            "rank=2,proj_type=left",
+            "optim='galore_adamw' with optim_args proj_type='left' cannot run on this layout: tensor parallel",
+        ),
+        (
+            "schedule_free_adamw",
+            None,
+            "optim='schedule_free_adamw' steps each param group with one fused / foreach kernel",
+        ),
     ],
 )
-def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(tmp_path, name, refusal):
-    """A layer-wise name: its engine steps FSDP2's row shards only; schedule-free (and fused AdamW): one kernel over a
-    group mixing DTensors and plain tensors, which torch refuses at the first step (measured without the rule:
-    RuntimeError "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
-    proc = run_script(name, tmp_path / "x.pt", "tp")
+def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(tmp_path, name, optim_args, refusal):
+    """A layer-wise name: its engine steps an FSDP2 group at a time; GaLore with proj_type='left': the gathered
+    step, rows only (before its rule: a ValueError from the optimizer's constructor); schedule-free (and fused
+    AdamW): one kernel over a group mixing DTensors and plain tensors, which torch refuses at the first step
+    (measured without the rule: RuntimeError "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
+    proc = run_script(name, tmp_path / "x.pt", "tp", optim_args)
     assert proc.returncode != 0 and not (tmp_path / "x.pt").exists()
     assert refusal in proc.stderr + proc.stdout

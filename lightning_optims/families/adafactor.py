@@ -20,7 +20,7 @@ from transformers.optimization import Adafactor
 
 from lightning_optims.placements import Along, ShardSums, local, sharding, state_along
 
-__all__ = ["ShardedAdafactor", "adafactor_update"]
+__all__ = ["ShardedAdafactor", "adafactor_update", "apply_adafactor", "fp32"]
 
 
 class ShardedAdafactor(Adafactor):
@@ -80,17 +80,28 @@ class ShardedAdafactor(Adafactor):
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> Generator[list[Any], list[torch.Tensor], None]:
         """transformers' Adafactor step of one parameter on this process's part, yielding the sums it needs (the
         steps of every parameter run in lockstep: each round's sums in one all-reduce per mesh dimension)."""
-        grad = local(p.grad)
-        grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
-        part = local(p)
-        weights = part.float() if part.dtype in (torch.float16, torch.bfloat16) else part
+        part, grad = local(p), fp32(local(p.grad))
+        weights = fp32(part)
         every = {d: d for d in range(p.dim())}
         update, lr = yield from adafactor_update(self, grad, tuple(p.shape), every, p, weights, self.state[p], group)
-        if group["weight_decay"] != 0:
-            weights.add_(weights, alpha=(-group["weight_decay"] * lr))
-        weights.add_(-update)
-        if weights.data_ptr() != part.data_ptr():
-            part.copy_(weights)
+        apply_adafactor(weights, part, update, lr, group)
+
+
+def fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Adafactor computes in fp32: a half-precision tensor's fp32 copy, else the tensor itself."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def apply_adafactor(
+    weights: torch.Tensor, part: torch.Tensor, update: torch.Tensor, lr: float, group: dict[str, Any]
+) -> None:
+    """Adafactor's end of a step on this process's part: weight decay, the update subtracted, the fp32 copy (if
+    one) written back to the parameter's part."""
+    if group["weight_decay"] != 0:
+        weights.add_(weights, alpha=(-group["weight_decay"] * lr))
+    weights.add_(-update)
+    if weights.data_ptr() != part.data_ptr():
+        part.copy_(weights)
 
 
 def adafactor_update(

@@ -11,6 +11,7 @@ the last layer left plain tensors, as a user's plan commonly leaves them); rank 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def main(optim: str, out: str, mode: str) -> None:
         # extra singular vectors set by rounding: GaLore's default 128 on these 8- to 32-wide layers ended 3e-3 away
         # from one process under FSDP2, rank 2 1.2e-7)
         extra["optim_target_modules"] = "all-linear"
-        extra["optim_args"] = "rank=2,update_proj_gap=2"
+        extra["optim_args"] = os.environ.get("MODEL_PARALLEL_OPTIM_ARGS", "rank=2,update_proj_gap=2")
     if spec.layerwise:
         extra["max_grad_norm"] = 0.0
     if "weight_decay" in spec.uses:
