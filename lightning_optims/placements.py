@@ -4,10 +4,11 @@ the numbers of the whole tensor.
 A statistic along a tensor dimension (a row mean sums along dim 1, a column sum along dim 0, a norm or an RMS along
 all) is a sum of the processes' parts over exactly the mesh dimensions that shard that tensor dimension:
 :func:`sharding` names them (``Shard(d)`` and torch's ``_StridedShard(d)``; a ``Replicate`` mesh dimension holds the
-same numbers, a plain tensor is whole). :class:`ShardSums` completes many such parts at once (an :class:`Along` each,
-or plain tensors summed over the processes that shard every parameter's rows), flattened into one all-reduce per mesh
-dimension involved, so a step issues a fixed, small number of collectives whatever the number of parameters;
-``lockstep`` batches the rounds of steps written as generators. On one process nothing is communicated.
+same numbers, a plain tensor is whole). :class:`ShardSums` completes many such parts at once (an :class:`Along` each),
+flattened into one all-reduce per mesh dimension involved, so a step issues a fixed, small number of collectives
+whatever the number of parameters; ``lockstep`` batches the rounds of steps written as generators, and
+:class:`Rounds` spreads such rounds over several calls (the layer-wise engine starts an FSDP2 group's steps in the
+round that continues the previous group's). On one process nothing is communicated.
 
 The layouts: FSDP2 on one mesh dimension (``Shard(0)``); HSDP (``(Replicate(), Shard(0))``: FSDP2 reduce-scatters each
 gradient over the shard dimension and all-reduces it over the replicate dimension before its post-accumulate-grad
@@ -17,8 +18,9 @@ FSDP2 shards a column-parallel weight's rows again: ``_StridedShard(0)``). State
 dimensions of the parameter they follow (:func:`state_along`); :func:`local_indices` gives a process's global rows or
 columns (APOLLO's and GaLore's projections).
 
-Used by the in-backward engine (LOMO's norm, AdaLomo's per-bucket statistics), the layer-wise engine (its norm), the
-sharded steps of Adafactor, StableAdamW and GrokAdamW, and the block steps of APOLLO and GaLore AdamW.
+Used by the in-backward engine (LOMO's norm, AdaLomo's per-bucket statistics), the layer-wise engine (its groups'
+steps, norm and non-finite flag), the sharded steps of Adafactor, StableAdamW and GrokAdamW, and the block steps of
+APOLLO and GaLore (AdamW, Adafactor).
 """
 
 from __future__ import annotations
@@ -174,14 +176,10 @@ def state_along(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 class ShardSums:
     """Sums of tensors over the processes that shard them, many at once: ``sums(parts)`` returns, for each part, the
-    sum of every process's part; on one process the parts themselves. A part is a tensor (summed over ``group``: the
-    processes that shard every parameter's rows, FSDP2 or HSDP) or an :class:`Along` (summed over the mesh
-    dimensions that shard the given dimensions of its parameter: any layout). The parts are flattened into one
-    all-reduce per mesh dimension involved (a part sharded over two mesh dimensions is summed over one, then the
-    other), in an order every process shares."""
-
-    def __init__(self, group: Any = None) -> None:
-        self.group = group
+    sum of every process's part; on one process the parts themselves. A part is an :class:`Along` (summed over the
+    mesh dimensions that shard the given dimensions of its parameter: any layout) or a plain tensor (the same on
+    every process: returned as it is). The parts are flattened into one all-reduce per mesh dimension involved (a
+    part sharded over two mesh dimensions is summed over one, then the other), in an order every process shares."""
 
     def sums(self, parts: list[Any]) -> list[torch.Tensor]:
         results = [part.tensor if isinstance(part, Along) else part for part in parts]
@@ -191,8 +189,6 @@ class ShardSums:
                 for i in sharding(part.param, part.dims):
                     key = _mesh_dim_key(part.param, i)
                     rounds.setdefault(key, (part.param.device_mesh.get_group(i), []))[1].append(index)
-            elif self.group is not None:
-                rounds.setdefault("", (self.group, []))[1].append(index)
         for key in sorted(rounds):
             group, indices = rounds[key]
             chosen = [results[i] for i in indices]
