@@ -31,16 +31,12 @@ class StepHooks:
         self._grad_sq = norm.square() if self._grad_sq is None else self._grad_sq + norm.square()
         return norm
 
-    def _sum_over_processes(self, squared: torch.Tensor) -> torch.Tensor:
-        """The squared norm of every process's parts (a sharded engine sums over its shards)."""
-        return squared
-
     def grad_norm(self) -> torch.Tensor | None:
         """The global L2 norm of the gradients of the last step (before anything was applied), or ``None`` if no
         gradient arrived in it."""
         if self._grad_sq is None:
             return None
-        return self._sum_over_processes(self._grad_sq).sqrt()
+        return self._grad_sq.sqrt()
 
     def _hooked_params(self) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -198,19 +198,12 @@ class ShardSums:
                 results[i] = summed
         return results
 
-    def lockstep(
-        self,
-        steps: list[Generator[list[Any], list[torch.Tensor], None]],
-        first: list[Any] | None = None,
-        check: Callable[[list[torch.Tensor]], None] | None = None,
-    ) -> None:
+    def lockstep(self, steps: list[Generator[list[Any], list[torch.Tensor], None]]) -> None:
         """Run several parameters' steps written as generators that yield the tensors they need summed and receive
         the sums: each round, what every step yields goes into one all-reduce. Every process runs the same steps
-        with the same rounds (they depend on shapes and settings only), so the collectives line up. ``first``: parts
-        summed in the first round too, whose sums ``check`` receives before any step does (it may raise: a flag
-        agreed across processes, such as a non-finite gradient, stops every step before it writes anything)."""
+        with the same rounds (they depend on shapes and settings only), so the collectives line up."""
         rounds = Rounds(self)
-        rounds.advance(steps, first, check)
+        rounds.advance(steps)
         rounds.drain()
 
 

@@ -218,12 +218,10 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step(self, p: DTensor, group: dict[str, Any], index: int) -> None:
-        """One parameter's step: on this process's part where its family has a step for it (with small
-        collectives), else on the whole tensors gathered."""
+        """The step of a parameter without a block step (:meth:`_on_rows`): element by element on this process's
+        rows, or on the whole tensors gathered."""
         if self._elementwise(group):
             self._step_rows(p, group)
-        elif (on_rows := self._on_rows(p, group)) is not None:
-            ShardSums().lockstep([on_rows(p, group)])
         else:
             self._step_param(p, group, index)
 
@@ -578,10 +576,7 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
 
             self._rounds.advance(steps, first=[Along(bad, widest)], check=check)
             for p, group in elementwise:
-                if self._elementwise(group):
-                    self._step_rows(cast(DTensor, p), group)
-                else:
-                    self._step_param(cast(DTensor, p), group, 0)
+                self._step(cast(DTensor, p), group, 0)
         for p in batch:  # (a step in flight holds its gradient until it ends)
             p.grad = None
 
