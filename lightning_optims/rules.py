@@ -328,8 +328,8 @@ def _any_placement(spec: OptimizerSpec) -> bool:
     completed over each parameter's placements), or a projection stepped on each process's block (APOLLO, GaLore
     AdamW and Adafactor: the optimizer class says so). The layer-wise names step the same blocks, batched by FSDP2
     group: they need FSDP2 (any layout with it), see :func:`_runs_on`."""
-    if spec.sharded_target is not None or spec.shards_in_backward:
-        return not spec.layerwise
+    if spec.sharded_target is not None or spec.shards_in_backward:  # (no layer-wise name has either)
+        return True
     if not spec.shards_by_gathering:
         return False
     cls = _load(spec.target)
