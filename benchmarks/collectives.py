@@ -33,6 +33,7 @@ RUNS = [  # label, optim, max_grad_norm
     ("apollo proj=svd", "apollo_svd", "1.0"),
     ("galore_adamw", "galore_adamw", "1.0"),
     ("galore_adafactor", "galore_adafactor", "1.0"),
+    ("galore_adafactor reverse_std", "galore_adafactor+proj_type=reverse_std", "1.0"),
     ("adafactor", "adafactor", "1.0"),
     ("grokadamw", "grokadamw", "1.0"),
     ("stable_adamw", "stable_adamw", "1.0"),
@@ -42,7 +43,7 @@ RUNS = [  # label, optim, max_grad_norm
 ]
 # a projection renewed from the SVD of the whole gradient every 2 steps (steps 0 and 2): its blocks summed, the one
 # step the bound excepts; the table gives the most of any step and, after it, of the steps that do not renew
-RENEWING = {"apollo proj=svd", "galore_adamw", "galore_adafactor"}
+RENEWING = {"apollo proj=svd", "galore_adamw", "galore_adafactor", "galore_adafactor reverse_std"}
 RENEWING |= {"galore_adamw_layerwise", "galore_adafactor_layerwise"}
 FSDP_GROUPS = 3
 
@@ -59,7 +60,7 @@ LAYOUTS = [  # label, layout, processes
 ON_TENSOR_PARALLEL = {
     "tp": {"adamw_torch", "adafactor", "grokadamw", "stable_adamw", "lomo", "adalomo", "apollo_mini", "apollo_adamw"}
 }
-ON_TENSOR_PARALLEL["tp"] |= {"apollo_svd", "galore_adamw", "galore_adafactor"}
+ON_TENSOR_PARALLEL["tp"] |= {"apollo_svd", "galore_adamw", "galore_adafactor", "galore_adafactor+proj_type=reverse_std"}
 # 2-D: schedule-free (every parameter a DTensor) and the layer-wise names (their steps batched per FSDP2 group)
 ON_TENSOR_PARALLEL["2d"] = ON_TENSOR_PARALLEL["tp"] | {"schedule_free_adamw"}
 ON_TENSOR_PARALLEL["2d"] |= {"apollo_adamw_layerwise", "galore_adamw_layerwise", "galore_adafactor_layerwise"}

@@ -19,7 +19,7 @@ from lightning_optims.param_groups import (
     target_parameter_names,
 )
 from lightning_optims.registry import BuildContext, _load, get_spec
-from lightning_optims.sharded import GatheredLayerwiseOptimizer, GatheredStepOptimizer, is_sharded
+from lightning_optims.sharded import ShardedLayerwiseOptimizer, ShardedStepOptimizer, is_sharded
 from lightning_optims.warn import warn_user
 
 __all__ = ["GreedyLRScheduler", "ScheduledGroupsLambdaLR", "create_optimizer", "create_scheduler", "num_warmup_steps"]
@@ -57,16 +57,16 @@ def create_optimizer(
     else:
         params = all_params_group(model)
     on_shards = is_sharded([p for g in params for p in g["params"]])
-    sharded = spec.shards_by_gathering and on_shards
+    sharded = spec.shards_by_blocks and on_shards
     optimizer: Any
     if spec.sharded_target is not None and on_shards:
         optimizer = _load(spec.sharded_target)(params, **kwargs)  # FSDP2: the family's own step on the shards
     elif spec.layerwise and sharded:
-        optimizer = GatheredLayerwiseOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors, in the hooks
+        optimizer = ShardedLayerwiseOptimizer(params, optimizer_cls, kwargs)  # block steps, by FSDP2 group
     elif spec.layerwise:
         optimizer = build_layerwise(optimizer_cls, params, kwargs)
     elif sharded:
-        optimizer = GatheredStepOptimizer(params, optimizer_cls, kwargs)  # FSDP2: whole tensors for each step
+        optimizer = ShardedStepOptimizer(params, optimizer_cls, kwargs)  # block steps on each process's part
     else:
         optimizer = optimizer_cls(params, **kwargs)
     if spec.params == "low_rank":

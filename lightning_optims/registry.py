@@ -82,10 +82,11 @@ class OptimizerSpec:
         shards_in_backward: its in-backward update runs on FSDP2's dim-0 shards, in the hooks FSDP2 runs after its
             reduce-scatter, completing every whole-tensor statistic (global norm, row / column means, RMS) with
             collectives: it may run under ModelParallelStrategy with the numbers of one device.
-        shards_by_gathering: its update needs whole tensors, and under ModelParallelStrategy it runs through
-            :class:`~lightning_optims.sharded.GatheredStepOptimizer` (each parameter, gradient and state gathered for
-            its step, the state kept sharded), with the numbers of one device; a layer-wise one through
-            :class:`~lightning_optims.sharded.GatheredLayerwiseOptimizer` (the same step, in FSDP2's hooks).
+        shards_by_blocks: its update reads whole rows, columns or tensors (a projection, factored moments), and
+            under ModelParallelStrategy it runs through :class:`~lightning_optims.sharded.ShardedStepOptimizer` (the
+            family's block step on each process's part, its sums completed over the processes, the state sharded like
+            the parameter), with the numbers of one device; a layer-wise one through
+            :class:`~lightning_optims.sharded.ShardedLayerwiseOptimizer` (the same step, by FSDP2 group).
         sharded_target: ``"module:Class"`` of the optimizer that steps this one's update on each process's part of
             ``DTensor`` parameters in any layout (FSDP2, HSDP, tensor parallel, 2-D; plain tensors among them), same
             arguments and state keys as ``target``, its statistics completed with
@@ -115,7 +116,7 @@ class OptimizerSpec:
     layerwise: bool = False
     elementwise: bool = False
     shards_in_backward: bool = False
-    shards_by_gathering: bool = False
+    shards_by_blocks: bool = False
     sharded_target: str | None = None
     one_kernel_per_group: bool = False
     post_build: Callable[[Any, BuildContext], None] | None = None
@@ -125,7 +126,7 @@ class OptimizerSpec:
     @property
     def runs_sharded(self) -> bool:
         """It runs under ModelParallelStrategy (FSDP2) with the numbers of one device (besides elementwise ones)."""
-        return self.shards_in_backward or self.shards_by_gathering or self.sharded_target is not None
+        return self.shards_in_backward or self.shards_by_blocks or self.sharded_target is not None
 
     @property
     def needs_target_modules(self) -> bool:

@@ -330,7 +330,7 @@ def _any_placement(spec: OptimizerSpec) -> bool:
     group: they need FSDP2 (any layout with it), see :func:`_runs_on`."""
     if spec.sharded_target is not None or spec.shards_in_backward:  # (no layer-wise name has either)
         return True
-    if not spec.shards_by_gathering:
+    if not spec.shards_by_blocks:
         return False
     cls = _load(spec.target)
     return any(
@@ -373,22 +373,22 @@ def sharded_optimizer_layout(fit: Fit) -> str | None:
 
 
 @rule
-def gathered_projection_layout(fit: Fit) -> str | None:
-    """GaLore or APOLLO with a `proj_type` other than `std` on tensor parallelism (alone, or 2-D with FSDP2): that
-    projection is stepped on whole tensors gathered from FSDP2's row shards, which needs every parameter sharded on
-    dim 0 (FSDP2, HSDP)."""
+def full_projection_sharded(fit: Fit) -> str | None:
+    """GaLore with `proj_type='full'` (a projection on both sides of each matrix) under ModelParallelStrategy: the
+    sharded step projects one side of each process's block (`std`, `reverse_std`, `right`, `left`); there is no
+    block step for two projections, and no whole tensor is gathered."""
     if not fit.sharded_here or fit.spec.params != "low_rank":
         return None
     proj_type = fit.args.parsed_optim_args.get("proj_type", "std")
     found = layout(fit.module)
-    if proj_type == "std" or found is None or found[0] in ("FSDP2", "HSDP"):
+    if proj_type != "full" or found is None:
         return None
     name, where = found
     return (
-        f"optim={fit.spec.name!r} with optim_args proj_type={proj_type!r} cannot run on this layout: {name} "
-        f"({where}). Only proj_type='std' is stepped on each process's block of a matrix (any layout); "
-        f"proj_type={proj_type!r} is stepped on whole tensors gathered from FSDP2's row shards, which needs every "
-        "parameter sharded on dim 0 (fully_shard on a 1-D mesh, or HSDP). Use proj_type='std', or FSDP2 / HSDP"
+        f"optim={fit.spec.name!r} with optim_args proj_type='full' cannot run on this layout: {name} ({where}). "
+        "Under ModelParallelStrategy each process steps its block of a matrix with a projection on one side; "
+        "proj_type='full' projects both, which has no such step. Use proj_type 'std', 'reverse_std', 'right' or "
+        f"'left' here, or proj_type='full' on one device or under DDP"
     )
 
 

@@ -1,21 +1,20 @@
 """The whole-tensor optimizers of transformers' list on FSDP2's sharded parameters (and on any layout with tensor
-parallelism), with the numbers of one device.
+parallelism), with the numbers of one device, without gathering a whole tensor.
 
 APOLLO's and GaLore's projections, Adafactor's factored moments (GaLore Adafactor) read whole rows, columns or
-tensors. :class:`GatheredStepOptimizer` steps each parameter on this process's part: the family's block step (APOLLO
-with a random or an SVD projection, GaLore AdamW, GaLore Adafactor; the groups without projection element by element,
-or, for GaLore Adafactor, as Adafactor on the part), its sums (row and column statistics, norms, RMS, the projected
-gradient) completed over the mesh dimensions that shard them (:mod:`lightning_optims.placements`), every parameter's
-at once; a projection renewal (every ``update_proj_gap`` steps) sums each matrix's blocks for its SVD. State tensors
-are ``DTensor`` s placed like the parameter dimensions they follow, so Lightning's distributed checkpoint saves and
-reshards them. What no block step covers (GaLore's and APOLLO's proj_type other than ``std``) is stepped on whole
-tensors gathered from FSDP2's row shards: the parameter, its gradient and its state, every process computing the same
-update and keeping its rows (FSDP2 and HSDP only). :class:`GatheredLayerwiseOptimizer` runs the same steps for the
-layer-wise names, an FSDP2 group at a time (:class:`~lightning_optims.placements.Rounds`).
+tensors. :class:`ShardedStepOptimizer` steps each parameter on this process's part: the family's block step (APOLLO
+with a random or an SVD projection, GaLore AdamW, GaLore Adafactor, for every ``proj_type`` that projects one side:
+``std``, ``reverse_std``, ``right``, ``left``; the groups without projection element by element, or, for GaLore
+Adafactor, as Adafactor on the part), its sums (row and column statistics, norms, RMS, the projected gradient)
+completed over the mesh dimensions that shard them (:mod:`lightning_optims.placements`), every parameter's at once; a
+projection renewal (every ``update_proj_gap`` steps) sums each matrix's blocks for its SVD. State tensors are
+``DTensor`` s placed like the parameter dimensions they follow, so Lightning's distributed checkpoint saves and
+reshards them. GaLore's ``proj_type='full'`` (a projection on both sides) has no block step and is refused.
+:class:`ShardedLayerwiseOptimizer` runs the same steps for the layer-wise names, an FSDP2 group at a time
+(:class:`~lightning_optims.placements.Rounds`).
 
-The exactness fix-ups live here too: APOLLO seeds each random projection with the parameter's position among all
-parameters, GrokAdamW scales beta1 by the parameter's index among its group's parameters with a gradient; stepping one
-parameter alone, both are set to the values of the whole optimizer.
+APOLLO seeds each random projection with the parameter's position among all parameters; stepping one parameter alone,
+it is set to the value of the whole optimizer.
 """
 
 from __future__ import annotations
@@ -36,18 +35,15 @@ from lightning_optims.placements import (
     ShardSums,
     local,
     local_indices,
-    my_rows,
     reduction_key,
-    row_mesh_dim,
-    rows_placements,
     sharding,
 )
 
 Sums = Generator[list[Any], list[torch.Tensor], None]  # (a step that yields what it needs summed)
 
 __all__ = [
-    "GatheredLayerwiseOptimizer",
-    "GatheredStepOptimizer",
+    "ShardedLayerwiseOptimizer",
+    "ShardedStepOptimizer",
     "is_sharded",
     "step_after_each_fsdp_group",
     "sync_unused_parameters",
@@ -64,7 +60,7 @@ def _projector_names() -> list[str]:
     return sorted(_projectors()._PROJECTORS)  # a projector's class is stored as its index here (no str in state)
 
 
-class GatheredStepOptimizer(torch.optim.Optimizer):
+class ShardedStepOptimizer(torch.optim.Optimizer):
     """``optimizer_cls`` over FSDP2 (``fully_shard``) parameters: see the module docstring.
 
     ``param_groups`` are the groups transformers' Trainer builds, over the sharded parameters: schedulers, Lightning's
@@ -78,19 +74,19 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         self._position = {p: i + 1 for i, p in enumerate(params)}  # APOLLO's 1-based position among all parameters
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
         self._indices: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
-        # the step on each process's part takes any placement; the gathered step splits rows only
-        gathered = [
-            (tuple(p.shape), tuple(getattr(p, "placements", ())))
-            for g in self.param_groups
-            for p in g["params"]
-            if not self._elementwise(g) and self._on_rows(p, g) is None and not _dim0_sharded(p)
+        # every parameter steps on this process's part: element by element, or on the family's block step
+        without = [
+            (tuple(p.shape), group.get("proj_type"))
+            for group in self.param_groups
+            for p in group["params"]
+            if not self._elementwise(group) and self._on_rows(p, group) is None
         ]
-        if gathered:
+        if without:
             raise ValueError(
-                f"{optimizer_cls.__name__} with these settings steps whole tensors gathered from FSDP2's row shards "
-                f"(GaLore Adafactor; APOLLO with proj=svd or another proj_type), which needs every parameter sharded "
-                f"on dim 0 only (FSDP2 or HSDP); {len(gathered)} are not (shape and placements {gathered[0]}). Use "
-                "FSDP2 or HSDP, or APOLLO with proj=random / GaLore AdamW, which step any placement"
+                f"{optimizer_cls.__name__} with these settings has no step on a part of a sharded parameter "
+                f"({len(without)} parameters, the first of shape and proj_type {without[0]}): GaLore's "
+                "proj_type='full' (two projections of each matrix) is not stepped on parts; use proj_type 'std', "
+                "'reverse_std', 'right' or 'left'"
             )
 
     # -- one parameter -------------------------------------------------------------------------------------------
@@ -105,42 +101,16 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             self._inner[p] = inner
         return self._inner[p]
 
-    def _step_param(self, p: DTensor, group: dict[str, Any], index: int) -> None:
-        inner = self._inner_for(p, group)
-        (inner_group,) = inner.param_groups
-        for key, value in group.items():  # the lr a scheduler set, the grokking signal a callback set, ...
-            if key != "params":
-                inner_group[key] = value
-        proxy = p.full_tensor().detach().clone()
-        proxy.grad = _grad(p).full_tensor().to(proxy.dtype)
-        inner_group["params"] = [proxy]
-        state, group_state = self._unflatten_state(self.state.get(p, {}))
-        inner_group.update(group_state)  # what the optimizer keeps in its group (optimi's step count, ...)
-        if not state and getattr(inner, "_seeded_projections", False):
-            state["seed"] = self._position[p]
-        inner.state[proxy] = state
-        if hasattr(inner, "global_index"):
-            inner.global_index = {proxy: index}
-        inner.step()
-        with torch.no_grad():
-            p.to_local().copy_(my_rows(proxy, p))
-        kept = {k: v for k, v in inner_group.items() if k != "params" and k not in group}
-        self.state[p] = self._shard_state(inner.state.pop(proxy), kept, p)
-        inner_group["params"] = [torch.empty(0)]
-        if hasattr(inner, "global_index"):
-            inner.global_index = {}
-
     @staticmethod
-    def _unflatten_state(flat: dict[str, Any], whole: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The optimizer's state entry and what it keeps in its param group, from one flat entry: each ``DTensor``
-        whole (``whole``: gathered, the same order of collectives on every process, the entry's key order) or as this
-        process's part (no collective); the projector rebuilt from its fields."""
+    def _unflatten_state(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The optimizer's state entry and what it keeps in its param group, from one flat entry: each ``DTensor`` as
+        this process's part; the projector rebuilt from its fields."""
         state: dict[str, Any] = {}
         group_state: dict[str, Any] = {}
         projector: dict[str, Any] = {}
         for key, value in flat.items():
             if isinstance(value, DTensor):
-                value = value.full_tensor() if whole else value.to_local()
+                value = value.to_local()
             if key.startswith("projector."):
                 projector[key[len("projector.") :]] = value
             elif key.startswith("group."):
@@ -170,11 +140,6 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         flat.update({f"group.{key}": value for key, value in group_state.items()})
         return {key: place(key, flat[key]) for key in sorted(flat)}
 
-    @staticmethod
-    def _shard_state(state: dict[str, Any], group_state: dict[str, Any], p: DTensor) -> dict[str, Any]:
-        """Whole tensors with a dim 0 as ``DTensor`` s sharded on it (this process keeps its rows)."""
-        return GatheredStepOptimizer._flatten_state(state, group_state, lambda key, value: _shard_like(value, p))
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch's load_state_dict rebuilds containers value by value (a str character by character) and casts every
         # tensor but "step" to the parameter's dtype: give it the sharded tensors only and put the other values
@@ -192,9 +157,6 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
             entry = self.state[params[index]]
             for key, value in values.items():
                 entry[key] = value
-        for p in params.values():  # the gathers follow the key order: the same on every process
-            if p in self.state:
-                self.state[p] = dict(sorted(self.state[p].items()))
 
     # -- the step -------------------------------------------------------------------------------------------------
 
@@ -204,31 +166,24 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        on_rows = []  # the matrices stepped on rows (APOLLO, GaLore AdamW): their sums batched over the step
+        on_rows = []  # the block steps (APOLLO, GaLore, GaLore Adafactor's Adafactor): their sums batched
         for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]  # the same on every process (FSDP2)
-            for index, p in enumerate(with_grad):
+            for p in group["params"]:
+                if p.grad is None:  # (the same on every process: FSDP2)
+                    continue
                 rows_step = None if self._elementwise(group) else self._on_rows(p, group)
                 if rows_step is not None:
                     on_rows.append(rows_step(p, group))
                 else:
-                    self._step(p, group, index)
+                    self._step(p, group)
         if on_rows:
             ShardSums().lockstep(on_rows)
         return loss
 
-    def _step(self, p: DTensor, group: dict[str, Any], index: int) -> None:
-        """The step of a parameter without a block step (:meth:`_on_rows`): element by element on this process's
-        rows, or on the whole tensors gathered."""
-        if self._elementwise(group):
-            self._step_rows(p, group)
-        else:
-            self._step_param(p, group, index)
-
     def _on_rows(self, p: DTensor, group: dict[str, Any]) -> Callable[[DTensor, dict[str, Any]], Sums] | None:
         """The step on this process's part of ``p``, where its family has one (APOLLO's projections, GaLore's
-        projections with AdamW and with Adafactor, GaLore Adafactor's groups without ``rank``); None: the gathered
-        step."""
+        projections with AdamW and with Adafactor, GaLore Adafactor's groups without ``rank``); None where there is
+        none (an elementwise group steps with :meth:`_step`)."""
         if self._apollo_on_rows(p, group):
             return self._apollo_rows
         if self._projects("projected_adam_on_rows", p, group):
@@ -240,14 +195,14 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         return None
 
     def _projects(self, flag: str, p: DTensor, group: dict[str, Any]) -> bool:
-        """GaLore's projection of a matrix (proj_type=std), stepped on this process's block, where the optimizer class
-        says so (``flag``: ``projected_adam_on_rows`` for GaLore AdamW, ``projected_adafactor_on_rows`` for GaLore
-        Adafactor)."""
+        """GaLore's projection of a matrix (any proj_type but ``full``), stepped on this process's block, where the
+        optimizer class says so (``flag``: ``projected_adam_on_rows`` for GaLore AdamW, ``projected_adafactor_on_rows``
+        for GaLore Adafactor)."""
         return (
             getattr(self._optimizer_cls, flag, False)
             and "rank" in group
             and p.dim() == 2
-            and group.get("proj_type", "std") == "std"
+            and group.get("proj_type", "std") != "full"
         )
 
     def _galore_projection(
@@ -258,13 +213,15 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         that share it (:func:`_project`). Returns it, the projector, whether it is ``G @ P.T`` (``m >= n``) and this
         process's columns."""
         rows, cols = self._block(p)
-        m, n = p.shape
-        right = m >= n
+        right = _projects_right(group, p)
         if "step" not in state:
             state["step"] = 0
         if "projector" not in state:
             state["projector"] = type(inner).projector_class(
-                group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"], proj_type="std"
+                group["rank"],
+                update_proj_gap=group["update_proj_gap"],
+                scale=group["scale"],
+                proj_type=group.get("proj_type", "std"),
             )
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
@@ -283,7 +240,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         computes the same SVD of it."""
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
-        state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
+        state, _ = self._unflatten_state(self.state.get(p, {}))
         grad, block = local(_grad(p)).to(p.dtype), local(p)
         low, projector, right, cols = yield from self._galore_projection(inner, group, state, grad, p)
         norm_grad, step_size = _adam_on_projected(state, low, group)
@@ -302,7 +259,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         block; the parameter's RMS (which the state keeps) is one more number summed."""
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults: clip_threshold, decay_rate, ...)
-        state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
+        state, _ = self._unflatten_state(self.state.get(p, {}))
         part, grad = local(p), fp32(local(_grad(p)))
         weights = fp32(part)
         low, projector, right, cols = yield from self._galore_projection(inner, group, state, grad, p)
@@ -318,7 +275,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         processes (:func:`~lightning_optims.families.adafactor.adafactor_update`, as ``ShardedAdafactor``)."""
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}
-        state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
+        state, _ = self._unflatten_state(self.state.get(p, {}))
         part, grad = local(p), fp32(local(_grad(p)))
         weights = fp32(part)
         every = {d: d for d in range(p.dim())}
@@ -341,13 +298,14 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         return self._indices[p]
 
     def _apollo_on_rows(self, p: DTensor, group: dict[str, Any]) -> bool:
-        """APOLLO's random projection of a matrix (proj=random, proj_type=std): stepped on this process's rows."""
+        """APOLLO's projection of a matrix (proj=random or svd, any proj_type but ``full``, which upstream does not
+        implement): stepped on this process's block."""
         return (
             getattr(self._optimizer_cls, "random_projection_on_rows", False)
             and "rank" in group
             and p.dim() == 2
             and group.get("proj") in ("random", "svd")
-            and group.get("proj_type") == "std"
+            and group.get("proj_type") != "full"
         )
 
     def _apollo_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
@@ -366,14 +324,14 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         parameter's rows or replicated, so the distributed checkpoint saves and reshards them."""
         inner: Any = self._inner_for(p, group)  # (APOLLOAdamW: scale_front, disable_nl, its projector)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
-        state, _ = self._unflatten_state(self.state.get(p, {}), whole=False)
+        state, _ = self._unflatten_state(self.state.get(p, {}))
         if not state:
             state["seed"] = self._position[p]
         grad, block = local(_grad(p)).to(p.dtype), local(p)
         rows, cols = self._block(p)
         split_cols = bool(sharding(p, (1,)))
         m, n = p.shape
-        right = m >= n
+        right = _projects_right(group, p)
         if "step" not in state:
             state["step"] = 0
         if "projector" not in state:
@@ -391,10 +349,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         front = math.sqrt(group["scale"]) if inner.scale_front else 1.0
         grad_norm = None  # the norm of the scaled gradient, for the limiter
         if group["scale_type"] == "channel":
-            dim = 1 if right else 0  # (APOLLO's norm_dim: 0 if m < n else 1; per row of G @ O.T, per column of O.T @ G)
-            factor = torch.norm(norm_grad, dim=dim) / (torch.norm(low, dim=dim) + 1e-8)
-            if dim == 1:
-                factor = factor.unsqueeze(1)
+            factor = yield from _channel_factor(norm_grad, low, p, right, rows, cols)
         elif group["scale_type"] == "tensor" and right:
             low_sums, grad_sum = yield [
                 Along(torch.stack([norm_grad.square().sum(), low.square().sum()]), p, (0,)),
@@ -444,7 +399,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
                 "ortho_matrix": {0: 0},
             }
         )
-        return GatheredStepOptimizer._flatten_state(
+        return ShardedStepOptimizer._flatten_state(
             state, {}, lambda key, value: _place(value, p, follows.get(key.split(".")[-1], {}))
         )
 
@@ -453,9 +408,9 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         plain AdamW, element by element: stepped on this process's rows, with no collective."""
         return getattr(self._optimizer_cls, "elementwise_without_rank", False) and "rank" not in group
 
-    def _step_rows(self, p: DTensor, group: dict[str, Any]) -> None:
-        """The upstream step on this process's rows of ``p``, its gradient and its state (elementwise: the rows of
-        the whole step's result)."""
+    def _step(self, p: DTensor, group: dict[str, Any]) -> None:
+        """The upstream step of an elementwise group on this process's part of ``p``, its gradient and its state (the
+        part of the whole step's result)."""
         inner = self._inner_for(p, group)
         (inner_group,) = inner.param_groups
         for key, value in group.items():
@@ -464,7 +419,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         rows = local(p).detach()  # (the parameter's own storage: updated in place)
         rows.grad = local(_grad(p)).detach().to(rows.dtype)
         inner_group["params"] = [rows]
-        inner.state[rows], group_state = self._unflatten_state(self.state.get(p, {}), whole=False)
+        inner.state[rows], group_state = self._unflatten_state(self.state.get(p, {}))
         inner_group.update(group_state)
         inner.step()
         kept = {k: v for k, v in inner_group.items() if k != "params" and k not in group}
@@ -473,7 +428,7 @@ class GatheredStepOptimizer(torch.optim.Optimizer):
         inner_group["params"] = [torch.empty(0)]
 
 
-class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
+class ShardedLayerwiseOptimizer(StepHooks, ShardedStepOptimizer):
     """A layer-wise optimizer (``*_layerwise``: one upstream optimizer per parameter, stepped as soon as its gradient
     exists) over FSDP2's sharded parameters (FSDP2 on one mesh dimension, HSDP, or 2-D with tensor parallelism).
     FSDP2 reduce-scatters each group's gradients during backward and then runs the post-accumulate-grad hooks of its
@@ -576,7 +531,7 @@ class GatheredLayerwiseOptimizer(StepHooks, GatheredStepOptimizer):
 
             self._rounds.advance(steps, first=[Along(bad, widest)], check=check)
             for p, group in elementwise:
-                self._step(cast(DTensor, p), group, 0)
+                self._step(cast(DTensor, p), group)
         for p in batch:  # (a step in flight holds its gradient until it ends)
             p.grad = None
 
@@ -620,7 +575,7 @@ def step_after_each_fsdp_group(module: torch.nn.Module, optimizer: Any) -> None:
     clear what an earlier fit set. FSDP2's per-group hook is wrapped once, on the instance."""
     from torch.distributed.fsdp import FSDPModule
 
-    after = optimizer if isinstance(optimizer, GatheredLayerwiseOptimizer) else None
+    after = optimizer if isinstance(optimizer, ShardedLayerwiseOptimizer) else None
     for sub in module.modules():
         if not isinstance(sub, FSDPModule):
             continue
@@ -641,6 +596,50 @@ def _then_after(group: Any, post_backward: Callable[..., Any]) -> Callable[..., 
         return result
 
     return wrapped
+
+
+def _projects_right(group: dict[str, Any], p: torch.Tensor) -> bool:
+    """Whether GaLore's (and APOLLO's) projection of the matrix ``p`` is ``G @ P.T`` (a projection on the right, ``P``
+    ``[r, n]``) rather than ``P.T @ G``, as the projector's ``proj_type`` decides it: ``std`` projects the smaller
+    dimension (right when ``m >= n``), ``reverse_std`` the larger, ``right`` and ``left`` always that side."""
+    m, n = p.shape
+    proj_type = group.get("proj_type", "std")
+    sides = {"std": m >= n, "reverse_std": m < n, "right": True, "left": False}
+    if proj_type not in sides:
+        raise ValueError(f"proj_type={proj_type!r} has no step on a part of a matrix: expected one of {sorted(sides)}")
+    return sides[proj_type]
+
+
+def _channel_factor(
+    norm_grad: torch.Tensor, low: torch.Tensor, p: torch.Tensor, right: bool, rows: torch.Tensor, cols: torch.Tensor
+) -> Generator[list[Any], list[torch.Tensor], torch.Tensor]:
+    """APOLLO's channel-wise scaling factor on this process's block of ``p``. Upstream takes the norms of the
+    normalised and the projected gradient along ``norm_dim`` (1 when ``m >= n``, else 0: set by the shape, whatever
+    ``proj_type`` projects) and multiplies the whole gradient by their ratio, one number per row (``norm_dim`` 1) or
+    per column (0). Along the projected dimension (``r``) the norms are this process's; along a dimension that
+    follows the parameter's they are summed over the processes that split it. Where ``proj_type`` does not project
+    the side ``std`` would, the ratio has ``r`` entries, which upstream broadcasts over the parameter's rows or
+    columns: only ``r == 1`` or ``r`` equal to that dimension runs there (anything else is upstream's shape error,
+    raised here too)."""
+    m, n = p.shape
+    dim = 1 if m >= n else 0
+    follows_parameter = (dim == 0) == right  # (G @ P.T: dim 0 is the parameter's rows; P.T @ G: dim 1 its columns)
+    sums = torch.stack([norm_grad.square().sum(dim=dim), low.square().sum(dim=dim)])
+    if follows_parameter:
+        (sums,) = yield [Along(sums, p, (dim,))]  # (G @ P.T: its rows, dim 0; P.T @ G: its columns, dim 1)
+    factor = sums[0].sqrt() / (sums[1].sqrt() + 1e-8)
+    if not follows_parameter:  # (the ratio is per row of G @ P.T, or per column of P.T @ G: this process's)
+        return factor.unsqueeze(1) if dim == 1 else factor
+    size, mine = (m, rows) if dim == 1 else (n, cols)
+    if factor.numel() not in (1, size):
+        raise RuntimeError(
+            f"APOLLO scale_type='channel' with this proj_type gives {factor.numel()} factors for a matrix of shape "
+            f"{tuple(p.shape)}: upstream broadcasts them over its {size} {'rows' if dim == 1 else 'columns'} (rank 1, "
+            f"or rank {size}, runs)"
+        )
+    if factor.numel() > 1:
+        factor = factor[mine]
+    return factor.unsqueeze(1) if dim == 1 else factor
 
 
 def _renew(
@@ -706,22 +705,6 @@ def _adam_on_projected(state: dict[str, Any], low: torch.Tensor, group: dict[str
 def _grad(p: torch.Tensor) -> DTensor:
     """The gradient of an FSDP2 parameter that has one (a ``DTensor``, as only those are stepped)."""
     return cast(DTensor, p.grad)
-
-
-def _dim0_sharded(p: torch.Tensor) -> bool:
-    return row_mesh_dim(p) is not None
-
-
-def _shard_like(value: Any, p: DTensor) -> Any:
-    """A state tensor with a dim 0 as a ``DTensor`` sharded on it (this process keeps its rows); scalars and numbers
-    as they are (every process computed the same)."""
-    if not isinstance(value, torch.Tensor) or value.dim() == 0:
-        return value
-    value = value.contiguous()
-    local = my_rows(value, p).clone()
-    return DTensor.from_local(
-        local, p.device_mesh, rows_placements(p), run_check=False, shape=value.shape, stride=value.stride()
-    )
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -228,6 +228,21 @@ def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("name", ["galore_adafactor", "apollo_adamw"])
+def test_fsdp2_refuses_a_projection_on_both_sides_when_fit_starts(tmp_path, name):
+    """GaLore's proj_type='full' has no block step (before the block steps took every other proj_type it was stepped
+    on gathered whole tensors): refused when fit starts, naming the layout; APOLLO's, which apollo_torch does not
+    implement (NotImplementedError at the first step, on any device), as a bad optim_args value."""
+    proc = run_script(name, tmp_path / "x.pt", "sharded", "rank=2,proj_type=full")
+    assert proc.returncode != 0 and not (tmp_path / "x.pt").exists()
+    expected = (
+        f"optim={name!r} with optim_args proj_type='full' cannot run on this layout: FSDP2"
+        if name.startswith("galore")
+        else "proj_type='full' for apollo_adamw: accepted values are 'std', 'reverse_std', 'right', 'left'"
+    )
+    assert expected in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-3000:]
+
+
 @pytest.mark.parametrize(
     ("name", "optim_args", "refusal"),
     [
@@ -238,8 +253,8 @@ def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_
         ),
         (
             "galore_adamw",
-            "rank=2,proj_type=left",
-            "optim='galore_adamw' with optim_args proj_type='left' cannot run on this layout: tensor parallel",
+            "rank=2,proj_type=full",
+            "optim='galore_adamw' with optim_args proj_type='full' cannot run on this layout: tensor parallel",
         ),
         (
             "schedule_free_adamw",
@@ -249,9 +264,9 @@ def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_
     ],
 )
 def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(tmp_path, name, optim_args, refusal):
-    """A layer-wise name: its engine steps an FSDP2 group at a time; GaLore with proj_type='left': the gathered
-    step, rows only (before its rule: a ValueError from the optimizer's constructor); schedule-free (and fused
-    AdamW): one kernel over a group mixing DTensors and plain tensors, which torch refuses at the first step
+    """A layer-wise name: its engine steps an FSDP2 group at a time; GaLore with proj_type='full': no block step
+    for a projection on both sides (without the rule: a ValueError from the optimizer's constructor); schedule-free
+    (and fused AdamW): one kernel over a group mixing DTensors and plain tensors, which torch refuses at the first step
     (measured without the rule: RuntimeError "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
     proc = run_script(name, tmp_path / "x.pt", "tp", optim_args)
     assert proc.returncode != 0 and not (tmp_path / "x.pt").exists()

@@ -20,7 +20,8 @@ APOLLO_ARGUMENTS = (
     ),
     Arg("update_proj_gap", int, 200),
     Arg("scale", float, 1.0, help="APOLLO-Mini: 128"),
-    Arg("proj_type", str, "std", choices=_PROJ_TYPES),
+    # ('full': apollo_torch raises NotImplementedError at the first step; refused here before training starts)
+    Arg("proj_type", str, "std", choices=_PROJ_TYPES[:-1]),
 )
 
 
@@ -42,7 +43,7 @@ for _name, _layerwise in (("apollo_adamw", False), ("apollo_adamw_layerwise", Tr
             packages=("apollo_torch",),
             layerwise=_layerwise,
             updates_in_backward=_layerwise,
-            shards_by_gathering=True,
+            shards_by_blocks=True,
             callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",) if _layerwise else (),
             description="APOLLO (apollo-torch); APOLLO-Mini with rank=1,scale_type=tensor,scale=128",
         )
@@ -90,7 +91,7 @@ for _name, _cls in (
             device="cuda" if "8bit" in _name else None,  # galore_torch's 8-bit AdamW calls CUDA kernels
             layerwise=_layerwise,
             updates_in_backward=_layerwise,
-            shards_by_gathering="8bit" not in _name,  # (8-bit: CUDA-only, untested sharded)
+            shards_by_blocks="8bit" not in _name,  # (8-bit: CUDA-only, untested sharded)
             callbacks=("lightning_optims.callbacks.hooks:GradientHookCleanup",) if _layerwise else (),
             description=f"galore_torch.{_cls}",
         )

@@ -6,15 +6,17 @@ Each RUN is ``NAME:OPTIM:MAX_GRAD_NORM[:OPTION]`` and fits the tiny Llama of the
 under ``ModelParallelStrategy`` on 2 CPU processes (gloo) with every decoder layer and the model ``fully_shard``-ed
 (FSDP2, DTensor parameters sharded on dim 0), each process taking half of every batch, or on one process with the
 combined batches. The full weights go to ``OUT_DIR/NAME.pt``. OPTION: ``ckpt`` saves a checkpoint at each epoch end
-(in ``OUT_DIR/NAME-ckpt``); ``resume=OTHER`` resumes from run OTHER's epoch-0 checkpoint; ``local`` is the control
-with the statistics left shard-local (in-backward: no collective; gathered: the optimizer on this process's
-rows); ``unused`` fits a model whose head ``aux`` is used by sample 0 only (step 0 of each epoch: one process
-uses it, the other not; step 1: no process), with FSDP2's ``set_reduce_scatter_unused_params(True)``;
+(in ``OUT_DIR/NAME-ckpt``) and the full state at the end of epoch 0 (``NAME.epoch0-state.pt``); ``resume=OTHER``
+resumes from run OTHER's epoch-0 checkpoint and saves the full state it restored (``NAME.loaded-state.pt``);
+``local`` is the control with the statistics left shard-local (in-backward: no collective; the block steps: the
+optimizer on this process's part); ``unused`` fits a model whose head ``aux`` is used by sample 0 only (step 0 of
+each epoch: one process uses it, the other not; step 1: no process), with FSDP2's
+``set_reduce_scatter_unused_params(True)``;
 ``unused-torch`` is its control, with that switch alone (torch's zeros for every unused parameter, without this
 package's rule); ``nan-grad`` / ``nan-loss``: at global step 1 the last process's gradient (its loss finite) / its
 loss is non-finite, the others' not: each process writes what stopped it to ``NAME.failed.rankR`` (the error, the
 step, whether its part of the weights is finite and as before that step) and the launch goes on; ``gathered`` (the
-control of the collective counter) steps every parameter whole, gathered from the shards (FSDP2 and HSDP only).
+control of the collective counter) all-gathers the whole gradient of each matrix that takes a block step.
 ``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP). Every fit writes the digest of each
 process's full weights to ``NAME.digests``. All runs of a launch share its processes (one launch, many fits, as
 Lightning allows), in the order given.
@@ -77,8 +79,19 @@ SVD = "proj=svd,rank=2,update_proj_gap=2"  # APOLLO with GaLore's projections (t
 def optimizer_settings(optim: str, max_grad_norm: float) -> dict:
     """The test settings of ``optim`` (low-rank: all-linear targets, rank 2, projections renewed every 2 steps),
     with weight decay where the optimizer takes it; ``apollo_mini`` is APOLLO with tensor-wise scaling, rank 1,
-    ``apollo_svd`` APOLLO with ``proj=svd``;
-    GrokAdamW clips each gradient at 0.01."""
+    ``apollo_svd`` APOLLO with ``proj=svd``; ``OPTIM+KEY=VALUE[+...]`` sets these in its ``optim_args`` (a low-rank
+    one's: ``galore_adamw+proj_type=reverse_std``); GrokAdamW clips each gradient at 0.01."""
+
+    optim, *extra = optim.split("+")
+    chosen = _base_settings(optim, max_grad_norm)
+    if extra:
+        pairs = dict(item.split("=", 1) for item in chosen["optim_args"].split(","))
+        pairs.update(item.split("=", 1) for item in extra)
+        chosen["optim_args"] = ",".join(f"{key}={value}" for key, value in pairs.items())
+    return chosen
+
+
+def _base_settings(optim: str, max_grad_norm: float) -> dict:
     from lightning_optims import get_spec
     from tests.test_reliability import settings
 
@@ -287,6 +300,41 @@ class CountCollectives(Callback):
             self.path.with_suffix(".collectives").write_text(json.dumps(self.steps))
 
 
+class SaveFullState(Callback):
+    """The full weights and optimizer state, by parameter name (``weight:NAME``, ``state:NAME:KEY``; each
+    ``DTensor`` gathered whole), to ``path``: at the end of epoch 0 (what the checkpoint of that epoch holds), or
+    when training starts (``loaded``: what a resumed run restored from a checkpoint)."""
+
+    def __init__(self, path: Path, loaded: bool) -> None:
+        self.path, self.loaded = path, loaded
+
+    def on_train_start(self, trainer, pl_module):
+        if self.loaded:
+            self._save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not self.loaded and trainer.current_epoch == 0:
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer, pl_module) -> None:
+        def whole(value):
+            return (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu().clone()
+
+        named = dict(pl_module.model.named_parameters())
+        names = {p: n for n, p in named.items()}
+        state = {f"weight:{n}": whole(p) for n, p in sorted(named.items())}
+        optimizer = trainer.optimizers[0]
+        for p, entry in sorted(optimizer.state.items(), key=lambda item: names[item[0]]):
+            for key in sorted(entry, key=str):
+                value = entry[key]
+                if isinstance(value, torch.Tensor):
+                    state[f"state:{names[p]}:{key}"] = whole(value)
+                elif isinstance(value, (int, float, bool)):
+                    state[f"state:{names[p]}:{key}"] = torch.tensor(value)
+        if trainer.is_global_zero:
+            torch.save(state, self.path)
+
+
 class SaveFullWeights(Callback):
     """The full weights at the end, the steps this fit took (``NAME.steps``: a resumed fit takes fewer) and the
     ``grad_norm`` logged at each optimizer step (``NAME.norms``, JSON)."""
@@ -321,8 +369,8 @@ class SaveFullWeights(Callback):
             self.path.with_suffix(".norms").write_text(json.dumps(self.norms))
 
 
-def shard_local_step(self, p, group, index, check_finite=False) -> None:
-    """The control of GatheredStepOptimizer: the upstream optimizer on this process's rows alone (its statistics,
+def shard_local_step(self, p, group) -> None:
+    """The control of ShardedStepOptimizer: the upstream optimizer on this process's part alone (its statistics,
     norms, factorisations and projections then see half of each tensor)."""
     steppers = self.__dict__.setdefault("_local_steppers", {})
     if p not in steppers:
@@ -341,15 +389,27 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     from lightning_optims import mixin
     from lightning_optims.in_backward import NonFiniteGradientError, NonFiniteLossError
     from lightning_optims.placements import Along, ShardSums
-    from lightning_optims.sharded import GatheredStepOptimizer
+    from lightning_optims.sharded import ShardedStepOptimizer
 
     sync_unused = mixin.sync_unused_parameters
-    step_param, on_rows, shard_sums = GatheredStepOptimizer._step, GatheredStepOptimizer._on_rows, ShardSums.sums
+    step_param, on_rows, shard_sums = ShardedStepOptimizer._step, ShardedStepOptimizer._on_rows, ShardSums.sums
     if option == "local":  # the control: each process uses its shard's statistics only
-        GatheredStepOptimizer._step = shard_local_step
+        ShardedStepOptimizer._step = shard_local_step
         ShardSums.sums = lambda self, parts: [p.tensor if isinstance(p, Along) else p for p in parts]
-    if option == "gathered":  # the control of the collective counter: the whole-tensor step, gathered
-        GatheredStepOptimizer._on_rows = lambda self, p, group: None
+    if option == "gathered":  # the control of the collective counter: each block step gathers its gradient first
+
+        def gathering(self, p, group):
+            block_step = on_rows(self, p, group)
+            if block_step is None:
+                return None
+
+            def gathered(p, group):
+                p.grad.full_tensor()  # (an all-gather of the whole gradient, its result unused)
+                return (yield from block_step(p, group))
+
+            return gathered
+
+        ShardedStepOptimizer._on_rows = gathering
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
         mixin.sync_unused_parameters = lambda module: 0
     chosen = optimizer_settings(optim, float(max_grad_norm))
@@ -364,6 +424,9 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         callbacks.insert(0, CountCollectives(out / f"{name}.pt"))
     if option == "ckpt":
         callbacks.append(ModelCheckpoint(dirpath=out / f"{name}-ckpt", save_top_k=-1, filename="{epoch}"))
+    if option == "ckpt" or option.startswith("resume="):
+        loaded = option.startswith("resume=")
+        callbacks.append(SaveFullState(out / f"{name}.{'loaded' if loaded else 'epoch0'}-state.pt", loaded))
     resume = out / f"{option[len('resume=') :]}-ckpt" / "epoch=0.ckpt" if option.startswith("resume=") else None
     # micro: one process on the combined batch of each step, its gradient accumulated over the processes' halves in
     # their order, as FSDP2 sums them (the same arithmetic: a whole batch in one matmul rounds otherwise)
@@ -413,7 +476,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
             raise
     finally:
         mixin.sync_unused_parameters = sync_unused
-        GatheredStepOptimizer._step, GatheredStepOptimizer._on_rows, ShardSums.sums = step_param, on_rows, shard_sums
+        ShardedStepOptimizer._step, ShardedStepOptimizer._on_rows, ShardSums.sums = step_param, on_rows, shard_sums
 
 
 def main(out: str, mode: str, *runs: str) -> None:
