@@ -475,13 +475,18 @@ class ShardedLayerwiseOptimizer(StepHooks, ShardedStepOptimizer):
         return norm
 
     def grad_norm(self) -> torch.Tensor | None:
-        """The global norm of the gradients of the last step: each reduction key's part summed over its processes
-        (one all-reduce per mesh dimension), the keys added in their sorted order."""
+        """The global norm of the gradients of the last step: each reduction key's part summed over its processes,
+        the keys added in their sorted order. Asked for after backward (every gradient measured), its sums ride in
+        the next round of the steps still in flight rather than in calls of their own."""
         if not self._grad_sq_by_key:
             return None
         keys = sorted(self._grad_sq_by_key)
         parts = [Along(self._grad_sq_by_key[k][0].clone(), self._grad_sq_by_key[k][1]) for k in keys]
-        return torch.stack(ShardSums().sums(parts)).sum().sqrt()
+        summed: list[torch.Tensor] = []
+        with torch.no_grad():
+            self.step_pending()  # (nothing, where every FSDP2 group's steps started after its post-backward)
+            self._rounds.advance([], first=parts, check=summed.extend)
+        return torch.stack(summed).sum().sqrt()
 
     def _step_one(self, p: torch.Tensor) -> None:
         if p.grad is None:
