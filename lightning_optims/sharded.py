@@ -13,6 +13,10 @@ reshards them. GaLore's ``proj_type='full'`` (a projection on both sides) has no
 :class:`ShardedLayerwiseOptimizer` runs the same steps for the layer-wise names, an FSDP2 group at a time
 (:class:`~lightning_optims.placements.Rounds`).
 
+In the docstrings below, ``m >= n`` and ``m < n`` name the two sides of a projection of a matrix ``[m, n]`` as
+``proj_type='std'`` takes them: ``G @ P.T`` (on the right) and ``P.T @ G`` (on the left); another ``proj_type`` takes
+the side :func:`_projects_right` gives it, with the same sums, state and placements as that side.
+
 APOLLO seeds each random projection with the parameter's position among all parameters; stepping one parameter alone,
 it is set to the value of the whole optimizer.
 """
@@ -210,8 +214,8 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
     ) -> Generator[list[Any], list[torch.Tensor], tuple[torch.Tensor, Any, bool, torch.Tensor]]:
         """GaLore's projection of this process's block ``grad`` of the matrix ``p``: the projector created the first
         time, renewed every ``update_proj_gap`` steps (:func:`_renew`), the projected gradient summed over the blocks
-        that share it (:func:`_project`). Returns it, the projector, whether it is ``G @ P.T`` (``m >= n``) and this
-        process's columns."""
+        that share it (:func:`_project`). Returns it, the projector, whether it is ``G @ P.T`` (the side the group's
+        ``proj_type`` takes: :func:`_projects_right`) and this process's columns."""
         rows, cols = self._block(p)
         right = _projects_right(group, p)
         if "step" not in state:
