@@ -76,6 +76,9 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         self._optimizer_cls, self._kwargs = optimizer_cls, dict(kwargs)
         params = [p for g in self.param_groups for p in g["params"]]
         self._position = {p: i + 1 for i, p in enumerate(params)}  # APOLLO's 1-based position among all parameters
+        # the projected matrices, in order: which process takes a renewal's SVD (_owns)
+        projected = [p for g in self.param_groups if "rank" in g for p in g["params"] if p.dim() == 2]
+        self._order = {p: i for i, p in enumerate(projected)}
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
         self._indices: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         # every parameter steps on this process's part: element by element, or on the family's block step
@@ -229,7 +232,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             )
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            yield from _renew(projector, grad, p, rows, cols, right)
+            yield from _renew(projector, grad, p, rows, cols, right, _owns(p, self._order[p]))
         low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         return low, projector, right, cols
 
@@ -240,8 +243,8 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         whole on every process), a sum over the column blocks where the columns are split; ``m < n``, ``P.T @ G``
         has its columns, a sum over the row blocks (moments with the parameter's columns, each process keeps its rows
         of ``P``). A projection renewal (every ``update_proj_gap`` steps) takes the SVD of the whole gradient: it is
-        assembled on every process by a sum of the processes' blocks (one sum of the matrix), and every process
-        computes the same SVD of it."""
+        assembled by a sum of the processes' blocks (one sum of the matrix), one process takes the SVD and the
+        projection is summed to the others (:func:`_renew`)."""
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
         state, _ = self._unflatten_state(self.state.get(p, {}))
@@ -343,7 +346,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
             if group["proj"] == "svd":  # (GaLore's projector: the SVD of the whole gradient, its blocks summed)
-                yield from _renew(projector, grad, p, rows, cols, right)
+                yield from _renew(projector, grad, p, rows, cols, right, _owns(p, self._order[p]))
                 projector.svd_count += 1
             else:  # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
                 projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
@@ -651,17 +654,45 @@ def _channel_factor(
     return factor.unsqueeze(1) if dim == 1 else factor
 
 
+def _owns(p: torch.Tensor, index: int) -> bool:
+    """Whether this process takes the SVD of a renewal of ``p``, the ``index``-th parameter: the matrices are dealt
+    round-robin over the processes that split ``p`` (their coordinates on the mesh dimensions that shard it; each
+    replica of a replicated dimension deals its own), so that the SVDs of a step divide among them. A plain tensor
+    or one no mesh dimension splits: this process."""
+    dims = sharding(p)
+    if not dims:
+        return True
+    mesh = cast(DTensor, p).device_mesh
+    coordinate, size = 0, 1
+    for d in dims:
+        coordinate, size = coordinate * mesh.size(d) + mesh.get_local_rank(d), size * mesh.size(d)
+    return coordinate == index % size
+
+
 def _renew(
-    projector: Any, grad: torch.Tensor, p: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, right: bool
+    projector: Any,
+    grad: torch.Tensor,
+    p: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    right: bool,
+    owner: bool,
 ) -> Generator[list[Any], list[torch.Tensor], None]:
-    """A projection renewal of GaLore (and APOLLO ``proj=svd``): the SVD of the whole gradient, assembled on every
-    process by one sum of the processes' blocks (each process's block in place, zeros elsewhere), every process
-    computing the same SVD; then each keeps its part of the projection (:func:`_keep_my_rows`)."""
+    """A projection renewal of GaLore (and APOLLO ``proj=svd``): the SVD of the whole gradient, assembled by one sum
+    of the processes' blocks (each process's block in place, zeros elsewhere). One process (``owner``:
+    :func:`_owns`) takes the SVD and the projection reaches the others by a second sum (the owner's matrix, zeros
+    from the others: exact), so each process computes its share of a step's SVDs, not all of them; then each keeps
+    its part of the projection (:func:`_keep_my_rows`)."""
     m, n = p.shape
     blocks = grad.new_zeros(m, n)
     blocks[rows.unsqueeze(1), cols] = grad
     (whole,) = yield [Along(blocks, p)]
-    projector.ortho_matrix = projector.get_orthogonal_matrix(whole, projector.rank, "right" if right else "left")
+    if owner:
+        ortho = projector.get_orthogonal_matrix(whole, projector.rank, "right" if right else "left")
+    else:  # (the shape and dtype of get_orthogonal_matrix's: Vh[:rank] or U[:, :rank] of the reduced SVD)
+        k = min(projector.rank, m, n)
+        ortho = whole.new_zeros((k, n) if right else (m, k))
+    (projector.ortho_matrix,) = yield [Along(ortho, p)]
     _keep_my_rows(projector, rows, right)
 
 

@@ -338,6 +338,34 @@ def test_one_sided_projections_equal_one_process(sharded_runs, tensor_parallel_r
     assert_equals_one_process(folder, name, single, tmp_path)
 
 
+def svds(folder: Path, name: str, processes: int) -> list[int]:
+    """The SVDs each process of run ``name`` took (``torch.linalg.svd`` calls: projection renewals), by rank."""
+    return [int((folder / f"{name}.svds.rank{rank}").read_text()) for rank in range(processes)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["fsdp2", "2d"])
+@pytest.mark.parametrize("optim", ["galore_adafactor", "apollo_svd", "galore_adafactor_layerwise"])
+def test_a_renewal_divides_its_svds_among_the_processes(sharded_runs, tensor_parallel_runs, tmp_path, layout, optim):
+    """Each renewed matrix's SVD is taken by one process of those that split it (``sharded._owns``), not by all:
+    under FSDP2 the two processes' SVDs add up to one process's, each taking at most half of each renewal's (15
+    matrices, renewed at steps 0 and 2: 8 and 7); under 2-D (4 processes) each takes at most a third of one
+    process's (measured 8 of 30: the head, split by FSDP2 only, is renewed once per tensor-parallel replica).
+    Before, every process took every SVD."""
+    norm = _resumed_norm(optim)
+    processes = 2 if layout == "fsdp2" else TP_LAYOUTS["2d"]
+    name = _name(optim, norm) if layout == "fsdp2" else f"2d-{_name(optim, norm)}"
+    single_process(optim, norm, tmp_path, _reference_option(optim), processes=processes, layout=layout)
+    (total,) = svds(tmp_path, "single", 1)
+    each = svds(sharded_runs if layout == "fsdp2" else tensor_parallel_runs, name, processes)
+    assert total > 0
+    if layout == "fsdp2":
+        renewals = 2  # (steps 0 and 2 of 4, update_proj_gap 2)
+        assert sum(each) == total and max(each) <= renewals * -(-(total // renewals) // processes), (each, total)
+    else:
+        assert max(each) <= total / 3, (each, total)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optim", OPTIMIZERS)
 def test_fsdp2_resume_from_epoch_boundary_equals_uninterrupted(sharded_runs, optim):

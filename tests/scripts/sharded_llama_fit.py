@@ -18,8 +18,8 @@ loss is non-finite, the others' not: each process writes what stopped it to ``NA
 step, whether its part of the weights is finite and as before that step) and the launch goes on; ``gathered`` (the
 control of the collective counter) all-gathers the whole gradient of each matrix that takes a block step.
 ``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP). Every fit writes the digest of each
-process's full weights to ``NAME.digests``. All runs of a launch share its processes (one launch, many fits, as
-Lightning allows), in the order given.
+process's full weights to ``NAME.digests``, and the number of SVDs each process took to ``NAME.svds.rankR``. All
+runs of a launch share its processes (one launch, many fits, as Lightning allows), in the order given.
 """
 
 from __future__ import annotations
@@ -469,12 +469,21 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
             sampler=DataParallelSampler(n),
             collate_fn=default_data_collator,
         )
+    svd, svds = torch.linalg.svd, [0]
+
+    def counted_svd(*args, **kwargs):  # (the SVDs this process takes: a projection renewal's)
+        svds[0] += 1
+        return svd(*args, **kwargs)
+
+    torch.linalg.svd = counted_svd
     try:
         trainer.fit(module, data, ckpt_path=resume)
     except (NonFiniteGradientError, NonFiniteLossError):
         if not option.startswith("nan-"):
             raise
     finally:
+        torch.linalg.svd = svd
+        (out / f"{name}.svds.rank{trainer.global_rank}").write_text(str(svds[0]))
         mixin.sync_unused_parameters = sync_unused
         ShardedStepOptimizer._step, ShardedStepOptimizer._on_rows, ShardSums.sums = step_param, on_rows, shard_sums
 
