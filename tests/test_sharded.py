@@ -544,6 +544,34 @@ def test_fsdp2_a_non_finite_gradient_on_one_process_stops_every_process_at_the_s
     _check_every_process_stopped(failures(sharded_runs, _name(optim, norm, "-" + what), 2), optim, norm, what)
 
 
+# under DDP (nothing sharded): the loss check deferred to the averaged gradients (AdamW's norm, the in-backward
+# engine's flag), which every process sees alike
+DDP_NON_FINITE = [
+    ("adamw_torch", "1.0", "nan-loss"),
+    ("adamw_torch", "0", "nan-grad"),
+    ("lomo", "1.0", "nan-loss"),
+    ("adalomo", "0", "nan-loss"),
+]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """One launch of two DDP processes for the non-finite cases under plain data parallelism."""
+    out = tmp_path_factory.mktemp("ddp")
+    runs = [f"{_name(optim, norm, '-' + what)}:{optim}:{norm}:{what}" for optim, norm, what in DDP_NON_FINITE]
+    _launch(out, runs, processes=2, layout="ddp")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("optim", "norm", "what"), DDP_NON_FINITE)
+def test_ddp_a_non_finite_loss_on_one_process_stops_every_process_at_the_same_step(ddp_runs, optim, norm, what):
+    """As under FSDP2: the process whose loss was non-finite raises NonFiniteLossError, the other
+    NonFiniteGradientError, both at step 1, nothing written (without the deferral the first would stop before
+    backward and the other wait in DDP's all-reduce for it)."""
+    _check_every_process_stopped(failures(ddp_runs, _name(optim, norm, "-" + what), 2), optim, norm, what)
+
+
 # -- HSDP: fully_shard on a replicate x shard mesh of 2 x 2 (4 processes) ---------------------------------------------
 
 HSDP = "hsdp-"

@@ -17,9 +17,10 @@ package's rule); ``nan-grad`` / ``nan-loss``: at global step 1 the last process'
 loss is non-finite, the others' not: each process writes what stopped it to ``NAME.failed.rankR`` (the error, the
 step, whether its part of the weights is finite and as before that step) and the launch goes on; ``gathered`` (the
 control of the collective counter) all-gathers the whole gradient of each matrix that takes a block step.
-``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP). Every fit writes the digest of each
-process's full weights to ``NAME.digests``, and the number of SVDs each process took to ``NAME.svds.rankR``. All
-runs of a launch share its processes (one launch, many fits, as Lightning allows), in the order given.
+``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP); ``ddp`` runs DDP (nothing sharded:
+the non-finite cases under plain data parallelism). Every fit writes the digest of each process's full weights to
+``NAME.digests``, and the number of SVDs each process took to ``NAME.svds.rankR``. All runs of a launch share its
+processes (one launch, many fits, as Lightning allows), in the order given.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ def split_like_tensor_parallel(layers) -> None:
 
 def parallelize(module: L.LightningModule, layers, model) -> None:
     """The layout ``LAYOUT`` of the decoder ``layers`` and the ``model``, as a user's ``configure_model`` builds it."""
+    if LAYOUT == "ddp":  # (DDP wraps the module itself)
+        return
     if TENSOR_PARALLEL > 1:
         for layer in layers:
             parallelize_module(layer, module.device_mesh["tensor_parallel"], PLAN)
@@ -436,7 +439,11 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         accelerator=ACCELERATOR,
         accumulate_grad_batches=DATA_PARALLEL if micro else 1,
         devices=PROCESSES if sharded else 1,
-        strategy=ModelParallelStrategy(data_parallel_size=DATA_PARALLEL, tensor_parallel_size=TENSOR_PARALLEL)
+        strategy=(
+            "ddp"
+            if LAYOUT == "ddp"
+            else ModelParallelStrategy(data_parallel_size=DATA_PARALLEL, tensor_parallel_size=TENSOR_PARALLEL)
+        )
         if sharded
         else "auto",
         max_epochs=EPOCHS,
