@@ -379,16 +379,14 @@ def full_projection_sharded(fit: Fit) -> str | None:
     block step for two projections, and no whole tensor is gathered."""
     if not fit.sharded_here or fit.spec.params != "low_rank":
         return None
-    proj_type = fit.args.parsed_optim_args.get("proj_type", "std")
-    found = layout(fit.module)
-    if proj_type != "full" or found is None:
+    if fit.args.parsed_optim_args.get("proj_type", "std") != "full" or (found := layout(fit.module)) is None:
         return None
     name, where = found
     return (
         f"optim={fit.spec.name!r} with optim_args proj_type='full' cannot run on this layout: {name} ({where}). "
         "Under ModelParallelStrategy each process steps its block of a matrix with a projection on one side; "
         "proj_type='full' projects both, which has no such step. Use proj_type 'std', 'reverse_std', 'right' or "
-        f"'left' here, or proj_type='full' on one device or under DDP"
+        "'left' here, or proj_type='full' on one device or under DDP"
     )
 
 

@@ -30,7 +30,6 @@ from unittest import mock
 import pytest
 import torch
 
-from lightning_optims import get_spec
 from tests.helpers import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +152,14 @@ NON_FINITE = [
 def _reference_option(optim: str) -> str:
     """The one-process reference accumulates each step's gradient over the processes' parts (``micro``), but for
     the optimizers that step during backward, which cannot accumulate: the whole batch at once."""
-    return "" if optim.split("+")[0] in (*LAYERWISE, "lomo", "adalomo") else "micro"
+    return "" if optim.split("+")[0] in (*LAYERWISE, *IN_BACKWARD) else "micro"
+
+
+def _fsdp2_or_2d(layout: str, sharded_runs: Path, tensor_parallel_runs: Path, name: str) -> tuple[Path, str, int]:
+    """The folder, run name and number of processes of run ``name`` under FSDP2 (2 processes) or 2-D (4)."""
+    if layout == "fsdp2":
+        return sharded_runs, name, 2
+    return tensor_parallel_runs, f"2d-{name}", TP_LAYOUTS["2d"]
 
 
 def _name(optim: str, norm: str, kind: str = "") -> str:
@@ -313,7 +319,7 @@ def test_fsdp2_two_processes_equal_one_process(sharded_runs, tmp_path, optim, no
     and their projections on each process's rows (a renewal sums the blocks for the SVD): all within 1e-5 (measured
     7e-9 to 2e-6); with clipping the global norm is summed over the shards in another order. The in-backward and
     layer-wise optimizers cannot accumulate: one process on the whole batch, within 1e-5 (measured 4e-9 to 2e-6)."""
-    option = "micro" if optim in AFTER_BACKWARD else ""
+    option = _reference_option(optim)
     single = single_process(optim, norm, tmp_path, option)
     atol = tolerance(optim, norm, single, tmp_path, option, 2, "fsdp2")
     assert_equals_one_process(sharded_runs, _name(optim, norm), single, tmp_path, atol)
@@ -330,10 +336,7 @@ def test_one_sided_projections_equal_one_process(sharded_runs, tensor_parallel_r
     process's block: FSDP2 (rows split) and 2-D (rows and columns split), equal to one process within 1e-5 (measured
     7e-9 to 1.2e-7 under both; with every matrix projected as ``std`` instead, GaLore AdamW ended 1.3e-2 away and
     APOLLO at rank 1 1.15; with APOLLO's channel ratio left unsummed over the rows, 1.5e-3)."""
-    folder, name = (
-        (sharded_runs, _name(optim, norm)) if layout == "fsdp2" else (tensor_parallel_runs, f"2d-{_name(optim, norm)}")
-    )
-    processes = 2 if layout == "fsdp2" else TP_LAYOUTS["2d"]
+    folder, name, processes = _fsdp2_or_2d(layout, sharded_runs, tensor_parallel_runs, _name(optim, norm))
     single = single_process(optim, norm, tmp_path, _reference_option(optim), processes=processes, layout=layout)
     assert_equals_one_process(folder, name, single, tmp_path)
 
@@ -352,12 +355,12 @@ def test_a_renewal_divides_its_svds_among_the_processes(sharded_runs, tensor_par
     4, update_proj_gap 2); under FSDP2 the two processes' SVDs add up to that, each taking at most half of each
     renewal's (8 and 7 of 15); under 2-D (4 processes) each takes at most a third of it (measured 8 of 30: the head,
     split by FSDP2 only, is renewed once per tensor-parallel replica). Before, every process took every SVD (30)."""
-    norm = _resumed_norm(optim)
-    processes = 2 if layout == "fsdp2" else TP_LAYOUTS["2d"]
-    name = _name(optim, norm) if layout == "fsdp2" else f"2d-{_name(optim, norm)}"
+    folder, name, processes = _fsdp2_or_2d(
+        layout, sharded_runs, tensor_parallel_runs, _name(optim, _resumed_norm(optim))
+    )
     matrices, renewals = sum(isinstance(m, torch.nn.Linear) for m in tiny_llama().modules()), 2
     total = matrices * renewals
-    each = svds(sharded_runs if layout == "fsdp2" else tensor_parallel_runs, name, processes)
+    each = svds(folder, name, processes)
     if layout == "fsdp2":
         assert sum(each) == total and max(each) <= renewals * -(-matrices // processes), (each, total)
     else:
@@ -607,8 +610,7 @@ def test_hsdp_four_processes_equal_one_process(hsdp_runs, tmp_path, optim, norm)
     GrokAdamW the largest, as with FSDP2); the elementwise AdamW and schedule-free AdamW too."""
     name = HSDP + _name(optim, norm)
     assert len(digests(hsdp_runs, name)) == 4
-    after_backward = optim in AFTER_BACKWARD or get_spec(optim).elementwise
-    option = "micro" if after_backward else ""
+    option = _reference_option(optim)
     single = single_process(optim, norm, tmp_path, option, processes=4)
     atol = tolerance(optim, norm, single, tmp_path, option, 4, "hsdp")
     assert_equals_one_process(hsdp_runs, name, single, tmp_path, atol)
