@@ -576,6 +576,28 @@ def test_ddp_a_non_finite_loss_on_one_process_stops_every_process_at_the_same_st
 # -- HSDP: fully_shard on a replicate x shard mesh of 2 x 2 (4 processes) ---------------------------------------------
 
 HSDP = "hsdp-"
+# FSDP2 on the 1-D mesh of four processes (in the HSDP launch: ``flat``): the collectives of a step at 4 processes
+# against FSDP2 AdamW's on 4, one setting per family (the in-backward ones without their norm pass), and the
+# projection renewals
+FLAT = "fsdp2x4-"
+COUNTED_ON_FOUR = [
+    ("lomo", "0"),
+    ("adalomo", "0"),
+    ("adafactor", "1.0"),
+    ("stable_adamw", "1.0"),
+    ("grokadamw", "1.0"),
+    ("apollo_mini", "1.0"),
+    ("apollo_adamw", "1.0"),
+    ("apollo_adamw_layerwise", "0"),
+]
+RENEWING_ON_FOUR = [
+    ("galore_adamw", "1.0"),
+    ("galore_adafactor", "0"),
+    ("apollo_svd", "0"),
+    ("galore_adamw_layerwise", "0"),
+    ("galore_adafactor_layerwise", "0"),
+]
+ON_FOUR = [("adamw_torch", "1.0"), ("adamw_torch", "0"), *COUNTED_ON_FOUR, *RENEWING_ON_FOUR]
 HSDP_CONTROLS = [("adalomo", "0"), ("adafactor", "1.0"), ("stable_adamw", "1.0"), ("apollo_mini", "0")]
 
 
@@ -593,6 +615,7 @@ def hsdp_runs(sharded_runs) -> Path:
     runs += [f"{HSDP}{_name(optim, norm, '-local')}:{optim}:{norm}:local" for optim, norm in HSDP_CONTROLS]
     runs += [f"{HSDP}{_name(optim, norm)}:{optim}:{norm}" for optim, norm in COLLECTIVE_REFERENCES]
     runs += [f"{HSDP}{_name(optim, norm, '-' + what)}:{optim}:{norm}:{what}" for optim, norm, what in NON_FINITE]
+    runs += [f"{FLAT}{_name(optim, norm)}:{optim}:{norm}:flat" for optim, norm in ON_FOUR]
     _launch(sharded_runs, runs, processes=4, layout="hsdp")
     return sharded_runs
 
@@ -665,6 +688,32 @@ def test_hsdp_a_step_communicates_within_adamws_bound(hsdp_runs, optim, norm):
     assert len(ours) == len(adamw) == 4
     assert _most(ours, "calls") <= _most(adamw, "calls") + 2 * FSDP_GROUPS
     assert _most(ours, "bytes") <= 1.05 * _most(adamw, "bytes")
+
+
+@pytest.mark.parametrize(("optim", "norm"), COUNTED_ON_FOUR)
+def test_fsdp2_on_four_processes_a_step_communicates_within_adamws_bound(hsdp_runs, optim, norm):
+    """The bound at 4 processes (FSDP2 on one mesh dimension of 4): AdamW's calls plus 2 per FSDP group, 1.05x its
+    bytes, every step; and no gather beyond FSDP2's own."""
+    ours = collectives(hsdp_runs, FLAT + _name(optim, norm))
+    adamw = collectives(hsdp_runs, FLAT + _name("adamw_torch", norm))
+    assert len(ours) == len(adamw) == 4
+    assert _most(ours, "calls") <= _most(adamw, "calls") + 2 * FSDP_GROUPS
+    assert _most(ours, "bytes") <= 1.05 * _most(adamw, "bytes")
+    assert [s["bytes"]["all_gather"] for s in ours] == [s["bytes"]["all_gather"] for s in adamw]
+
+
+@pytest.mark.parametrize(("optim", "norm"), RENEWING_ON_FOUR)
+def test_fsdp2_on_four_processes_a_renewal_is_the_one_step_beyond_adamws_bound(hsdp_runs, optim, norm):
+    """As on 2 processes: the steps between renewals (1, 3) within the bound, the renewals (0, 2) the blocks' sums
+    beyond it; no step gathers beyond FSDP2's own."""
+    ours = collectives(hsdp_runs, FLAT + _name(optim, norm))
+    adamw = collectives(hsdp_runs, FLAT + _name("adamw_torch", norm))
+    for step in (1, 3):
+        assert sum(ours[step]["calls"].values()) <= sum(adamw[step]["calls"].values()) + 2 * FSDP_GROUPS
+        assert sum(ours[step]["bytes"].values()) <= 1.05 * sum(adamw[step]["bytes"].values())
+    for step in (0, 2):
+        assert sum(ours[step]["bytes"].values()) < 1.5 * sum(adamw[step]["bytes"].values())
+    assert [s["bytes"]["all_gather"] for s in ours] == [s["bytes"]["all_gather"] for s in adamw]
 
 
 @pytest.mark.parametrize(("optim", "norm"), NO_GATHER)

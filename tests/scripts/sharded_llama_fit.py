@@ -17,7 +17,8 @@ package's rule); ``nan-grad`` / ``nan-loss``: at global step 1 the last process'
 loss is non-finite, the others' not: each process writes what stopped it to ``NAME.failed.rankR`` (the error, the
 step, whether its part of the weights is finite and as before that step) and the launch goes on; ``gathered`` (the
 control of the collective counter) all-gathers the whole gradient of each matrix that takes a block step.
-``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP); ``ddp`` runs DDP (nothing sharded:
+``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP), but for the runs with OPTION ``flat``
+(FSDP2 on the 1-D mesh of every process, in the same launch); ``ddp`` runs DDP (nothing sharded:
 the non-finite cases under plain data parallelism). Every fit writes the digest of each process's full weights to
 ``NAME.digests``, and the number of SVDs each process took to ``NAME.svds.rankR``. All runs of a launch share its
 processes (one launch, many fits, as Lightning allows), in the order given.
@@ -115,8 +116,8 @@ def _base_settings(optim: str, max_grad_norm: float) -> dict:
 
 def data_parallel_mesh(module: L.LightningModule):
     """The mesh ``fully_shard`` is given: Lightning's data-parallel mesh (FSDP2), or a replicate x shard mesh over
-    the same processes (HSDP)."""
-    if LAYOUT == "hsdp":
+    the same processes (HSDP, but for a ``flat`` run)."""
+    if LAYOUT == "hsdp" and not module.flat:
         return init_device_mesh(module.device.type, (PROCESSES // 2, 2), mesh_dim_names=("replicate", "shard"))
     return module.device_mesh["data_parallel"]
 
@@ -137,6 +138,7 @@ class ShardedLlama(LlamaModule):
         super().__init__(model=tiny_llama(), **kwargs)
         self.shard = shard
         self.split = False  # (the micro reference of a tensor-parallel layout: its linear layers split)
+        self.flat = False  # (in an HSDP launch: FSDP2 on the 1-D mesh of every process instead)
 
     def configure_model(self) -> None:
         if self.shard:
@@ -435,6 +437,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     # their order, as FSDP2 sums them (the same arithmetic: a whole batch in one matmul rounds otherwise)
     micro = not sharded and option == "micro"
     module.split = not sharded and TENSOR_PARALLEL > 1  # (the reference of a tensor-parallel layout)
+    module.flat = option == "flat"
     trainer = L.Trainer(
         accelerator=ACCELERATOR,
         accumulate_grad_batches=DATA_PARALLEL if micro else 1,
