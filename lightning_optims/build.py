@@ -12,6 +12,7 @@ from transformers.optimization import GreedyLR
 
 from lightning_optims.arguments import OptimizerArguments
 from lightning_optims.layerwise import build_layerwise
+from lightning_optims.optim_args import OptimizerSettingError
 from lightning_optims.param_groups import (
     all_params_group,
     decay_param_groups,
@@ -51,6 +52,11 @@ def create_optimizer(
         names = target_parameter_names(model, targets, spec.name)
         params = low_rank_param_groups(model, names, target_kwargs)
         _warn_if_rank_too_large(params[1], spec.name)
+        named = dict(model.named_parameters())
+        if spec.check_targets is not None and (
+            problem := spec.check_targets(target_kwargs, [(n, tuple(named[n].shape)) for n in names])
+        ):
+            raise OptimizerSettingError(problem)
         # frozen targets too: a group added during training (BaseFinetuning unfreezing them) projects them as well
         wanted = set(names)
         low_rank_targets = ([p for n, p in model.named_parameters() if n in wanted], target_kwargs)

@@ -95,6 +95,10 @@ class OptimizerSpec:
         one_kernel_per_group: its step runs one foreach / fused kernel over each param group, which cannot take
             ``DTensor`` s and plain tensors together (tensor parallelism that leaves some parameters plain tensors):
             such a mix is refused when ``fit`` starts.
+        check_targets: for low-rank optimizers, called with the target group's keyword arguments and the
+            ``(name, shape)`` of each target matrix when the optimizer is built (when ``fit`` starts): a message where
+            upstream's step cannot take these options on one of them (a shape error at its first step), else ``None``;
+            the message is raised as an :class:`~lightning_optims.optim_args.OptimizerSettingError`.
         post_build: called with the new optimizer, for set-up transformers does after construction.
         callbacks: ``"module:Class"`` of the Lightning callbacks this optimizer needs at run time (the mixin adds
             each one unless the Trainer already has one of that class).
@@ -119,6 +123,7 @@ class OptimizerSpec:
     shards_by_blocks: bool = False
     sharded_target: str | None = None
     one_kernel_per_group: bool = False
+    check_targets: Callable[[dict[str, Any], list[tuple[str, tuple[int, ...]]]], str | None] | None = None
     post_build: Callable[[Any, BuildContext], None] | None = None
     callbacks: tuple[str, ...] = ()
     description: str = ""

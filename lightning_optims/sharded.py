@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from lightning_optims.families.adafactor import adafactor_update, apply_adafactor, fp32
+from lightning_optims.families.low_rank import ONE_SIDED, projects_right
 from lightning_optims.layerwise import StepHooks
 from lightning_optims.placements import (
     Along,
@@ -612,14 +613,12 @@ def _then_after(group: Any, post_backward: Callable[..., Any]) -> Callable[..., 
 
 def _projects_right(group: dict[str, Any], p: torch.Tensor) -> bool:
     """Whether GaLore's (and APOLLO's) projection of the matrix ``p`` is ``G @ P.T`` (a projection on the right, ``P``
-    ``[r, n]``) rather than ``P.T @ G``, as the projector's ``proj_type`` decides it: ``std`` projects the smaller
-    dimension (right when ``m >= n``), ``reverse_std`` the larger, ``right`` and ``left`` always that side."""
+    ``[r, n]``) rather than ``P.T @ G``, as the projector's ``proj_type`` decides it (:func:`projects_right`)."""
     m, n = p.shape
     proj_type = group.get("proj_type", "std")
-    sides = {"std": m >= n, "reverse_std": m < n, "right": True, "left": False}
-    if proj_type not in sides:
-        raise ValueError(f"proj_type={proj_type!r} has no step on a part of a matrix: expected one of {sorted(sides)}")
-    return sides[proj_type]
+    if proj_type not in ONE_SIDED:
+        raise ValueError(f"proj_type={proj_type!r} has no step on a part of a matrix: expected one of {ONE_SIDED}")
+    return projects_right(proj_type, m, n)
 
 
 def _channel_factor(
@@ -632,7 +631,7 @@ def _channel_factor(
     follows the parameter's they are summed over the processes that split it. Where ``proj_type`` does not project
     the side ``std`` would, the ratio has ``r`` entries, which upstream broadcasts over the parameter's rows or
     columns: only ``r == 1`` or ``r`` equal to that dimension runs there (anything else is upstream's shape error,
-    raised here too)."""
+    refused when the optimizer is built: ``families.low_rank``; raised here too for an optimizer built otherwise)."""
     m, n = p.shape
     dim = 1 if m >= n else 0
     follows_parameter = (dim == 0) == right  # (G @ P.T: dim 0 is the parameter's rows; P.T @ G: dim 1 its columns)

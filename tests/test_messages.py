@@ -222,6 +222,22 @@ REFUSALS = [
         "like '0', '1', '2', ...",
     ),
     (
+        lambda: create_optimizer(tiny_llama(), A(**TARGETED, optim_args="rank=2,proj_type=reverse_std")),
+        "optim_args scale_type='channel' with proj_type='reverse_std' and rank=2 cannot step "
+        "'model.layers.0.self_attn.q_proj.weight' [16, 16]: its projection is on the other side than "
+        "proj_type='std' takes, where APOLLO's channel-wise ratio has 2 numbers for the matrix's 16 rows, and "
+        "apollo_torch fails with a shape error at the first step. Use proj_type='std', scale_type='tensor' or rank=1",
+    ),
+    (
+        lambda: create_optimizer(
+            tiny_llama(),
+            A(optim="galore_adamw", optim_target_modules=["down_proj"], optim_args="rank=16,proj_type=reverse_std"),
+        ),
+        "optim_args proj_type='reverse_std' with rank=16 cannot step 'model.layers.0.mlp.down_proj.weight' [16, 32]: "
+        "galore_torch projects it onto 16 columns and projects them back on the wrong side (a shape error at the "
+        "first step). Use a rank below 16, or another proj_type",
+    ),
+    (
         lambda: create_optimizer(nn.Sequential(nn.ReLU()), A(optim="apollo_adamw", optim_target_modules="x")),
         "optim_target_modules='x' selects no nn.Linear module of Sequential for apollo_adamw; module names look "
         "like (the model has no nn.Linear module)",

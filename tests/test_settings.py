@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import pytest
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import TrainingArguments
 
@@ -243,3 +245,79 @@ def test_rank_not_below_the_matrix_size_warns():
     args = OptimizerArguments(optim="apollo_adamw", optim_target_modules="all-linear", optim_args="rank=64")
     with pytest.warns(UserWarning, match=r"rank=64 for apollo_adamw is not below the smaller dimension"):
         create_optimizer(tiny_llama(), args)  # hidden size 16: rank 64 is larger than every target matrix
+
+
+class OneMatrix(torch.nn.Module):
+    def __init__(self, m: int, n: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(n, m, bias=False)  # (weight [m, n])
+
+
+def _upstream_steps(optim: str, shape: tuple[int, int], options: dict) -> bool:
+    """Whether the upstream optimizer (apollo_torch's, galore_torch's) takes two steps of this matrix."""
+    import apollo_torch
+    import galore_torch
+
+    p = torch.nn.Parameter(torch.randn(*shape))
+    group = {"params": [p], "update_proj_gap": 1, "scale": 1.0, **options}
+    if optim == "apollo_adamw":
+        upstream = apollo_torch.APOLLOAdamW([group], lr=1e-3)
+    else:
+        upstream = galore_torch.GaLoreAdamW([group], lr=1e-3, no_deprecation_warning=True)
+    try:
+        for _ in range(2):
+            p.grad = torch.randn(*shape)
+            upstream.step()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_a_projection_upstream_cannot_step_is_refused_when_the_optimizer_is_built():
+    """APOLLO's channel-wise ratio where the projection is on the other side than ``std``'s, and GaLore's
+    ``reverse_std`` at a rank that fills a wide matrix, fail in the upstream step with a shape error: refused when the
+    optimizer is built (when ``fit`` starts), and only those (every combination run upstream beside ours)."""
+    pytest.importorskip("galore_torch")
+    grid = [
+        ("apollo_adamw", {"proj": proj, "scale_type": scale, "proj_type": side, "rank": rank})
+        for proj in ("random", "svd")
+        for scale in ("channel", "tensor")
+        for side in ("std", "reverse_std", "right", "left")
+        for rank in (1, 2, 8, 16)
+    ] + [
+        ("galore_adamw", {"proj_type": side, "rank": rank})
+        for side in ("std", "reverse_std", "right", "left", "full")
+        for rank in (1, 2, 8, 16)
+    ]
+    mismatches, refused = [], 0
+    for optim, options in grid:
+        for shape in ((8, 16), (16, 8), (8, 8)):
+            args = OptimizerArguments(
+                optim=optim,
+                optim_target_modules="all-linear",
+                optim_args=",".join(f"{k}={v}" for k, v in options.items()),
+            )
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (the rank-not-below-the-matrix warning)
+                    create_optimizer(OneMatrix(*shape), args)
+                ours = True
+            except OptimizerSettingError:
+                ours, refused = False, refused + 1
+            torch.manual_seed(0)
+            if ours != _upstream_steps(optim, shape, options):
+                mismatches.append((optim, options, shape, "refused" if not ours else "accepted"))
+    assert mismatches == [], "\n".join(map(str, mismatches))
+    assert refused == 28  # (of 312: APOLLO random 12, APOLLO proj=svd 14, GaLore reverse_std on [8, 16] 2)
+
+
+def test_a_projection_upstream_cannot_step_stops_fit_before_a_step(tmp_path):
+    module = LlamaModule(
+        optim="apollo_adamw", optim_target_modules="all-linear", optim_args="rank=2,proj_type=reverse_std"
+    )
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = lightning_trainer(2, default_root_dir=tmp_path)
+    with pytest.raises(OptimizerSettingError, match=r"optim_args scale_type='channel' with proj_type='reverse_std'"):
+        trainer.fit(module, loader())
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
