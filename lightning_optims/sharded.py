@@ -118,7 +118,8 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         projector: dict[str, Any] = {}
         for key, value in flat.items():
             if isinstance(value, DTensor):
-                value = value.to_local()
+                with torch.no_grad():  # (the local tensor itself, not a view: _flatten_state knows it again)
+                    value = value.to_local()
             if key.startswith("projector."):
                 projector[key[len("projector.") :]] = value
             elif key.startswith("group."):
@@ -132,11 +133,26 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _flatten_state(
-        state: dict[str, Any], group_state: dict[str, Any], place: Callable[[str, Any], Any]
+        state: dict[str, Any],
+        group_state: dict[str, Any],
+        place: Callable[[str, Any], Any],
+        previous: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One flat entry (torch's distributed checkpoint saves it like any optimizer's), each value as ``place``
         lays it out: a projector's fields under ``projector.`` (its class as an index); what the optimizer keeps in
-        its param group (per parameter here, as each parameter has its own inner optimizer) under ``group.``."""
+        its param group (per parameter here, as each parameter has its own inner optimizer) under ``group.``. A
+        tensor the step updated in place (the local tensor of ``previous``'s ``DTensor`` under that key) keeps that
+        ``DTensor``: each step wraps only what is new (building a ``DTensor`` costs more than a small update)."""
+        previous = previous or {}
+
+        def placed(key: str, value: Any) -> Any:
+            old = previous.get(key)
+            if isinstance(old, DTensor) and isinstance(value, torch.Tensor):
+                with torch.no_grad():
+                    if old.to_local() is value:
+                        return old
+            return place(key, value)
+
         flat: dict[str, Any] = {}
         for key, value in state.items():
             if key == "projector":
@@ -146,7 +162,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             else:
                 flat[key] = value
         flat.update({f"group.{key}": value for key, value in group_state.items()})
-        return {key: place(key, flat[key]) for key in sorted(flat)}
+        return {key: placed(key, flat[key]) for key in sorted(flat)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch's load_state_dict rebuilds containers value by value (a str character by character) and casts every
@@ -255,7 +271,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         block.add_(_project_back(norm_grad, projector, right, cols), alpha=-step_size)
         if group["weight_decay"] > 0.0:
             block.add_(block, alpha=(-group["lr"] * group["weight_decay"]))
-        self.state[p] = self._wrap_state(state, p, right)
+        self.state[p] = self._wrap_state(state, p, right, self.state.get(p))
 
     def _galore_adafactor_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
         """``galore_torch.GaLoreAdafactor.step`` for one matrix ``[m, n]`` on this process's block of it: the
@@ -275,7 +291,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         shape, follows = ((m, low.shape[1]), {0: 0}) if right else ((low.shape[0], n), {1: 1})
         update, lr = yield from adafactor_update(inner, low, shape, follows, p, weights, state, group)
         apply_adafactor(weights, part, _project_back(update, projector, right, cols), lr, group)
-        self.state[p] = self._wrap_state(state, p, right)
+        self.state[p] = self._wrap_state(state, p, right, self.state.get(p))
 
     def _adafactor_part(self, p: DTensor, group: dict[str, Any]) -> Sums:
         """GaLore Adafactor's step of a parameter without projection (a group without ``rank``: Adafactor, whose
@@ -296,7 +312,9 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             "exp_avg_sq_row": {i: i for i in range(d - 1)},
             "exp_avg_sq_col": {**{i: i for i in range(d - 2)}, max(d - 2, 0): d - 1},
         }
-        self.state[p] = self._flatten_state(state, {}, lambda key, value: _place(value, p, follows.get(key, {})))
+        self.state[p] = self._flatten_state(
+            state, {}, lambda key, value: _place(value, p, follows.get(key, {})), self.state.get(p)
+        )
 
     def _block(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The global indices of this process's rows and columns of the matrix ``p`` (any placement, torch's
@@ -390,10 +408,12 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         block.add_(scaled, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             block.add_(block, alpha=(-group["lr"] * group["weight_decay"]))
-        self.state[p] = self._wrap_state(state, p, right)
+        self.state[p] = self._wrap_state(state, p, right, self.state.get(p))
 
     @staticmethod
-    def _wrap_state(state: dict[str, Any], p: torch.Tensor, right: bool) -> dict[str, Any]:
+    def _wrap_state(
+        state: dict[str, Any], p: torch.Tensor, right: bool, previous: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """A projected step's state placed as the parameter's dimensions it follows: ``m >= n``, the moments
         (``[m, r]``) follow its rows; ``m < n``, the moments (``[r, n]``) its columns and the projection (``[m, r]``)
         its rows; the rest is the same on every process."""
@@ -408,7 +428,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             }
         )
         return ShardedStepOptimizer._flatten_state(
-            state, {}, lambda key, value: _place(value, p, follows.get(key.split(".")[-1], {}))
+            state, {}, lambda key, value: _place(value, p, follows.get(key.split(".")[-1], {})), previous
         )
 
     def _elementwise(self, group: dict[str, Any]) -> bool:
@@ -432,7 +452,9 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         inner.step()
         kept = {k: v for k, v in inner_group.items() if k != "params" and k not in group}
         like_p = {d: d for d in range(p.dim())}
-        self.state[p] = self._flatten_state(inner.state.pop(rows), kept, lambda key, value: _place(value, p, like_p))
+        self.state[p] = self._flatten_state(
+            inner.state.pop(rows), kept, lambda key, value: _place(value, p, like_p), self.state.get(p)
+        )
         inner_group["params"] = [torch.empty(0)]
 
 
