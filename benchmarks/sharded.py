@@ -143,11 +143,11 @@ class OptimizerClock:
             in_closure = [0.0]
 
             def closure_timed():
-                t0, before = time.thread_time(), self.spent
+                t0 = time.thread_time()
                 try:
                     return closure()
-                finally:  # (the optimizer's own work inside backward stays counted)
-                    in_closure[0] += time.thread_time() - t0 - (self.spent - before)
+                finally:  # (the optimizer's own work inside backward is counted by its timed methods, once)
+                    in_closure[0] += time.thread_time() - t0
 
             t0 = time.thread_time()
             try:
