@@ -59,7 +59,7 @@ def create_optimizer(
             raise OptimizerSettingError(problem)
         # frozen targets too: a group added during training (BaseFinetuning unfreezing them) projects them as well
         wanted = set(names)
-        low_rank_targets = ([p for n, p in model.named_parameters() if n in wanted], target_kwargs)
+        low_rank_targets = ([p for n, p in named.items() if n in wanted], target_kwargs)
     else:
         params = all_params_group(model)
     on_shards = is_sharded([p for g in params for p in g["params"]])

@@ -116,16 +116,16 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         state: dict[str, Any] = {}
         group_state: dict[str, Any] = {}
         projector: dict[str, Any] = {}
-        for key, value in flat.items():
-            if isinstance(value, DTensor):
-                with torch.no_grad():  # (the local tensor itself, not a view: _flatten_state knows it again)
+        with torch.no_grad():  # (each DTensor's local tensor itself, not a view: _flatten_state knows it again)
+            for key, value in flat.items():
+                if isinstance(value, DTensor):
                     value = value.to_local()
-            if key.startswith("projector."):
-                projector[key[len("projector.") :]] = value
-            elif key.startswith("group."):
-                group_state[key[len("group.") :]] = value
-            else:
-                state[key] = value
+                if key.startswith("projector."):
+                    projector[key[len("projector.") :]] = value
+                elif key.startswith("group."):
+                    group_state[key[len("group.") :]] = value
+                else:
+                    state[key] = value
         if projector:
             name = _projector_names()[int(projector.pop("kind"))]
             state["projector"] = _projectors()._projector_from_state({"__projector__": name, **projector})
@@ -147,10 +147,8 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
 
         def placed(key: str, value: Any) -> Any:
             old = previous.get(key)
-            if isinstance(old, DTensor) and isinstance(value, torch.Tensor):
-                with torch.no_grad():
-                    if old.to_local() is value:
-                        return old
+            if isinstance(old, DTensor) and old.to_local() is value:
+                return old
             return place(key, value)
 
         flat: dict[str, Any] = {}
@@ -162,7 +160,8 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             else:
                 flat[key] = value
         flat.update({f"group.{key}": value for key, value in group_state.items()})
-        return {key: placed(key, flat[key]) for key in sorted(flat)}
+        with torch.no_grad():  # (to_local() without grad is the local tensor itself)
+            return {key: placed(key, flat[key]) for key in sorted(flat)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch's load_state_dict rebuilds containers value by value (a str character by character) and casts every

@@ -46,7 +46,7 @@ def _apollo_channel_ratio(options: dict[str, Any], targets: list[tuple[str, tupl
         return None
     rank, proj_type = options.get("rank", 128), options.get("proj_type", "std")
     for name, (m, n) in targets:
-        if projects_right(proj_type, m, n) == (m >= n):  # (the side std projects: the ratio follows the matrix)
+        if projects_right(proj_type, m, n) == projects_right("std", m, n):  # (std's side: the ratio follows it)
             continue
         size, what = (m, "rows") if m >= n else (n, "columns")
         ratio = min(rank, m, n) if options.get("proj") == "svd" else rank  # (an SVD has at most min(m, n) vectors)
