@@ -3,7 +3,6 @@ parameters, refusals for the rest (FSDP, DeepSpeed, ModelParallel), bf16-mixed f
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,48 +27,95 @@ SHARDS_IN_BACKWARD = [n for n in USABLE if get_spec(n).shards_in_backward]
 SHARDS_AFTER_BACKWARD = [n for n in USABLE if get_spec(n).runs_sharded and not get_spec(n).shards_in_backward]
 
 
-def run_script(optim: str, out: Path, mode: str, optim_args: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **({"MODEL_PARALLEL_OPTIM_ARGS": optim_args} if optim_args is not None else {})}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), optim, str(out), mode],
+# the fits of tests/scripts/model_parallel_fit.py: FSDP2 equal to one process (the torch and schedule-free families),
+# tensor parallelism with plain parameters equal to one process (torch's optimizers that step each tensor on its own,
+# and the families whose sharded step takes any placement), and what is refused when fit starts
+SHARDED_EQUAL = ["adamw_torch", "sgd", "schedule_free_adamw"]
+TP_EQUAL = ["adamw_torch", "sgd", "adafactor", "stable_adamw", "grokadamw", "lomo", "adalomo", "galore_adafactor"]
+FSDP2_FULL_PROJECTION = ["galore_adafactor", "apollo_adamw"]
+TP_REFUSED = [
+    (
+        "galore_adafactor_layerwise",
+        None,
+        "optim='galore_adafactor_layerwise' cannot run on this layout: tensor parallel ('net.3.weight'",
+    ),
+    (
+        "galore_adamw",
+        "rank=2,proj_type=full",
+        "optim='galore_adamw' with optim_args proj_type='full' cannot run on this layout: tensor parallel",
+    ),
+    (
+        "schedule_free_adamw",
+        None,
+        "optim='schedule_free_adamw' steps each param group with one fused / foreach kernel",
+    ),
+]
+
+
+def _launch(out: Path, mode: str, runs: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), mode, *runs],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
-        env=env,
+        timeout=1200,
     )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def model_parallel_runs(tmp_path_factory) -> Path:
+    """Two launches for every fit of this module: two processes under ModelParallelStrategy (FSDP2, a
+    configure_model that shards nothing, tensor parallelism; one fit after the other in the same processes), and one
+    process on the combined batches; returns the folder of their weights and refusals."""
+    out = tmp_path_factory.mktemp("model_parallel")
+    parallel = [f"sharded-{name}:{name}:sharded" for name in SHARDED_EQUAL]
+    parallel += [f"tp-{name}:{name}:tp" for name in TP_EQUAL]
+    parallel += ["refused-4bit:adamw_torch_4bit:sharded", "refused-unsharded:adamw_torch:unsharded"]
+    parallel += [f"refused-full-{name}:{name}:sharded:rank=2,proj_type=full" for name in FSDP2_FULL_PROJECTION]
+    parallel += [f"refused-tp-{name}:{name}:tp" + (f":{args}" if args else "") for name, args, _ in TP_REFUSED]
+    _launch(out, "parallel", parallel)
+    _launch(out, "single", [f"single-{name}:{name}:single" for name in dict.fromkeys(SHARDED_EQUAL + TP_EQUAL)])
+    return out
+
+
+def _weights(out: Path, name: str) -> dict:
+    errors = [path.read_text() for path in sorted(out.glob(f"{name}.error.rank*"))]
+    assert not errors, errors
+    return torch.load(out / f"{name}.pt", weights_only=True)
+
+
+def _refusal(out: Path, name: str) -> str:
+    """The one message with which both processes stopped; nothing written."""
+    errors = [path.read_text() for path in sorted(out.glob(f"{name}.error.rank*"))]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert not (out / f"{name}.pt").exists()
+    return errors[0]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adamw_torch", "sgd", "schedule_free_adamw"])  # the torch and schedule-free families
-def test_model_parallel_two_cpu_processes_equal_one(tmp_path, name):
-    sharded, single = tmp_path / "sharded.pt", tmp_path / "single.pt"
-    for out, mode in ((sharded, "sharded"), (single, "single")):
-        proc = run_script(name, out, mode)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = torch.load(sharded, weights_only=True), torch.load(single, weights_only=True)
+@pytest.mark.parametrize("name", SHARDED_EQUAL)
+def test_model_parallel_two_cpu_processes_equal_one(model_parallel_runs, name):
+    a, b = _weights(model_parallel_runs, f"sharded-{name}"), _weights(model_parallel_runs, f"single-{name}")
     assert a.keys() == b.keys()
     for key in b:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m, key=key: f"{name} {key}: {m}")
 
 
 @pytest.mark.slow
-def test_model_parallel_refuses_a_blockwise_quantized_optimizer_end_to_end(tmp_path):
+def test_model_parallel_refuses_a_blockwise_quantized_optimizer_end_to_end(model_parallel_runs):
     """torchao's 4-bit AdamW quantizes blocks of a flattened tensor: refused when fit starts, in our words."""
-    proc = run_script("adamw_torch_4bit", tmp_path / "x.pt", "sharded")
-    assert proc.returncode != 0
-    assert "optim='adamw_torch_4bit' is not supported under ModelParallelStrategy" in proc.stderr + proc.stdout
+    message = _refusal(model_parallel_runs, "refused-4bit")
+    assert "optim='adamw_torch_4bit' is not supported under ModelParallelStrategy" in message
 
 
 @pytest.mark.slow
-def test_model_parallel_without_fully_shard_is_refused(tmp_path):
+def test_model_parallel_without_fully_shard_is_refused(model_parallel_runs):
     """ModelParallelStrategy only asks for a configure_model; one that shards nothing would leave every process
     training its own copy (nothing averages the gradients): refused when fit starts."""
-    proc = run_script("adamw_torch", tmp_path / "x.pt", "unsharded")
-    assert proc.returncode != 0
     assert (
         "ModelParallelStrategy with 2 processes, and no parameter of ShardedMLP is sharded: configure_model must "
-        "call fully_shard" in proc.stderr + proc.stdout
+        "call fully_shard" in _refusal(model_parallel_runs, "refused-unsharded")
     )
 
 
@@ -211,63 +257,36 @@ def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layo
 
 
 @pytest.mark.slow
-# torch's optimizers that step each tensor on its own, and the families whose sharded step takes any placement
-@pytest.mark.parametrize(
-    "name", ["adamw_torch", "sgd", "adafactor", "stable_adamw", "grokadamw", "lomo", "adalomo", "galore_adafactor"]
-)
-def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_one_process(tmp_path, name):
+@pytest.mark.parametrize("name", TP_EQUAL)
+def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_one_process(model_parallel_runs, name):
     """Only two layers parallelised (ColwiseParallel, RowwiseParallel), the LayerNorm and the last layer left plain
     tensors, max_grad_norm=1.0: the norm spans both meshes (torch's clipping crashes on the mix)."""
-    tp, single = tmp_path / "tp.pt", tmp_path / "single.pt"
-    for out, mode in ((tp, "tp"), (single, "single")):
-        proc = run_script(name, out, mode)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = torch.load(tp), torch.load(single)
+    a, b = _weights(model_parallel_runs, f"tp-{name}"), _weights(model_parallel_runs, f"single-{name}")
     assert a.keys() == b.keys()
     for key in a:  # (measured 4.5e-8 for AdamW: the row-parallel layer sums its two halves in another order)
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("name", ["galore_adafactor", "apollo_adamw"])
-def test_fsdp2_refuses_a_projection_on_both_sides_when_fit_starts(tmp_path, name):
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FSDP2_FULL_PROJECTION)
+def test_fsdp2_refuses_a_projection_on_both_sides_when_fit_starts(model_parallel_runs, name):
     """GaLore's proj_type='full' has no block step (before the block steps took every other proj_type it was stepped
     on gathered whole tensors): refused when fit starts, naming the layout; APOLLO's, which apollo_torch does not
     implement (NotImplementedError at the first step, on any device), as a bad optim_args value."""
-    proc = run_script(name, tmp_path / "x.pt", "sharded", "rank=2,proj_type=full")
-    assert proc.returncode != 0 and not (tmp_path / "x.pt").exists()
+    message = _refusal(model_parallel_runs, f"refused-full-{name}")
     expected = (
         f"optim={name!r} with optim_args proj_type='full' cannot run on this layout: FSDP2"
         if name.startswith("galore")
         else "proj_type='full' for apollo_adamw: accepted values are 'std', 'reverse_std', 'right', 'left'"
     )
-    assert expected in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-3000:]
+    assert expected in message
 
 
-@pytest.mark.parametrize(
-    ("name", "optim_args", "refusal"),
-    [
-        (
-            "galore_adafactor_layerwise",
-            None,
-            "optim='galore_adafactor_layerwise' cannot run on this layout: tensor parallel ('net.3.weight'",
-        ),
-        (
-            "galore_adamw",
-            "rank=2,proj_type=full",
-            "optim='galore_adamw' with optim_args proj_type='full' cannot run on this layout: tensor parallel",
-        ),
-        (
-            "schedule_free_adamw",
-            None,
-            "optim='schedule_free_adamw' steps each param group with one fused / foreach kernel",
-        ),
-    ],
-)
-def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(tmp_path, name, optim_args, refusal):
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "optim_args", "refusal"), TP_REFUSED)
+def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(model_parallel_runs, name, optim_args, refusal):
     """A layer-wise name: its engine steps an FSDP2 group at a time; GaLore with proj_type='full': no block step
     for a projection on both sides (without the rule: a ValueError from the optimizer's constructor); schedule-free
     (and fused AdamW): one kernel over a group mixing DTensors and plain tensors, which torch refuses at the first step
     (measured without the rule: RuntimeError "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
-    proc = run_script(name, tmp_path / "x.pt", "tp", optim_args)
-    assert proc.returncode != 0 and not (tmp_path / "x.pt").exists()
-    assert refusal in proc.stderr + proc.stdout
+    assert refusal in _refusal(model_parallel_runs, f"refused-tp-{name}")

@@ -1,12 +1,15 @@
 """Run by tests/test_strategies.py (Lightning's launcher re-executes this script for the second process):
 
-    python tests/scripts/model_parallel_fit.py OPTIM OUT_FILE {sharded,single,unsharded,tp}
+    python tests/scripts/model_parallel_fit.py OUT_DIR {parallel,single} RUN [RUN ...]
 
-Fits a small MLP for 3 steps, sharded with FSDP2 (``fully_shard``) under ``ModelParallelStrategy`` on 2 CPU processes
-(gloo), or on one process with the combined batches (``unsharded``: the 2 processes of ModelParallelStrategy with
-a configure_model that shards nothing), or with tensor parallelism alone (``tp``: 2 processes, data_parallel_size=1,
-both on the whole batch; the first linear layer ``ColwiseParallel``, the second ``RowwiseParallel``, the LayerNorm and
-the last layer left plain tensors, as a user's plan commonly leaves them); rank 0 writes the full weights to OUT_FILE.
+Each RUN is ``NAME:OPTIM:MODE[:OPTIM_ARGS]`` and fits a small MLP for 3 steps. ``parallel``: under
+``ModelParallelStrategy`` on 2 CPU processes (gloo), MODE ``sharded`` (FSDP2, ``fully_shard``, each process on half of
+every batch), ``unsharded`` (a configure_model that shards nothing) or ``tp`` (tensor parallelism alone,
+data_parallel_size=1, both processes on the whole batch; the first linear layer ``ColwiseParallel``, the second
+``RowwiseParallel``, the LayerNorm and the last layer left plain tensors, as a user's plan commonly leaves them);
+``single``: on one process with the combined batches (MODE unused). Rank 0 writes the full weights to
+``OUT_DIR/NAME.pt``; a fit that raises writes ``OUT_DIR/NAME.error.rankR`` on each process (the exception's type and
+message) and the launch goes on. All runs of a launch share its processes (one launch, many fits), in the order given.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -26,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_optims import OptimizerMixin
+from lightning_optims import OptimizerMixin, get_spec
 from tests.helpers import RankInterleavedSampler, leave_process_group
 
 
@@ -71,46 +75,54 @@ class SaveFullWeights(Callback):
             torch.save(full, self.path)
 
 
-def main(optim: str, out: str, mode: str) -> None:
+def fit(out: Path, single: bool, name: str, optim: str, mode: str, optim_args: str | None = None) -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(24, 8, generator=g)
     data = TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
-    sharded = mode in ("sharded", "unsharded", "tp")  # unsharded: ModelParallelStrategy, configure_model shards nothing
-    per_process = 2 if mode in ("sharded", "unsharded") else 4
+    per_process = 2 if mode in ("sharded", "unsharded") and not single else 4
     # (tensor parallel: every process on the whole batch, in order)
     sampler = None if mode == "tp" else RankInterleavedSampler(len(data))
     loader = DataLoader(data, batch_size=per_process, sampler=sampler)
-    from lightning_optims import get_spec
-
     spec = get_spec(optim)
     extra: dict = {"lr_scheduler_type": "constant"} if spec.has_train_eval_modes else {}
     if spec.needs_target_modules:  # (rank 2: a projection of rank >= the gradient's own rank is ill-conditioned, its
         # extra singular vectors set by rounding: GaLore's default 128 on these 8- to 32-wide layers ended 3e-3 away
         # from one process under FSDP2, rank 2 1.2e-7)
         extra["optim_target_modules"] = "all-linear"
-        extra["optim_args"] = os.environ.get("MODEL_PARALLEL_OPTIM_ARGS", "rank=2,update_proj_gap=2")
+        extra["optim_args"] = optim_args or "rank=2,update_proj_gap=2"
     if spec.layerwise:
         extra["max_grad_norm"] = 0.0
     if "weight_decay" in spec.uses:
         extra["weight_decay"] = 0.01
-    module = ShardedMLP("tp" if mode == "tp" else mode == "sharded", optim=optim, learning_rate=1e-2, **extra)
-    parallel = dict(data_parallel_size=1, tensor_parallel_size=2) if mode == "tp" else dict(data_parallel_size=2)
-    parallel.setdefault("tensor_parallel_size", 1)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2 if sharded else 1,
-        strategy=ModelParallelStrategy(**parallel) if sharded else "auto",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[SaveFullWeights(out)],
-    )
-    trainer.fit(module, loader)
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        shard: bool | str = False if single else "tp" if mode == "tp" else mode == "sharded"
+        module = ShardedMLP(shard, optim=optim, learning_rate=1e-2, **extra)
+        parallel = dict(data_parallel_size=1, tensor_parallel_size=2) if mode == "tp" else dict(data_parallel_size=2)
+        parallel.setdefault("tensor_parallel_size", 1)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1 if single else 2,
+            strategy="auto" if single else ModelParallelStrategy(**parallel),
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[SaveFullWeights(str(out / f"{name}.pt"))],
+        )
+        trainer.fit(module, loader)
+    except Exception as error:  # (the refusals are results: every process writes its own)
+        rank = dist.get_rank() if dist.is_initialized() else rank
+        (out / f"{name}.error.rank{rank}").write_text(f"{type(error).__name__}: {error}")
+
+
+def main(out: str, mode: str, *runs: str) -> None:
+    for run in runs:
+        fit(Path(out), mode == "single", *run.split(":"))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])
     leave_process_group()
