@@ -23,7 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from lightning_optims import rules
-from tests.helpers import LlamaModule, tiny_llama
+from tests.helpers import LlamaModule, leave_process_group, tiny_llama
 from tests.test_reliability import settings
 
 PLAN = {
@@ -83,10 +83,10 @@ def main(optims: list[str]) -> None:
             except Exception as error:  # (the message is the result)
                 message = f"{type(error).__name__}: {error}"
             out[f"{layout} {optim}"] = {"layout": rules.layout(module), "message": message}
-    dist.destroy_process_group()
     print(json.dumps(out))
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     main(sys.argv[1:])
+    leave_process_group()
