@@ -41,8 +41,9 @@ RUNS = [  # label, optim, max_grad_norm
     ("galore_adamw_layerwise", "galore_adamw_layerwise", "0"),
     ("galore_adafactor_layerwise", "galore_adafactor_layerwise", "0"),
 ]
-# a projection renewed from the SVD of the whole gradient every 2 steps (steps 0 and 2): its blocks summed, the one
-# step the bound excepts; the table gives the most of any step and, after it, of the steps that do not renew
+# a projection renewed from the SVD of the whole gradient every 2 steps (steps 0 and 2): its blocks sent to one
+# process, the one step the bound excepts; the table gives the most of any step and, after it, of the steps that do
+# not renew
 RENEWING = {"apollo proj=svd", "galore_adamw", "galore_adafactor", "galore_adafactor reverse_std"}
 RENEWING |= {"galore_adamw_layerwise", "galore_adafactor_layerwise"}
 FSDP_GROUPS = 3

@@ -8,7 +8,10 @@ same numbers, a plain tensor is whole). :class:`ShardSums` completes many such p
 flattened into one all-reduce per mesh dimension involved, so a step issues a fixed, small number of collectives
 whatever the number of parameters; ``lockstep`` batches the rounds of steps written as generators, and
 :class:`Rounds` spreads such rounds over several calls (the layer-wise engine starts an FSDP2 group's steps in the
-round that continues the previous group's). On one process nothing is communicated.
+round that continues the previous group's). A :class:`ToOwner` part (a block of a matrix that one process needs
+whole: a projection renewal's SVD) goes to that process alone, the round's blocks in one ``all_to_all`` per set of
+mesh dimensions (:func:`indices_at` tells any process where another's block lies). On one process nothing is
+communicated.
 
 The layouts: FSDP2 on one mesh dimension (``Shard(0)``); HSDP (``(Replicate(), Shard(0))``: FSDP2 reduce-scatters each
 gradient over the shard dimension and all-reduces it over the replicate dimension before its post-accumulate-grad
@@ -25,8 +28,9 @@ APOLLO and GaLore (AdamW, Adafactor).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -37,6 +41,8 @@ __all__ = [
     "Along",
     "Rounds",
     "ShardSums",
+    "ToOwner",
+    "indices_at",
     "local",
     "local_indices",
     "my_rows",
@@ -45,6 +51,7 @@ __all__ = [
     "row_coordinate",
     "row_mesh_dim",
     "rows_placements",
+    "shard_coordinate",
     "sharding",
     "state_along",
     "state_like",
@@ -115,6 +122,25 @@ class Along(NamedTuple):
     dims: tuple[int, ...] | None = None
 
 
+class ToOwner(NamedTuple):
+    """This process's block (its ``rows`` x ``cols``, global indices) of the matrix ``param``, to be assembled whole on
+    one of the processes that split it, ``owner`` (an index as :func:`shard_coordinate` numbers them): the owner gets
+    the whole matrix, the others ``None``. Each process sends its block to the owner alone (the blocks are disjoint:
+    exact), so a process receives only the matrices it owns."""
+
+    tensor: torch.Tensor
+    param: Any
+    rows: torch.Tensor
+    cols: torch.Tensor
+    owner: int
+
+    def alone(self) -> torch.Tensor:
+        """The whole matrix with this process's block in place and zeros elsewhere."""
+        whole = self.tensor.new_zeros(self.param.shape)
+        whole[self.rows.unsqueeze(1), self.cols] = self.tensor
+        return whole
+
+
 def _mesh_dim_key(p: DTensor, i: int) -> str:
     """A name for mesh dimension ``i`` of ``p``'s mesh that is the same on every process and for every mesh that
     shares the dimension (a 2-D mesh and its 1-D data-parallel sub-mesh): its name, else its index and mesh shape."""
@@ -126,21 +152,38 @@ def local_indices(p: Any, dim: int) -> torch.Tensor:
     """The global indices along ``p``'s dimension ``dim`` of this process's part, in its order (torch's
     ``_StridedShard`` included); every index for a plain tensor or a dimension no mesh dimension splits. No
     collective: each process splits the index vector as its part of ``p`` was split."""
-    device = local(p).device
-    every = torch.arange(p.shape[dim], device=device)
     if not sharding(p, (dim,)):
-        return every
-    placements: list[Any] = []
-    for pl in p.placements:
-        if isinstance(pl, _StridedShard) and pl.dim == dim:
-            placements.append(_StridedShard(0, split_factor=pl.split_factor))
-        elif isinstance(pl, Shard) and pl.dim == dim:
-            placements.append(Shard(0))
-        else:
-            placements.append(Replicate())
-    from torch.distributed.tensor import distribute_tensor
+        return torch.arange(p.shape[dim], device=local(p).device)
+    return indices_at(p, dim, tuple(p.device_mesh.get_coordinate()))
 
-    return distribute_tensor(every, p.device_mesh, placements, src_data_rank=None).to_local()
+
+def indices_at(p: DTensor, dim: int, coordinate: tuple[int, ...]) -> torch.Tensor:
+    """The global indices along ``p``'s dimension ``dim`` held by the process at ``coordinate`` on ``p``'s mesh: the
+    index vector split mesh dimension after mesh dimension as ``distribute_tensor`` splits a tensor (each ``Shard`` /
+    ``_StridedShard`` placement's own split, without padding), that process's chunk kept each time. No
+    collective: any process computes any other's."""
+    indices = torch.arange(p.shape[dim], device=local(p).device)
+    for i, pl in enumerate(p.placements):
+        split: Shard | _StridedShard
+        if isinstance(pl, _StridedShard) and pl.dim == dim:
+            split = _StridedShard(0, split_factor=pl.split_factor)
+        elif isinstance(pl, Shard) and pl.dim == dim:
+            split = Shard(0)
+        else:
+            continue
+        chunks, _ = split._split_tensor(indices, p.device_mesh.size(i), with_padding=False)
+        indices = chunks[coordinate[i]]
+    return indices
+
+
+def shard_coordinate(p: Any) -> tuple[int, int]:
+    """This process's index among the processes that hold different parts of ``p`` (row-major over the mesh
+    dimensions that shard it: :func:`sharding`), and their number; ``(0, 1)`` for a plain or unsplit tensor."""
+    coordinate, size = 0, 1
+    for d in sharding(p):
+        width = p.device_mesh.size(d)
+        coordinate, size = coordinate * width + p.device_mesh.get_local_rank(d), size * width
+    return coordinate, size
 
 
 def reduction_key(p: Any, dims: Iterable[int] | None = None) -> tuple[str, ...]:
@@ -181,11 +224,15 @@ class ShardSums:
     every process: returned as it is). The parts are flattened into one all-reduce per mesh dimension involved (a
     part sharded over two mesh dimensions is summed over one, then the other), in an order every process shares."""
 
-    def sums(self, parts: list[Any]) -> list[torch.Tensor]:
-        results = [part.tensor if isinstance(part, Along) else part for part in parts]
+    def sums(self, parts: list[Any]) -> list[Any]:
+        results = [part.tensor if isinstance(part, (Along, ToOwner)) else part for part in parts]
         rounds: dict[str, tuple[Any, list[int]]] = {}
+        owned: dict[tuple[str, ...], list[int]] = {}
         for index, part in enumerate(parts):
-            if isinstance(part, Along):
+            if isinstance(part, ToOwner):
+                if sharding(part.param):
+                    owned.setdefault(reduction_key(part.param), []).append(index)
+            elif isinstance(part, Along):
                 for i in sharding(part.param, part.dims):
                     key = _mesh_dim_key(part.param, i)
                     rounds.setdefault(key, (part.param.device_mesh.get_group(i), []))[1].append(index)
@@ -196,6 +243,8 @@ class ShardSums:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             for i, summed in zip(indices, torch._utils._unflatten_dense_tensors(flat, chosen)):
                 results[i] = summed
+        for mesh_dims in sorted(owned):
+            _gather_to_owners([parts[i] for i in owned[mesh_dims]], owned[mesh_dims], results)
         return results
 
     def lockstep(self, steps: list[Generator[list[Any], list[torch.Tensor], None]]) -> None:
@@ -205,6 +254,66 @@ class ShardSums:
         rounds = Rounds(self)
         rounds.advance(steps)
         rounds.drain()
+
+
+def _gather_to_owners(parts: list[ToOwner], indices: list[int], results: list[Any]) -> None:
+    """Assemble each :class:`ToOwner` part's matrix on its owner (``results[i]``; ``None`` on the other processes),
+    for parts split over the same mesh dimensions, in one ``all_to_all``: each process sends each owner its blocks
+    of the matrices that owner takes (each block padded to the largest of the processes' blocks of its matrix, so
+    that every process sends an owner the same number of elements), and receives the blocks of the matrices it
+    takes; where each process's block goes, every process computes (:func:`indices_at`)."""
+    p = parts[0].param
+    dims = sharding(p)
+    group, members = _group_over(p, dims)
+    me, size = shard_coordinate(p)
+    places = [[(indices_at(part.param, 0, c), indices_at(part.param, 1, c)) for c in members] for part in parts]
+    widths = [max(len(rows) * len(cols) for rows, cols in where) for where in places]
+    order = sorted(range(len(parts)), key=lambda k: parts[k].owner)  # (by owner: what goes to each, in turn)
+    send = torch.cat(
+        [torch.nn.functional.pad(parts[k].tensor.reshape(-1), (0, widths[k] - parts[k].tensor.numel())) for k in order]
+    )
+    sent = [sum(widths[k] for k in order if parts[k].owner == owner) for owner in range(size)]
+    mine = [k for k in order if parts[k].owner == me]
+    each = sum(widths[k] for k in mine)
+    received = send.new_empty(each * size)
+    dist.all_to_all_single(received, send, output_split_sizes=[each] * size, input_split_sizes=sent, group=group)
+    for i in indices:
+        results[i] = None
+    at = 0
+    for k in mine:
+        whole = parts[k].tensor.new_empty(parts[k].param.shape)
+        for source, (rows, cols) in enumerate(places[k]):
+            start = source * each + at
+            whole[rows.unsqueeze(1), cols] = received[start : start + len(rows) * len(cols)].view(len(rows), len(cols))
+        results[indices[k]] = whole
+        at += widths[k]
+
+
+_GROUPS: dict[tuple[Any, ...], tuple[Any, list[tuple[int, ...]]]] = {}
+
+
+def _group_over(p: DTensor, dims: list[int]) -> tuple[Any, list[tuple[int, ...]]]:
+    """The process group of the processes that differ from this one only on the mesh dimensions ``dims`` of ``p``'s
+    mesh, and their mesh coordinates in group-rank order (row-major over ``dims``: :func:`shard_coordinate`'s
+    order). One mesh dimension: the mesh's own group; several (tensor parallelism and FSDP2 both splitting a
+    matrix): a group made once with its members alone (``use_local_synchronization``)."""
+    mesh = p.device_mesh
+    mine = list(cast(list[int], mesh.get_coordinate()))
+    members = []
+    for flat in range(math.prod(mesh.size(d) for d in dims)):
+        coordinate = list(mine)
+        for d in reversed(dims):
+            flat, coordinate[d] = divmod(flat, mesh.size(d))
+        members.append(tuple(coordinate))
+    if len(dims) == 1:
+        return mesh.get_group(dims[0]), members
+    ranks = [int(mesh.mesh[c]) for c in members]
+    key = (tuple(ranks), tuple(mesh.mesh.flatten().tolist()))
+    if key not in _GROUPS:
+        if ranks != sorted(ranks):  # (a group numbers its members in ascending global rank)
+            raise RuntimeError(f"the processes that split a parameter on mesh dimensions {dims} are not in rank order")
+        _GROUPS[key] = (dist.new_group(ranks, use_local_synchronization=True), members)
+    return _GROUPS[key]
 
 
 class Rounds:

@@ -7,9 +7,9 @@ with a random or an SVD projection, GaLore AdamW, GaLore Adafactor, for every ``
 ``std``, ``reverse_std``, ``right``, ``left``; the groups without projection element by element, or, for GaLore
 Adafactor, as Adafactor on the part), its sums (row and column statistics, norms, RMS, the projected gradient)
 completed over the mesh dimensions that shard them (:mod:`lightning_optims.placements`), every parameter's at once; a
-projection renewal (every ``update_proj_gap`` steps) sums each matrix's blocks for its SVD. State tensors are
-``DTensor`` s placed like the parameter dimensions they follow, so Lightning's distributed checkpoint saves and
-reshards them. GaLore's ``proj_type='full'`` (a projection on both sides) has no block step and is refused.
+projection renewal (every ``update_proj_gap`` steps) sends each matrix's blocks to the process that takes its SVD.
+State tensors are ``DTensor`` s placed like the parameter dimensions they follow, so Lightning's distributed checkpoint
+saves and reshards them. GaLore's ``proj_type='full'`` (a projection on both sides) has no block step and is refused.
 :class:`ShardedLayerwiseOptimizer` runs the same steps for the layer-wise names, an FSDP2 group at a time
 (:class:`~lightning_optims.placements.Rounds`).
 
@@ -38,9 +38,11 @@ from lightning_optims.placements import (
     Along,
     Rounds,
     ShardSums,
+    ToOwner,
     local,
     local_indices,
     reduction_key,
+    shard_coordinate,
     sharding,
 )
 
@@ -77,7 +79,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         self._optimizer_cls, self._kwargs = optimizer_cls, dict(kwargs)
         params = [p for g in self.param_groups for p in g["params"]]
         self._position = {p: i + 1 for i, p in enumerate(params)}  # APOLLO's 1-based position among all parameters
-        # the projected matrices, in order: which process takes a renewal's SVD (_owns)
+        # the projected matrices, in order: which process takes a renewal's SVD (_owner)
         projected = [p for g in self.param_groups if "rank" in g for p in g["params"] if p.dim() == 2]
         self._order = {p: i for i, p in enumerate(projected)}
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
@@ -248,7 +250,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             )
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            yield from _renew(projector, grad, p, rows, cols, right, _owns(p, self._order[p]))
+            yield from _renew(projector, grad, p, rows, cols, right, _owner(p, self._order[p]))
         low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         return low, projector, right, cols
 
@@ -258,9 +260,9 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         n``, the projected gradient ``G @ P.T`` has the parameter's rows (moments kept as this process's rows, ``P``
         whole on every process), a sum over the column blocks where the columns are split; ``m < n``, ``P.T @ G``
         has its columns, a sum over the row blocks (moments with the parameter's columns, each process keeps its rows
-        of ``P``). A projection renewal (every ``update_proj_gap`` steps) takes the SVD of the whole gradient: it is
-        assembled by a sum of the processes' blocks (one sum of the matrix), one process takes the SVD and the
-        projection is summed to the others (:func:`_renew`)."""
+        of ``P``). A projection renewal (every ``update_proj_gap`` steps) takes the SVD of the whole gradient: the
+        processes' blocks go to the one process that takes it, and the projection is summed to the others
+        (:func:`_renew`)."""
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults, such as correct_bias, with the group's)
         state, _ = self._unflatten_state(self.state.get(p, {}))
@@ -274,12 +276,12 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
 
     def _galore_adafactor_rows(self, p: DTensor, group: dict[str, Any]) -> Sums:
         """``galore_torch.GaLoreAdafactor.step`` for one matrix ``[m, n]`` on this process's block of it: the
-        projection as GaLore AdamW's (:meth:`_galore_rows`: a renewal sums the blocks for the SVD), then Adafactor on
-        the projected gradient (:func:`~lightning_optims.families.adafactor.adafactor_update`): ``m >= n``, ``G @
-        P.T`` (``[m, r]``) has the parameter's rows, so its row statistics are this process's and its column
-        statistics (``[r]``) and RMS sums over the row blocks; ``m < n``, ``P.T @ G`` (``[r, n]``) has its columns,
-        the row statistics (``[r]``) sum over the column blocks. The update is projected back onto this process's
-        block; the parameter's RMS (which the state keeps) is one more number summed."""
+        projection as GaLore AdamW's (:meth:`_galore_rows`: a renewal sends the blocks to the SVD's process), then
+        Adafactor on the projected gradient (:func:`~lightning_optims.families.adafactor.adafactor_update`): ``m >= n``,
+        ``G @ P.T`` (``[m, r]``) has the parameter's rows, so its row statistics are this process's and its column
+        statistics (``[r]``) and RMS sums over the row blocks; ``m < n``, ``P.T @ G`` (``[r, n]``) has its columns, the
+        row statistics (``[r]``) sum over the column blocks. The update is projected back onto this process's block; the
+        parameter's RMS (which the state keeps) is one more number summed."""
         inner: Any = self._inner_for(p, group)
         group = {**inner.param_groups[0], **group}  # (the upstream defaults: clip_threshold, decay_rate, ...)
         state, _ = self._unflatten_state(self.state.get(p, {}))
@@ -363,8 +365,8 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             state["projector"] = inner._initialize_projector(group, state)
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            if group["proj"] == "svd":  # (GaLore's projector: the SVD of the whole gradient, its blocks summed)
-                yield from _renew(projector, grad, p, rows, cols, right, _owns(p, self._order[p]))
+            if group["proj"] == "svd":  # (GaLore's projector: the SVD of the whole gradient, taken by one process)
+                yield from _renew(projector, grad, p, rows, cols, right, _owner(p, self._order[p]))
                 projector.svd_count += 1
             else:  # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
                 projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
@@ -674,19 +676,12 @@ def _channel_factor(
     return factor.unsqueeze(1) if dim == 1 else factor
 
 
-def _owns(p: torch.Tensor, index: int) -> bool:
-    """Whether this process takes the SVD of a renewal of ``p``, the ``index``-th parameter: the matrices are dealt
-    round-robin over the processes that split ``p`` (their coordinates on the mesh dimensions that shard it; each
-    replica of a replicated dimension deals its own), so that the SVDs of a step divide among them. A plain tensor
-    or one no mesh dimension splits: this process."""
-    dims = sharding(p)
-    if not dims:
-        return True
-    mesh = cast(DTensor, p).device_mesh
-    coordinate, size = 0, 1
-    for d in dims:
-        coordinate, size = coordinate * mesh.size(d) + mesh.get_local_rank(d), size * mesh.size(d)
-    return coordinate == index % size
+def _owner(p: torch.Tensor, index: int) -> int:
+    """Which process takes the SVD of a renewal of ``p``, the ``index``-th projected matrix, as
+    :func:`~lightning_optims.placements.shard_coordinate` numbers the processes that split ``p``: the matrices are
+    dealt round-robin over them (each replica of a replicated mesh dimension deals its own), so that the SVDs of a
+    step divide among them. A plain tensor or one no mesh dimension splits: this process."""
+    return index % shard_coordinate(p)[1]
 
 
 def _renew(
@@ -696,22 +691,21 @@ def _renew(
     rows: torch.Tensor,
     cols: torch.Tensor,
     right: bool,
-    owner: bool,
-) -> Generator[list[Any], list[torch.Tensor], None]:
-    """A projection renewal of GaLore (and APOLLO ``proj=svd``): the SVD of the whole gradient, assembled by one sum
-    of the processes' blocks (each process's block in place, zeros elsewhere). One process (``owner``:
-    :func:`_owns`) takes the SVD and the projection reaches the others by a second sum (the owner's matrix, zeros
-    from the others: exact), so each process computes its share of a step's SVDs, not all of them; then each keeps
-    its part of the projection (:func:`_keep_my_rows`)."""
+    owner: int,
+) -> Generator[list[Any], list[Any], None]:
+    """A projection renewal of GaLore (and APOLLO ``proj=svd``): the SVD of the whole gradient, taken by one process,
+    ``owner`` (:func:`_owner`), to which every process sends its block (:class:`ToOwner`: a process receives only
+    the matrices it owns, so the bytes and the memory of a renewal divide among the processes as its SVDs do); the
+    projection reaches the others by a sum (the owner's matrix, zeros from the others: exact); then each keeps its
+    part of the projection (:func:`_keep_my_rows`)."""
     m, n = p.shape
-    blocks = grad.new_zeros(m, n)
-    blocks[rows.unsqueeze(1), cols] = grad
-    (whole,) = yield [Along(blocks, p)]
-    if owner:
+    (whole,) = yield [ToOwner(grad, p, rows, cols, owner)]
+    if whole is not None:  # (the owner)
         ortho = projector.get_orthogonal_matrix(whole, projector.rank, "right" if right else "left")
+        del whole
     else:  # (the shape and dtype of get_orthogonal_matrix's: Vh[:rank] or U[:, :rank] of the reduced SVD)
         k = min(projector.rank, m, n)
-        ortho = whole.new_zeros((k, n) if right else (m, k))
+        ortho = grad.new_zeros((k, n) if right else (m, k))
     (projector.ortho_matrix,) = yield [Along(ortho, p)]
     _keep_my_rows(projector, rows, right)
 

@@ -32,6 +32,7 @@ _FUNCTIONS = {
     "reduce_scatter_single": ("reduce_scatter", "input"),  # (what FSDP2 calls)
     "reduce_scatter": ("reduce_scatter", "input_list"),
     "broadcast": ("broadcast", "tensor"),
+    "gather": ("gather", "tensor"),  # (what this process sends)
     "all_to_all_single": ("all_to_all", "input"),
 }
 # torch.ops._c10d_functional op -> (kind, payload factor: the group size for a gather's output)

@@ -8,8 +8,8 @@ equals the uninterrupted run (also on another number of processes, and from FSDP
   are completed over the shards (with shard-local statistics the results differ: the controls below).
 - Adafactor, StableAdamW and GrokAdamW step the shards themselves; APOLLO (also ``proj=svd``), GaLore AdamW and
   GaLore Adafactor step each process's block (sums of a few numbers batched over the step; a projection renewal
-  sums the matrix's blocks for its SVD); the layer-wise names do their family's step for each parameter in FSDP2's
-  hook.
+  sends the matrix's blocks to the process that takes its SVD); the layer-wise names do their family's step for
+  each parameter in FSDP2's hook.
 - What a step communicates (calls and bytes, counted from tensor sizes) is held to FSDP2 AdamW's in the same layout.
 - A non-finite gradient or loss on one process stops every process at the same step, with nothing non-finite written.
 
@@ -47,7 +47,7 @@ AFTER_BACKWARD = [
     "stable_adamw",
 ]
 # a projection renewed from the SVD of the whole gradient (every update_proj_gap = 2 steps: steps 0 and 2), its
-# blocks summed: the one step the issue lets move more bytes
+# blocks sent to the process that takes the SVD: the one step the issue lets move more bytes
 RENEWING = ["galore_adamw", "galore_adafactor", "apollo_svd", "galore_adamw_layerwise", "galore_adafactor_layerwise"]
 # layer-wise: each FSDP2 group's parameters stepped on their blocks once the group's gradients are reduced (no global
 # clipping: max_grad_norm 0, as transformers)
@@ -316,9 +316,10 @@ def test_fsdp2_two_processes_equal_one_process(sharded_runs, tmp_path, optim, no
     steps on this machine's CPU, deterministically; another CPU's matmul kernels round elsewhere, which is how this
     test once failed by chance.) Adafactor, StableAdamW and GrokAdamW step on the shards themselves, their sums
     (column sums, RMS, per-tensor norms) adding the processes' parts; APOLLO and GaLore step their elementwise groups
-    and their projections on each process's rows (a renewal sums the blocks for the SVD): all within 1e-5 (measured
-    7e-9 to 2e-6); with clipping the global norm is summed over the shards in another order. The in-backward and
-    layer-wise optimizers cannot accumulate: one process on the whole batch, within 1e-5 (measured 4e-9 to 2e-6)."""
+    and their projections on each process's rows (a renewal sends the blocks to the SVD's process): all within 1e-5
+    (measured 7e-9 to 2e-6); with clipping the global norm is summed over the shards in another order. The
+    in-backward and layer-wise optimizers cannot accumulate: one process on the whole batch, within 1e-5 (measured
+    4e-9 to 2e-6)."""
     option = _reference_option(optim)
     single = single_process(optim, norm, tmp_path, option)
     atol = tolerance(optim, norm, single, tmp_path, option, 2, "fsdp2")
@@ -350,7 +351,7 @@ def svds(folder: Path, name: str, processes: int) -> list[int]:
 @pytest.mark.parametrize("layout", ["fsdp2", "2d"])
 @pytest.mark.parametrize("optim", ["galore_adafactor", "apollo_svd", "galore_adafactor_layerwise"])
 def test_a_renewal_divides_its_svds_among_the_processes(sharded_runs, tensor_parallel_runs, layout, optim):
-    """Each renewed matrix's SVD is taken by one process of those that split it (``sharded._owns``), not by all: one
+    """Each renewed matrix's SVD is taken by one process of those that split it (``sharded._owner``), not by all: one
     process takes one SVD per projected matrix (the model's linear layers, all-linear) per renewal (steps 0 and 2 of
     4, update_proj_gap 2); under FSDP2 the two processes' SVDs add up to that, each taking at most half of each
     renewal's (8 and 7 of 15); under 2-D (4 processes) each takes at most a third of it (measured 8 of 30: the head,
@@ -483,14 +484,14 @@ def assert_within_adamws_bound(ours: list[dict], adamw: list[dict]) -> None:
     assert _most(ours, "bytes") <= 1.05 * _most(adamw, "bytes")
 
 
-def assert_beyond_the_bound_only_when_renewing(ours: list[dict], adamw: list[dict]) -> None:
+def assert_beyond_the_bound_only_when_renewing(ours: list[dict], adamw: list[dict], renewal: float) -> None:
     """The steps between renewals (1, 3) within AdamW's bound; the renewals (0, 2: every ``update_proj_gap`` = 2
-    steps), whose matrices' blocks are summed, under 1.5x its bytes."""
+    steps), whose matrices' blocks go to the processes that take their SVDs, under ``renewal`` times its bytes."""
     for step in (1, 3):
         assert sum(ours[step]["calls"].values()) <= sum(adamw[step]["calls"].values()) + 2 * FSDP_GROUPS
         assert sum(ours[step]["bytes"].values()) <= 1.05 * sum(adamw[step]["bytes"].values())
     for step in (0, 2):
-        assert sum(ours[step]["bytes"].values()) < 1.5 * sum(adamw[step]["bytes"].values())
+        assert sum(ours[step]["bytes"].values()) < renewal * sum(adamw[step]["bytes"].values())
 
 
 @pytest.mark.parametrize(("optim", "norm"), LIKE_ADAMW)
@@ -507,7 +508,8 @@ def test_a_projection_renewal_is_the_one_step_beyond_adamws_bound(sharded_runs, 
     and 2) sums each matrix's blocks to take its SVD."""
     ours = collectives(sharded_runs, _name(optim, norm))
     adamw = collectives(sharded_runs, _name("adamw_torch", norm))
-    assert_beyond_the_bound_only_when_renewing(ours, adamw)  # (the renewals: 1.34x-1.35x here)
+    # (the renewals: 1.19x here; 1.34x-1.36x when every process received every matrix whole)
+    assert_beyond_the_bound_only_when_renewing(ours, adamw, renewal=1.25)
 
 
 @pytest.mark.parametrize(("optim", "norm"), [*NO_GATHER, *ONE_SIDED])
@@ -715,8 +717,36 @@ def test_fsdp2_on_four_processes_a_renewal_is_the_one_step_beyond_adamws_bound(h
     beyond it; no step gathers beyond FSDP2's own."""
     ours = collectives(hsdp_runs, FLAT + _name(optim, norm))
     adamw = collectives(hsdp_runs, FLAT + _name("adamw_torch", norm))
-    assert_beyond_the_bound_only_when_renewing(ours, adamw)
+    # (the renewals: 1.11x here, less than on 2 processes: each sends its quarter of the matrices, not its half)
+    assert_beyond_the_bound_only_when_renewing(ours, adamw, renewal=1.15)
     assert [s["bytes"]["all_gather"] for s in ours] == [s["bytes"]["all_gather"] for s in adamw]
+
+
+@pytest.mark.parametrize(("optim", "norm"), RENEWING_ON_FOUR)
+def test_a_renewal_sends_each_matrix_to_its_owner_only(hsdp_runs, optim, norm):
+    """A projection renewal sends each process's blocks of the projected matrices to the process that takes each
+    SVD (one all_to_all per round and set of mesh dimensions), not to every process: what a process sends halves
+    from 2 processes to 4 (FSDP2 on one mesh dimension: the rows of these matrices divide evenly by 4, so exactly),
+    is the same under HSDP 2 x 2 as under FSDP2 on 2 (each replica exchanges within its shard group), and nothing of
+    a matrix's size is all-reduced: a renewal step's all-reduces exceed the next step's by the projections' sums
+    alone (``r * n`` or ``m * r`` numbers per matrix, the same at 2 and 4 processes). Steps between renewals send
+    nothing to an owner. (Summing every matrix's blocks to every process, as before, sends no all_to_all and
+    all-reduces the matrices whole.)"""
+    runs = {
+        "FSDP2 on 2": collectives(hsdp_runs, _name(optim, norm)),
+        "FSDP2 on 4": collectives(hsdp_runs, FLAT + _name(optim, norm)),
+        "HSDP 2x2": collectives(hsdp_runs, HSDP + _name(optim, norm)),
+    }
+    sent = {layout: [step["bytes"].get("all_to_all", 0) for step in steps] for layout, steps in runs.items()}
+    two = sent["FSDP2 on 2"]
+    assert two[0] > 0 and two[0] == two[2] and two[1] == two[3] == 0, sent
+    assert sent["FSDP2 on 4"] == [b // 2 for b in two] and sent["HSDP 2x2"] == two, sent
+    surplus = {
+        layout: [steps[r]["bytes"]["all_reduce"] - steps[r + 1]["bytes"]["all_reduce"] for r in (0, 2)]
+        for layout, steps in runs.items()
+    }
+    assert surplus["FSDP2 on 2"] == surplus["FSDP2 on 4"] == surplus["HSDP 2x2"], surplus
+    assert surplus["FSDP2 on 2"][0] < two[0] / 4, surplus  # (the projections: r * n numbers, r much less than m)
 
 
 @pytest.mark.parametrize(("optim", "norm"), NO_GATHER)
@@ -876,7 +906,7 @@ def test_tensor_parallel_layouts_communicate_within_adamws_bound(tensor_parallel
     rounds a group, the projection, Adafactor's statistics and the update's RMS, each over both mesh dimensions,
     pipelined over the groups, the norm's sums riding in the first round after backward: +6, the bound; with the
     norm in calls of its own, +8). GaLore and APOLLO proj=svd: the steps that do not renew the projections (a
-    renewal, steps 0 and 2 here, sums each projected matrix's blocks for its SVD)."""
+    renewal, steps 0 and 2 here, sends each projected matrix's blocks to the process that takes its SVD)."""
     ours = collectives(tensor_parallel_runs, f"{layout}-{_name(optim, norm)}")
     adamw = collectives(tensor_parallel_runs, f"{layout}-{_name('adamw_torch', norm)}")
     assert len(ours) == len(adamw) == 4

@@ -393,14 +393,16 @@ def shard_local_step(self, p, group) -> None:
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims import mixin
     from lightning_optims.in_backward import NonFiniteGradientError, NonFiniteLossError
-    from lightning_optims.placements import Along, ShardSums
+    from lightning_optims.placements import Along, ShardSums, ToOwner
     from lightning_optims.sharded import ShardedStepOptimizer
 
     sync_unused = mixin.sync_unused_parameters
     step_param, on_rows, shard_sums = ShardedStepOptimizer._step, ShardedStepOptimizer._on_rows, ShardSums.sums
     if option == "local":  # the control: each process uses its shard's statistics only
         ShardedStepOptimizer._step = shard_local_step
-        ShardSums.sums = lambda self, parts: [p.tensor if isinstance(p, Along) else p for p in parts]
+        ShardSums.sums = lambda self, parts: [
+            p.tensor if isinstance(p, Along) else p.alone() if isinstance(p, ToOwner) else p for p in parts
+        ]
     if option == "gathered":  # the control of the collective counter: each block step gathers its gradient first
 
         def gathering(self, p, group):
