@@ -289,14 +289,12 @@ def _gather_to_owners(parts: list[ToOwner], indices: list[int], results: list[An
         at += widths[k]
 
 
-_GROUPS: dict[tuple[Any, ...], tuple[Any, list[tuple[int, ...]]]] = {}
-
-
 def _group_over(p: DTensor, dims: list[int]) -> tuple[Any, list[tuple[int, ...]]]:
     """The process group of the processes that differ from this one only on the mesh dimensions ``dims`` of ``p``'s
     mesh, and their mesh coordinates in group-rank order (row-major over ``dims``: :func:`shard_coordinate`'s
     order). One mesh dimension: the mesh's own group; several (tensor parallelism and FSDP2 both splitting a
-    matrix): a group made once with its members alone (``use_local_synchronization``)."""
+    matrix): a group made once per mesh with its members alone (``use_local_synchronization``), kept on the mesh (it
+    lives as long as the mesh, not beyond the process groups it was made in)."""
     mesh = p.device_mesh
     mine = list(cast(list[int], mesh.get_coordinate()))
     members = []
@@ -307,13 +305,13 @@ def _group_over(p: DTensor, dims: list[int]) -> tuple[Any, list[tuple[int, ...]]
         members.append(tuple(coordinate))
     if len(dims) == 1:
         return mesh.get_group(dims[0]), members
-    ranks = [int(mesh.mesh[c]) for c in members]
-    key = (tuple(ranks), tuple(mesh.mesh.flatten().tolist()))
-    if key not in _GROUPS:
+    groups = mesh.__dict__.setdefault("_lightning_optims_groups", {})
+    if tuple(dims) not in groups:
+        ranks = [int(mesh.mesh[c]) for c in members]
         if ranks != sorted(ranks):  # (a group numbers its members in ascending global rank)
             raise RuntimeError(f"the processes that split a parameter on mesh dimensions {dims} are not in rank order")
-        _GROUPS[key] = (dist.new_group(ranks, use_local_synchronization=True), members)
-    return _GROUPS[key]
+        groups[tuple(dims)] = dist.new_group(ranks, use_local_synchronization=True)
+    return groups[tuple(dims)], members
 
 
 class Rounds:
