@@ -144,6 +144,7 @@ def _sharded_llama(tmp_path, sharded_runs: list[str], single_runs: list[str]) ->
         ("adafactor", "1.0"),
         ("grokadamw", "1.0"),
         ("apollo_adamw_layerwise", "0"),
+        ("galore_adamw", "1.0"),  # (a projection renewal: the blocks to their owner by NCCL's all_to_all_single)
     ],
 )
 def test_fsdp2_on_cuda_nccl_equals_one_device(tmp_path, optim, norm):
