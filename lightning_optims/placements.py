@@ -123,21 +123,19 @@ class Along(NamedTuple):
 
 
 class ToOwner(NamedTuple):
-    """This process's block (its ``rows`` x ``cols``, global indices) of the matrix ``param``, to be assembled whole on
-    one of the processes that split it, ``owner`` (an index as :func:`shard_coordinate` numbers them): the owner gets
-    the whole matrix, the others ``None``. Each process sends its block to the owner alone (the blocks are disjoint:
+    """This process's part (its block: :func:`local_indices`) of the matrix ``param``, to be assembled whole on one of
+    the processes that split it, ``owner`` (an index as :func:`shard_coordinate` numbers them): the owner gets the
+    whole matrix, the others ``None``. Each process sends its block to the owner alone (the blocks are disjoint:
     exact), so a process receives only the matrices it owns."""
 
     tensor: torch.Tensor
     param: Any
-    rows: torch.Tensor
-    cols: torch.Tensor
     owner: int
 
     def alone(self) -> torch.Tensor:
         """The whole matrix with this process's block in place and zeros elsewhere."""
         whole = self.tensor.new_zeros(self.param.shape)
-        whole[self.rows.unsqueeze(1), self.cols] = self.tensor
+        whole[local_indices(self.param, 0).unsqueeze(1), local_indices(self.param, 1)] = self.tensor
         return whole
 
 
@@ -296,7 +294,7 @@ def _group_over(p: DTensor, dims: list[int]) -> tuple[Any, list[tuple[int, ...]]
     matrix): a group made once per mesh with its members alone (``use_local_synchronization``), kept on the mesh (it
     lives as long as the mesh, not beyond the process groups it was made in)."""
     mesh = p.device_mesh
-    mine = list(cast(list[int], mesh.get_coordinate()))
+    mine = cast(list[int], mesh.get_coordinate())
     members = []
     for flat in range(math.prod(mesh.size(d) for d in dims)):
         coordinate = list(mine)

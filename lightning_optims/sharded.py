@@ -250,7 +250,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             )
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            yield from _renew(projector, grad, p, rows, cols, right, _owner(p, self._order[p]))
+            yield from _renew(projector, grad, p, rows, right, _owner(p, self._order[p]))
         low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         return low, projector, right, cols
 
@@ -366,7 +366,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
             if group["proj"] == "svd":  # (GaLore's projector: the SVD of the whole gradient, taken by one process)
-                yield from _renew(projector, grad, p, rows, cols, right, _owner(p, self._order[p]))
+                yield from _renew(projector, grad, p, rows, right, _owner(p, self._order[p]))
                 projector.svd_count += 1
             else:  # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
                 projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
@@ -689,7 +689,6 @@ def _renew(
     grad: torch.Tensor,
     p: torch.Tensor,
     rows: torch.Tensor,
-    cols: torch.Tensor,
     right: bool,
     owner: int,
 ) -> Generator[list[Any], list[Any], None]:
@@ -699,7 +698,7 @@ def _renew(
     projection reaches the others by a sum (the owner's matrix, zeros from the others: exact); then each keeps its
     part of the projection (:func:`_keep_my_rows`)."""
     m, n = p.shape
-    (whole,) = yield [ToOwner(grad, p, rows, cols, owner)]
+    (whole,) = yield [ToOwner(grad, p, owner)]
     if whole is not None:  # (the owner)
         ortho = projector.get_orthogonal_matrix(whole, projector.rank, "right" if right else "left")
         del whole

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optims import OptimizerMixin, get_spec
-from tests.helpers import RankInterleavedSampler, leave_process_group
+from tests.helpers import RankInterleavedSampler, leave_process_group, lightning_trainer
 
 
 class ShardedMLP(OptimizerMixin, L.LightningModule):
@@ -94,27 +94,22 @@ def fit(out: Path, single: bool, name: str, optim: str, mode: str, optim_args: s
         extra["max_grad_norm"] = 0.0
     if "weight_decay" in spec.uses:
         extra["weight_decay"] = 0.01
-    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("LOCAL_RANK", "0"))
     try:
         shard: bool | str = False if single else "tp" if mode == "tp" else mode == "sharded"
         module = ShardedMLP(shard, optim=optim, learning_rate=1e-2, **extra)
-        parallel = dict(data_parallel_size=1, tensor_parallel_size=2) if mode == "tp" else dict(data_parallel_size=2)
-        parallel.setdefault("tensor_parallel_size", 1)
-        trainer = L.Trainer(
-            accelerator="cpu",
+        tensor_parallel = 2 if mode == "tp" else 1
+        trainer = lightning_trainer(
+            3,
             devices=1 if single else 2,
-            strategy="auto" if single else ModelParallelStrategy(**parallel),
-            max_steps=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
+            strategy="auto"
+            if single
+            else ModelParallelStrategy(data_parallel_size=2 // tensor_parallel, tensor_parallel_size=tensor_parallel),
             use_distributed_sampler=False,
             callbacks=[SaveFullWeights(str(out / f"{name}.pt"))],
         )
         trainer.fit(module, loader)
     except Exception as error:  # (the refusals are results: every process writes its own)
-        rank = dist.get_rank() if dist.is_initialized() else rank
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("LOCAL_RANK", "0"))
         (out / f"{name}.error.rank{rank}").write_text(f"{type(error).__name__}: {error}")
 
 
