@@ -79,9 +79,8 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         self._optimizer_cls, self._kwargs = optimizer_cls, dict(kwargs)
         params = [p for g in self.param_groups for p in g["params"]]
         self._position = {p: i + 1 for i, p in enumerate(params)}  # APOLLO's 1-based position among all parameters
-        # the projected matrices, in order: which process takes a renewal's SVD (_owner)
-        projected = [p for g in self.param_groups if "rank" in g for p in g["params"] if p.dim() == 2]
-        self._order = {p: i for i, p in enumerate(projected)}
+        # which process takes each projected matrix's SVD at a renewal (deal_svds)
+        self._owners = deal_svds([p for g in self.param_groups if "rank" in g for p in g["params"] if p.dim() == 2])
         self._inner: dict[torch.Tensor, torch.optim.Optimizer] = {}
         self._indices: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         # every parameter steps on this process's part: element by element, or on the family's block step
@@ -250,7 +249,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
             )
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
-            yield from _renew(projector, grad, p, rows, right, _owner(p, self._order[p]))
+            yield from _renew(projector, grad, p, rows, right, self._owners[p])
         low = yield from _project(grad, projector.ortho_matrix, p, right, cols)
         return low, projector, right, cols
 
@@ -366,7 +365,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         projector = state["projector"]
         if projector.ortho_matrix is None or state["step"] % projector.update_proj_gap == 0:
             if group["proj"] == "svd":  # (GaLore's projector: the SVD of the whole gradient, taken by one process)
-                yield from _renew(projector, grad, p, rows, right, _owner(p, self._order[p]))
+                yield from _renew(projector, grad, p, rows, right, self._owners[p])
                 projector.svd_count += 1
             else:  # (get_orthogonal_matrix reads only the shape, dtype and device of the matrix it is given)
                 projector.update_ortho_matrix(grad.new_zeros(()).expand(m, n), proj_type="right" if right else "left")
@@ -676,12 +675,30 @@ def _channel_factor(
     return factor.unsqueeze(1) if dim == 1 else factor
 
 
-def _owner(p: torch.Tensor, index: int) -> int:
-    """Which process takes the SVD of a renewal of ``p``, the ``index``-th projected matrix, as
-    :func:`~lightning_optims.placements.shard_coordinate` numbers the processes that split ``p``: the matrices are
-    dealt round-robin over them (each replica of a replicated mesh dimension deals its own), so that the SVDs of a
-    step divide among them. A plain tensor or one no mesh dimension splits: this process."""
-    return index % shard_coordinate(p)[1]
+def svd_cost(shape: tuple[int, ...]) -> int:
+    """The work of the reduced SVD of a matrix of ``shape`` ``[m, n]``, up to a constant: ``m * n * min(m, n)``."""
+    m, n = shape
+    return m * n * min(m, n)
+
+
+def deal_svds(matrices: list[torch.Tensor]) -> dict[torch.Tensor, int]:
+    """Which process takes the SVD of each projected matrix at a renewal, as
+    :func:`~lightning_optims.placements.shard_coordinate` numbers the processes that split it: the matrices are dealt
+    by cost (:func:`svd_cost`), the largest first, each to the process of its group with the least work so far
+    (longest processing time first: the busiest process's work is within 4/3 of the least possible; ties to the
+    matrix that comes first and the lowest coordinate), so that a renewal's SVDs, the whole matrices their owners
+    receive, and its time divide among the processes. Every process computes the same deal: it depends on shapes and
+    placements only. Matrices split over different mesh dimensions are dealt apart (each group numbers its own
+    processes, and a process does not see another replica's deal: under 2-D the head, which FSDP2 alone splits, is
+    dealt without the decoder layers' matrices); each replica of a replicated mesh dimension deals its own. A plain
+    tensor or one no mesh dimension splits: this process (0)."""
+    owners: dict[torch.Tensor, int] = {}
+    work: dict[tuple[str, ...], list[int]] = {}
+    for _, p in sorted(enumerate(matrices), key=lambda item: (-svd_cost(tuple(item[1].shape)), item[0])):
+        load = work.setdefault(reduction_key(p), [0] * shard_coordinate(p)[1])
+        owners[p] = min(range(len(load)), key=lambda k: (load[k], k))
+        load[owners[p]] += svd_cost(tuple(p.shape))
+    return owners
 
 
 def _renew(
@@ -693,7 +710,7 @@ def _renew(
     owner: int,
 ) -> Generator[list[Any], list[Any], None]:
     """A projection renewal of GaLore (and APOLLO ``proj=svd``): the SVD of the whole gradient, taken by one process,
-    ``owner`` (:func:`_owner`), to which every process sends its block (:class:`ToOwner`: a process receives only
+    ``owner`` (:func:`deal_svds`), to which every process sends its block (:class:`ToOwner`: a process receives only
     the matrices it owns, so the bytes and the memory of a renewal divide among the processes as its SVDs do); the
     projection reaches the others by a sum (the owner's matrix, zeros from the others: exact); then each keeps its
     part of the projection (:func:`_keep_my_rows`)."""

@@ -30,6 +30,7 @@ from unittest import mock
 import pytest
 import torch
 
+from lightning_optims.sharded import svd_cost
 from tests.helpers import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,30 +343,45 @@ def test_one_sided_projections_equal_one_process(sharded_runs, tensor_parallel_r
     assert_equals_one_process(folder, name, single, tmp_path)
 
 
-def svds(folder: Path, name: str, processes: int) -> list[int]:
-    """The SVDs each process of run ``name`` took (``torch.linalg.svd`` calls: projection renewals), by rank."""
-    return [int((folder / f"{name}.svds.rank{rank}").read_text()) for rank in range(processes)]
+def svds(folder: Path, name: str, processes: int) -> list[list[tuple[int, int]]]:
+    """The shapes of the matrices whose SVD each process of run ``name`` took (``torch.linalg.svd`` calls: projection
+    renewals), by rank."""
+    return [[tuple(s) for s in json.loads((folder / f"{name}.svds.rank{r}").read_text())] for r in range(processes)]
+
+
+def least_busiest_of_two(costs: list[int]) -> int:
+    """The least work the busier of two processes can be left with, over every split of ``costs`` between them: the
+    total less the largest sum of a subset that is at most half of it (every subset sum, enumerated)."""
+    sums = {0}
+    for cost in costs:
+        sums |= {total + cost for total in sums}
+    return sum(costs) - max(total for total in sums if 2 * total <= sum(costs))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fsdp2", "2d"])
 @pytest.mark.parametrize("optim", ["galore_adafactor", "apollo_svd", "galore_adafactor_layerwise"])
 def test_a_renewal_divides_its_svds_among_the_processes(sharded_runs, tensor_parallel_runs, layout, optim):
-    """Each renewed matrix's SVD is taken by one process of those that split it (``sharded._owner``), not by all: one
-    process takes one SVD per projected matrix (the model's linear layers, all-linear) per renewal (steps 0 and 2 of
-    4, update_proj_gap 2); under FSDP2 the two processes' SVDs add up to that, each taking at most half of each
-    renewal's (8 and 7 of 15); under 2-D (4 processes) each takes at most a third of it (measured 8 of 30: the head,
-    split by FSDP2 only, is renewed once per tensor-parallel replica). Before, every process took every SVD (30)."""
+    """Each renewed matrix's SVD is taken by one process of those that split it (``sharded.deal_svds``), not by all:
+    one process takes one SVD per projected matrix (the model's linear layers, all-linear) per renewal (steps 0 and 2
+    of 4, update_proj_gap 2). Under FSDP2 the two processes' SVDs add up to that, and the work of the busier
+    (``sharded.svd_cost`` of the matrices it took) is the least any split of the matrices gives (the matrices are
+    dealt by cost: 49152 of 98304 per renewal; dealt round-robin in order, as before, 57344, the head and the
+    larger half of the MLP matrices on one process). Under 2-D (4 processes) each takes at most a third of them
+    (measured 8 of 30 each, 10 / 10 / 6 / 6 round-robin: the head, split by FSDP2 only, is renewed once per
+    tensor-parallel replica and dealt apart from the layers' matrices). Before #17 every process took every SVD."""
     folder, name, processes = _fsdp2_or_2d(
         layout, sharded_runs, tensor_parallel_runs, _name(optim, _resumed_norm(optim))
     )
-    matrices, renewals = sum(isinstance(m, torch.nn.Linear) for m in tiny_llama().modules()), 2
-    total = matrices * renewals
+    shapes = [tuple(m.weight.shape) for m in tiny_llama().modules() if isinstance(m, torch.nn.Linear)]
+    renewals = 2
     each = svds(folder, name, processes)
     if layout == "fsdp2":
-        assert sum(each) == total and max(each) <= renewals * -(-matrices // processes), (each, total)
+        assert sorted(s for taken in each for s in taken) == sorted(shapes * renewals), each
+        work = [sum(svd_cost(s) for s in taken) for taken in each]
+        assert max(work) == renewals * least_busiest_of_two([svd_cost(s) for s in shapes]), work
     else:
-        assert 0 < max(each) <= total / 3, (each, total)
+        assert 0 < max(len(taken) for taken in each) <= len(shapes) * renewals / 3, each
 
 
 @pytest.mark.slow

@@ -20,8 +20,8 @@ control of the collective counter) all-gathers the whole gradient of each matrix
 ``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP), but for the runs with OPTION ``flat``
 (FSDP2 on the 1-D mesh of every process, in the same launch); ``ddp`` runs DDP (nothing sharded:
 the non-finite cases under plain data parallelism). Every fit writes the digest of each process's full weights to
-``NAME.digests``, and the number of SVDs each process took to ``NAME.svds.rankR``. All runs of a launch share its
-processes (one launch, many fits, as Lightning allows), in the order given.
+``NAME.digests``, and the shapes of the matrices whose SVD each process took to ``NAME.svds.rankR`` (JSON). All runs
+of a launch share its processes (one launch, many fits, as Lightning allows), in the order given.
 """
 
 from __future__ import annotations
@@ -481,11 +481,11 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
             sampler=DataParallelSampler(n),
             collate_fn=default_data_collator,
         )
-    svd, svds = torch.linalg.svd, [0]
+    svd, svds = torch.linalg.svd, []
 
-    def counted_svd(*args, **kwargs):  # (the SVDs this process takes: a projection renewal's)
-        svds[0] += 1
-        return svd(*args, **kwargs)
+    def counted_svd(matrix, *args, **kwargs):  # (the SVDs this process takes, their shapes: a renewal's)
+        svds.append(list(matrix.shape))
+        return svd(matrix, *args, **kwargs)
 
     torch.linalg.svd = counted_svd
     try:
@@ -495,7 +495,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
             raise
     finally:
         torch.linalg.svd = svd
-        (out / f"{name}.svds.rank{trainer.global_rank}").write_text(str(svds[0]))
+        (out / f"{name}.svds.rank{trainer.global_rank}").write_text(json.dumps(svds))
         mixin.sync_unused_parameters = sync_unused
         ShardedStepOptimizer._step, ShardedStepOptimizer._on_rows, ShardSums.sums = step_param, on_rows, shard_sums
 
