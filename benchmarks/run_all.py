@@ -21,6 +21,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def parameters(size: dict) -> int:
+    """The parameters of benchmarks/sharded.py's Llama of ``size`` (built on the meta device: no memory, no time)."""
+    import torch
+    from sharded import _llama
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in _llama(size).parameters())
+
+
 def run(script: str, out: Path, quick: bool, reuse: bool = False) -> dict:
     if reuse and out.exists():
         print("reusing:", out)
@@ -220,6 +229,17 @@ def main() -> None:
             f"{state_goal} | {row['peak_growth_ratio_vs_fsdp2_adamw']:.2f}x "
             f"({row['peak_growth_bytes'] / 2**20:.1f} MiB) | {mem_goal} |"
         )
+    rows = sharded["rows"]
+    if {"lomo", "lomo+clip"} <= rows.keys():
+        held = 4 * parameters(m["memory_model"]) / 2  # (fp32 gradients, split over the 2 processes)
+        lines += [
+            "",
+            f"LOMO with clipping runs `lomo_optim`'s norm pass, a second backward: {rows['lomo+clip']['step_ms']:.0f} "
+            f"ms against LOMO's {rows['lomo']['step_ms']:.0f} ms without it. One backward would hold every reduced "
+            f"gradient shard until the norm is known: {held / 2**20:.1f} MiB per process on the memory model (its "
+            f"{parameters(m['memory_model']) / 1e6:.1f}M parameters in fp32 over 2 processes), where LOMO's whole "
+            f"peak growth is {rows['lomo+clip']['peak_growth_bytes'] / 2**20:.1f} MiB with clipping.",
+        ]
     lines += ["", "![results](results.png)", ""]
     (out / "RESULTS.md").write_text("\n".join(lines))
 
