@@ -3,12 +3,11 @@ combined batch."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tests.helpers import AuxHeadLlama, LlamaModule, ddp_loader, flagged_ddp_loader, tiny_llama
+from tests.helpers import AuxHeadLlama, LlamaModule, ddp_loader, flagged_ddp_loader, lightning_trainer, tiny_llama
 
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=200"
 FAMILIES = {
@@ -68,17 +67,10 @@ def fit(name: str, devices: int, folder, strategy: str = "ddp_fork", unused: boo
     extra = UNUSED_EXTRA.get(settings["optim"], {}) if unused else {}
     module = cls(model=tiny_llama(), learning_rate=1e-2, **settings, **extra)
     module.loss_factor = loss_factor
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = lightning_trainer(
+        STEPS,
         devices=devices,
         strategy=strategy if devices > 1 else "auto",
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
         callbacks=[SaveRankWeights(str(folder))],
         use_distributed_sampler=False,
     )

@@ -17,26 +17,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from transformers import TrainingArguments
 
 from lightning_optims import OptimizerArguments
-from tests.helpers import LlamaModule, TokenDataset, loader, tiny_llama
+from tests.helpers import LlamaModule, TokenDataset, lightning_trainer, loader, tiny_llama
 from tests.test_parity_transformers import _SequentialTrainer
 
 pytestmark = pytest.mark.gpu
 
 
 def cuda_trainer(max_steps: int, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cuda",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return lightning_trainer(max_steps, **{"accelerator": "cuda", **kwargs})
 
 
 def test_fused_adamw_on_cuda_matches_trainer(tmp_path):
