@@ -231,13 +231,14 @@ def main() -> None:
         )
     rows = sharded["rows"]
     if {"lomo", "lomo+clip"} <= rows.keys():
-        held = 4 * parameters(m["memory_model"]) / 2  # (fp32 gradients, split over the 2 processes)
+        count = parameters(m["memory_model"])
+        held = 4 * count / 2  # (fp32 gradients, split over the 2 processes)
         lines += [
             "",
             f"LOMO with clipping runs `lomo_optim`'s norm pass, a second backward: {rows['lomo+clip']['step_ms']:.0f} "
             f"ms against LOMO's {rows['lomo']['step_ms']:.0f} ms without it. One backward would hold every reduced "
             f"gradient shard until the norm is known: {held / 2**20:.1f} MiB per process on the memory model (its "
-            f"{parameters(m['memory_model']) / 1e6:.1f}M parameters in fp32 over 2 processes), where LOMO's whole "
+            f"{count / 1e6:.1f}M parameters in fp32 over 2 processes), where LOMO's whole "
             f"peak growth is {rows['lomo+clip']['peak_growth_bytes'] / 2**20:.1f} MiB with clipping.",
         ]
     lines += ["", "![results](results.png)", ""]

@@ -132,12 +132,6 @@ class ToOwner(NamedTuple):
     param: Any
     owner: int
 
-    def alone(self) -> torch.Tensor:
-        """The whole matrix with this process's block in place and zeros elsewhere."""
-        whole = self.tensor.new_zeros(self.param.shape)
-        whole[local_indices(self.param, 0).unsqueeze(1), local_indices(self.param, 1)] = self.tensor
-        return whole
-
 
 def _mesh_dim_key(p: DTensor, i: int) -> str:
     """A name for mesh dimension ``i`` of ``p``'s mesh that is the same on every process and for every mesh that

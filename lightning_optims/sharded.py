@@ -694,7 +694,7 @@ def deal_svds(matrices: list[torch.Tensor]) -> dict[torch.Tensor, int]:
     tensor or one no mesh dimension splits: this process (0)."""
     owners: dict[torch.Tensor, int] = {}
     work: dict[tuple[str, ...], list[int]] = {}
-    for _, p in sorted(enumerate(matrices), key=lambda item: (-svd_cost(tuple(item[1].shape)), item[0])):
+    for p in sorted(matrices, key=lambda p: -svd_cost(tuple(p.shape))):  # (a stable sort: ties keep their order)
         load = work.setdefault(reduction_key(p), [0] * shard_coordinate(p)[1])
         owners[p] = min(range(len(load)), key=lambda k: (load[k], k))
         load[owners[p]] += svd_cost(tuple(p.shape))

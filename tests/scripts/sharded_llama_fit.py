@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import default_data_collator
 
-from lightning_optims.placements import local
+from lightning_optims.placements import local, local_indices
 from tests.collectives import CollectiveCounter
 from tests.helpers import (
     FlaggedTokenDataset,
@@ -390,6 +390,14 @@ def shard_local_step(self, p, group) -> None:
     local(p).copy_(rows.detach())
 
 
+def alone(part) -> torch.Tensor:
+    """The control's renewal: a ``ToOwner`` part's whole matrix with this process's block in place and zeros
+    elsewhere (what this process would take the SVD of with no other process's block)."""
+    whole = part.tensor.new_zeros(part.param.shape)
+    whole[local_indices(part.param, 0).unsqueeze(1), local_indices(part.param, 1)] = part.tensor
+    return whole
+
+
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims import mixin
     from lightning_optims.in_backward import NonFiniteGradientError, NonFiniteLossError
@@ -401,7 +409,7 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     if option == "local":  # the control: each process uses its shard's statistics only
         ShardedStepOptimizer._step = shard_local_step
         ShardSums.sums = lambda self, parts: [
-            p.tensor if isinstance(p, Along) else p.alone() if isinstance(p, ToOwner) else p for p in parts
+            p.tensor if isinstance(p, Along) else alone(p) if isinstance(p, ToOwner) else p for p in parts
         ]
     if option == "gathered":  # the control of the collective counter: each block step gathers its gradient first
 
