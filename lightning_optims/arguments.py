@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 from transformers.trainer_utils import SchedulerType
 
+from lightning_optims import compat
 from lightning_optims.optim_args import OptimizerSettingError, closest, parse_optim_args
 from lightning_optims.registry import get_spec
 from lightning_optims.warn import warn_user
@@ -104,6 +105,8 @@ class OptimizerArguments:
 
     def _check_scheduler(self, spec) -> None:
         name = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+        if name == "greedy" and (needs := compat.missing("greedy")):
+            raise OptimizerSettingError(f"{needs}: upgrade transformers, or choose another lr_scheduler_type")
         if name not in SCHEDULER_NAMES:
             raise OptimizerSettingError(
                 f"lr_scheduler_type={name!r} is not a known scheduler{closest(str(name), SCHEDULER_NAMES)} "

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import get_scheduler
-from transformers.optimization import GreedyLR
 
+from lightning_optims import compat
 from lightning_optims.arguments import OptimizerArguments
 from lightning_optims.layerwise import build_layerwise
 from lightning_optims.optim_args import OptimizerSettingError
@@ -120,11 +120,24 @@ class ScheduledGroupsLambdaLR(torch.optim.lr_scheduler.LambdaLR):
         return scheduled + [group["lr"] for group in self.optimizer.param_groups[len(scheduled) :]]
 
 
-# (GreedyLR's step / get_last_lr keep their own signatures: the LRScheduler base is only what Lightning checks for)
-class GreedyLRScheduler(GreedyLR, torch.optim.lr_scheduler.LRScheduler):  # type: ignore[misc]
-    """transformers' ``GreedyLR`` as a Lightning-compatible scheduler (Lightning accepts only ``LRScheduler`` and
-    ``ReduceLROnPlateau`` instances); the behaviour is ``GreedyLR``'s. Stepped with the monitored metric after each
-    validation, as the Trainer steps it after each evaluation."""
+def _greedy_lr_scheduler() -> Any:
+    greedy = compat.FEATURES["greedy"].load()
+    if greedy is None:
+        return None
+
+    # (GreedyLR's step / get_last_lr keep their own signatures: the LRScheduler base is only what Lightning checks for)
+    class GreedyLRScheduler(greedy, torch.optim.lr_scheduler.LRScheduler):  # type: ignore[misc,valid-type]
+        """transformers' ``GreedyLR`` as a Lightning-compatible scheduler (Lightning accepts only ``LRScheduler`` and
+        ``ReduceLROnPlateau`` instances); the behaviour is ``GreedyLR``'s. Stepped with the monitored metric after
+        each validation, as the Trainer steps it after each evaluation."""
+
+    GreedyLRScheduler.__qualname__ = GreedyLRScheduler.__name__
+    return GreedyLRScheduler
+
+
+#: transformers' ``GreedyLR`` as a Lightning-compatible scheduler; None on a transformers without it (before 5.4,
+#: where ``lr_scheduler_type='greedy'`` is refused with the versions)
+GreedyLRScheduler: Any = _greedy_lr_scheduler()
 
 
 def create_scheduler(

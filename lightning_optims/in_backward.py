@@ -26,6 +26,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from lightning_optims.compat import (
+    flatten_dense,
+    foreach_add_,
+    foreach_clamp_max_,
+    foreach_clamp_min_,
+    foreach_div_,
+    foreach_mul,
+    foreach_mul_,
+    foreach_norm,
+    foreach_rsqrt,
+    foreach_sub_,
+    unflatten_dense,
+)
 from lightning_optims.placements import Along, ShardSums, local, reduction_key, state_along, state_like
 
 __all__ = [
@@ -207,9 +220,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         for p in params:
             p.grad = None
         flags = torch.tensor(present, dtype=grads[0].dtype, device=grads[0].device)
-        flat = torch._utils._flatten_dense_tensors([*grads, flags])
+        flat = flatten_dense([*grads, flags])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        *grads, flags = torch._utils._unflatten_dense_tensors(flat, [*grads, flags])
+        *grads, flags = unflatten_dense(flat, [*grads, flags])
         used = [i for i, f in enumerate(flags.tolist()) if f > 0]
         if not used:
             return
@@ -221,11 +234,11 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         grads = [g if g.dtype == torch.float32 else g.to(torch.float32) for g in grads]
         scale = self._grad_scale()
         if scale != 1.0:
-            torch._foreach_div_(grads, scale)
+            foreach_div_(grads, scale)
         if self._norm_pass or self.clip_coef is None:
             # the norm pass, or (without clipping) the one pass: each gradient's norm, for the logged global norm
             # and, without a norm pass, to check this bucket before writing it
-            norms = torch.stack(torch._foreach_norm(grads, 2.0))
+            norms = torch.stack(foreach_norm(grads, 2.0))
             self._norms.append((params, norms))
             if self._norm_pass:
                 return
@@ -269,10 +282,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         """lomo_optim's clipping of each gradient: by value (``clip_grad_value``), then by the global norm's factor."""
         value = group["clip_grad_value"]
         if value is not None and value > 0:
-            torch._foreach_clamp_min_(grads, -value)
-            torch._foreach_clamp_max_(grads, value)
+            foreach_clamp_min_(grads, -value)
+            foreach_clamp_max_(grads, value)
         if self.clip_coef is not None:
-            torch._foreach_mul_(grads, self.clip_coef)
+            foreach_mul_(grads, self.clip_coef)
 
     def _init_state(self, p: torch.Tensor) -> None:
         """Create ``p``'s optimizer state, if it has any, when it joins the optimizer (not at its first update): a
@@ -571,8 +584,8 @@ class Lomo(InBackwardOptimizer):
             locals_ = [local(p).detach() for p in ps]
             targets = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
             if wd > 0.0:
-                torch._foreach_mul_(targets, 1.0 - lr * wd)
-            torch._foreach_add_(targets, gs, alpha=-lr)
+                foreach_mul_(targets, 1.0 - lr * wd)
+            foreach_add_(targets, gs, alpha=-lr)
             for part, t in zip(locals_, targets):
                 if part.dtype != torch.float32:
                     part.copy_(t)
@@ -640,8 +653,8 @@ class AdaLomo(InBackwardOptimizer):
                 decay_rate = -decay_rate
             beta2t = 1.0 - math.pow(step, decay_rate)
             eps_sq, eps_scale = group["eps"]
-            squares = torch._foreach_mul(gs, gs)
-            torch._foreach_add_(squares, eps_sq)
+            squares = foreach_mul(gs, gs)
+            foreach_add_(squares, eps_sq)
             locals_ = [local(p).detach() for p in ps]
             weights = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
             matrices = [i for i, p in enumerate(ps) if p.dim() > 1]
@@ -661,10 +674,10 @@ class AdaLomo(InBackwardOptimizer):
             summed_rows = self._sums([Along(stacks[k].sum(dim=-1), reps[k], (1,)) for k in split]) if split else []
             row_means = {k: total.div_(reps[k].shape[-1]) for k, total in zip(split, summed_rows)}
             for k, (rs, stack) in enumerate(zip(rows, stacks)):
-                torch._foreach_mul_(rs, beta2t)
-                torch._foreach_add_(rs, list(row_means.get(k, stack.mean(dim=-1)).unbind()), alpha=1.0 - beta2t)
+                foreach_mul_(rs, beta2t)
+                foreach_add_(rs, list(row_means.get(k, stack.mean(dim=-1)).unbind()), alpha=1.0 - beta2t)
             # then one collective: column sums, row-statistic sums, parameter squared norms (whole tensors)
-            p_norms = torch.stack(torch._foreach_norm(weights, 2.0))
+            p_norms = torch.stack(foreach_norm(weights, 2.0))
             parts: list[Any] = [Along(stack.sum(dim=-2), rep, (0,)) for stack, rep in zip(stacks, reps)]
             parts += [Along(torch.stack(rs).sum(dim=-1, keepdim=True), rep, (0,)) for rs, rep in zip(rows, reps)]
             norm_parts, norms_of = self._per_param(ps, p_norms.square())
@@ -674,31 +687,31 @@ class AdaLomo(InBackwardOptimizer):
             updates: list[torch.Tensor] = [torch.empty(0)] * len(ps)
             for idx, cs, col_sum, rs, row_sum in zip(shapes, cols, col_sums, rows, row_sums):
                 n_rows = float(ps[idx[0]].shape[0])  # of the whole tensor (a DTensor's shape is global)
-                torch._foreach_mul_(cs, beta2t)
-                torch._foreach_add_(cs, list(col_sum.div_(n_rows).unbind()), alpha=1.0 - beta2t)
+                foreach_mul_(cs, beta2t)
+                foreach_add_(cs, list(col_sum.div_(n_rows).unbind()), alpha=1.0 - beta2t)
                 r_factor = (torch.stack(rs) / row_sum.div_(n_rows)).rsqrt_().unsqueeze(-1)
                 for i, update in zip(idx, torch.mul(r_factor, torch.stack(cs).unsqueeze(-2).rsqrt()).unbind()):
                     updates[i] = update
             if vectors:
                 sq = [local(self.state[ps[i]]["exp_avg_sq"]) for i in vectors]
-                torch._foreach_mul_(sq, beta2t)
-                torch._foreach_add_(sq, [squares[i] for i in vectors], alpha=1.0 - beta2t)
-                for i, rsqrt in zip(vectors, torch._foreach_rsqrt(sq)):
+                foreach_mul_(sq, beta2t)
+                foreach_add_(sq, [squares[i] for i in vectors], alpha=1.0 - beta2t)
+                for i, rsqrt in zip(vectors, foreach_rsqrt(sq)):
                     updates[i] = rsqrt
-            torch._foreach_mul_(updates, gs)
+            foreach_mul_(updates, gs)
             # the second collective: the updates' squared norms
-            u_norms = torch.stack(torch._foreach_norm(updates, 2.0))
+            u_norms = torch.stack(foreach_norm(updates, 2.0))
             if self._sharded:
                 u_parts, u_norms_of = self._per_param(ps, u_norms.square())
                 u_norms = u_norms_of(self._sums(u_parts)).sqrt()
             sqrt_numel = torch.tensor([math.sqrt(p.numel()) for p in ps], device=u_norms.device)
             clip = (u_norms / sqrt_numel / group["clip_threshold"]).clamp_(min=1.0)
-            torch._foreach_div_(updates, list(clip.unbind()))
+            foreach_div_(updates, list(clip.unbind()))
             lrs = group["lr"] * (p_norms / sqrt_numel).clamp_(min=eps_scale)
             if group["weight_decay"] > 0.0:
-                torch._foreach_mul_(weights, list((1.0 - lrs * group["weight_decay"]).unbind()))
-            torch._foreach_mul_(updates, list(lrs.unbind()))
-            torch._foreach_sub_(weights, updates)
+                foreach_mul_(weights, list((1.0 - lrs * group["weight_decay"]).unbind()))
+            foreach_mul_(updates, list(lrs.unbind()))
+            foreach_sub_(weights, updates)
             for part, w in zip(locals_, weights):
                 if w.data_ptr() != part.data_ptr():
                     part.copy_(w)

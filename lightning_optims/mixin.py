@@ -17,7 +17,6 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRSchedulerConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,10 +24,17 @@ from lightning_optims import finite, rules
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.callbacks.runtime import MIXIN_HOOKS, attach_callbacks, scale_learning_rate
+from lightning_optims.compat import (
+    after_each_fsdp_group,
+    attached_trainer,
+    saved_hparams,
+    sync_unused_parameters,
+    uses_fabric,
+)
 from lightning_optims.grad_norm import clip_with_norm, gradient_norm, norm_value
 from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
-from lightning_optims.sharded import step_after_each_fsdp_group, sync_unused_parameters
+from lightning_optims.sharded import ShardedLayerwiseOptimizer
 
 __all__ = ["MIXIN_HOOKS", "OptimizerMixin"]
 
@@ -44,6 +50,10 @@ def _setting(name: str) -> property:
 
     return property(fget, fset, doc=f"The ``{name}`` setting (validated when set; see OptimizerArguments).")
 
+
+if TYPE_CHECKING:
+    # (OptimizerLRSchedulerConfig: Lightning >= 2.6; a name for annotations only)
+    from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRSchedulerConfig
 
 if TYPE_CHECKING:  # the mixin is only ever used before LightningModule in a module's bases: type it as one
     from lightning.pytorch import LightningModule as _MixinBase
@@ -124,9 +134,9 @@ class OptimizerMixin(_MixinBase):
         of the schedule from the current step on; another setting cannot change under a running optimizer)."""
         old = self.optimizer_arguments
         new = OptimizerArguments(**{**old.as_kwargs(), **changes})
-        trainer = getattr(self, "_trainer", None)
+        trainer = attached_trainer(self)
         running = trainer is not None and trainer.state.status == TrainerStatus.RUNNING
-        if running and self._built_optimizer is not None and self._built_optimizer in trainer.optimizers:  # type: ignore[union-attr]  # (running: trainer is set)
+        if running and self._built_optimizer is not None and self._built_optimizer in trainer.optimizers:
             fixed = [k for k in changes if k != "learning_rate" and getattr(new, k) != getattr(old, k)]
             if fixed:
                 raise MisconfigurationException(
@@ -136,7 +146,7 @@ class OptimizerMixin(_MixinBase):
             if old.learning_rate and new.learning_rate != old.learning_rate:
                 scale_learning_rate(trainer, new.learning_rate / old.learning_rate)
         self.optimizer_arguments = new
-        hparams = self.__dict__.get("_hparams")
+        hparams = saved_hparams(self)
         if hparams is not None:
             for key in changes:
                 if key in hparams:
@@ -165,7 +175,7 @@ class OptimizerMixin(_MixinBase):
         ``trainer.estimated_stepping_batches``; without one (Lightning Fabric, plain PyTorch) pass
         ``num_training_steps``, the number of optimizer steps the schedule spans."""
         args = self.optimizer_arguments
-        trainer = self._trainer if getattr(self, "_fabric", None) is None else None
+        trainer = None if uses_fabric(self) else attached_trainer(self)
         if num_training_steps is not None and (
             isinstance(num_training_steps, bool) or not isinstance(num_training_steps, int) or num_training_steps < 1
         ):
@@ -188,7 +198,9 @@ class OptimizerMixin(_MixinBase):
             # FSDP2 groups with set_reduce_scatter_unused_params(True): parameters used on some processes only
             sync_unused_parameters(self)
             # a layer-wise optimizer steps each FSDP2 group's parameters together, after the group's post-backward
-            step_after_each_fsdp_group(self, optimizer)
+            after = optimizer if isinstance(optimizer, ShardedLayerwiseOptimizer) else None
+            if after_each_fsdp_group(self, after) and after is not None:
+                after.batched = True
         if trainer is not None and isinstance(optimizer, InBackwardOptimizer):
             # the engine averages each gradient itself: DDP's reducer must not prepare a reduction it never sees
             wrapped = trainer.strategy.model

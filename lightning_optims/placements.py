@@ -3,7 +3,7 @@ the numbers of the whole tensor.
 
 A statistic along a tensor dimension (a row mean sums along dim 1, a column sum along dim 0, a norm or an RMS along
 all) is a sum of the processes' parts over exactly the mesh dimensions that shard that tensor dimension:
-:func:`sharding` names them (``Shard(d)`` and torch's ``_StridedShard(d)``; a ``Replicate`` mesh dimension holds the
+:func:`sharding` names them (``Shard(d)`` and torch's strided shard of ``d``; a ``Replicate`` mesh dimension holds the
 same numbers, a plain tensor is whole). :class:`ShardSums` completes many such parts at once (an :class:`Along` each),
 flattened into one all-reduce per mesh dimension involved, so a step issues a fixed, small number of collectives
 whatever the number of parameters; ``lockstep`` batches the rounds of steps written as generators, and
@@ -17,7 +17,7 @@ The layouts: FSDP2 on one mesh dimension (``Shard(0)``); HSDP (``(Replicate(), S
 gradient over the shard dimension and all-reduces it over the replicate dimension before its post-accumulate-grad
 hooks and ``optimizer.step``, so the replicas hold the same rows of the same gradient); tensor parallelism
 (column-parallel weights ``Shard(0)``, row-parallel ``Shard(1)``, the rest often plain tensors); both (2-D, where
-FSDP2 shards a column-parallel weight's rows again: ``_StridedShard(0)``). State tensors are placed along the
+FSDP2 shards a column-parallel weight's rows again: a strided shard of dim 0). State tensors are placed along the
 dimensions of the parameter they follow (:func:`state_along`); :func:`local_indices` gives a process's global rows or
 columns (APOLLO's and GaLore's projections).
 
@@ -34,8 +34,9 @@ from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
+from torch.distributed.tensor import DTensor, Replicate
+
+from lightning_optims.compat import flatten_dense, is_shard, shard_like, split_indices, unflatten_dense
 
 __all__ = [
     "Along",
@@ -45,11 +46,8 @@ __all__ = [
     "indices_at",
     "local",
     "local_indices",
-    "my_rows",
     "reduction_key",
     "replicated",
-    "row_coordinate",
-    "row_mesh_dim",
     "rows_placements",
     "shard_coordinate",
     "sharding",
@@ -61,35 +59,6 @@ __all__ = [
 def local(tensor: Any) -> Any:
     """This process's part of a ``DTensor``; a plain tensor as it is. In-place writes to it write the tensor."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def row_mesh_dim(p: Any) -> int | None:
-    """The mesh dimension over which ``p`` (a ``DTensor``) is sharded on its rows, when that is its only sharding:
-    ``Shard(0)`` on one mesh dimension and ``Replicate`` on every other (FSDP2 on a 1-D mesh; HSDP, whose replicate
-    dimension holds the same numbers after FSDP2's all-reduce); None for any other layout or a plain tensor."""
-    if not isinstance(p, DTensor):
-        return None
-    sharded = [i for i, placement in enumerate(p.placements) if not isinstance(placement, Replicate)]
-    if len(sharded) != 1 or type(p.placements[sharded[0]]) is not Shard or p.placements[sharded[0]] != Shard(0):
-        return None
-    return sharded[0]
-
-
-def row_coordinate(p: DTensor) -> tuple[int, int]:
-    """This process's index among those that shard ``p``'s rows, and their number."""
-    dim = row_mesh_dim(p)
-    assert dim is not None, "a parameter sharded on its rows"
-    return p.device_mesh.get_local_rank(dim), p.device_mesh.size(dim)
-
-
-def my_rows(full: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This process's rows of ``full``, split as ``like``'s ``Shard(0)`` splits (torch.chunk: the last ranks may get
-    none)."""
-    rank, world = row_coordinate(like)
-    chunks = torch.chunk(full, world, dim=0)
-    if rank < len(chunks):
-        return chunks[rank]
-    return full.new_empty((0, *full.shape[1:]))
 
 
 def rows_placements(p: DTensor) -> list[Any]:
@@ -104,12 +73,12 @@ def replicated(p: DTensor) -> list[Any]:
 
 def sharding(p: Any, dims: Iterable[int] | None = None) -> list[int]:
     """The mesh dimensions whose placement shards one of ``p``'s tensor dimensions ``dims`` (all of them: None), by
-    ``Shard(d)`` or torch's ``_StridedShard(d)`` (FSDP2 over tensor parallelism on the same dimension); ``Replicate``
+    ``Shard(d)`` or torch's strided shard of ``d`` (FSDP2 over tensor parallelism on the same dimension); ``Replicate``
     mesh dimensions hold the same numbers and are not among them. Empty for a plain tensor."""
     if not isinstance(p, DTensor):
         return []
     wanted = set(range(p.dim())) if dims is None else {d % p.dim() for d in dims}
-    return [i for i, pl in enumerate(p.placements) if isinstance(pl, (Shard, _StridedShard)) and pl.dim in wanted]
+    return [i for i, pl in enumerate(p.placements) if is_shard(pl, wanted)]
 
 
 class Along(NamedTuple):
@@ -142,7 +111,7 @@ def _mesh_dim_key(p: DTensor, i: int) -> str:
 
 def local_indices(p: Any, dim: int) -> torch.Tensor:
     """The global indices along ``p``'s dimension ``dim`` of this process's part, in its order (torch's
-    ``_StridedShard`` included); every index for a plain tensor or a dimension no mesh dimension splits. No
+    strided shards included); every index for a plain tensor or a dimension no mesh dimension splits. No
     collective: each process splits the index vector as its part of ``p`` was split."""
     if not sharding(p, (dim,)):
         return torch.arange(p.shape[dim], device=local(p).device)
@@ -152,19 +121,12 @@ def local_indices(p: Any, dim: int) -> torch.Tensor:
 def indices_at(p: DTensor, dim: int, coordinate: tuple[int, ...]) -> torch.Tensor:
     """The global indices along ``p``'s dimension ``dim`` held by the process at ``coordinate`` on ``p``'s mesh: the
     index vector split mesh dimension after mesh dimension as ``distribute_tensor`` splits a tensor (each ``Shard`` /
-    ``_StridedShard`` placement's own split, without padding), that process's chunk kept each time. No
+    strided shard placement's own split, without padding), that process's chunk kept each time. No
     collective: any process computes any other's."""
     indices = torch.arange(p.shape[dim], device=local(p).device)
     for i, pl in enumerate(p.placements):
-        split: Shard | _StridedShard
-        if isinstance(pl, _StridedShard) and pl.dim == dim:
-            split = _StridedShard(0, split_factor=pl.split_factor)
-        elif isinstance(pl, Shard) and pl.dim == dim:
-            split = Shard(0)
-        else:
-            continue
-        chunks, _ = split._split_tensor(indices, p.device_mesh.size(i), with_padding=False)
-        indices = chunks[coordinate[i]]
+        if is_shard(pl, (dim,)):
+            indices = split_indices(pl, indices, p.device_mesh.size(i))[coordinate[i]]
     return indices
 
 
@@ -187,21 +149,17 @@ def reduction_key(p: Any, dims: Iterable[int] | None = None) -> tuple[str, ...]:
 def state_along(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """A zero fp32 state tensor whose dimensions are ``p``'s dimensions ``dims`` (``(0,)``: one number per row,
     ``(1,)``: per column, ``(0, 1)``: like ``p``), placed as ``p`` places those dimensions (sharded where ``p`` is,
-    ``_StridedShard`` included, replicated elsewhere) so that this process's part lines up with its part of ``p``,
+    strided shards included, replicated elsewhere) so that this process's part lines up with its part of ``p``,
     and Lightning's distributed checkpoint saves and reshards it; a plain tensor for a plain ``p``."""
     part = local(p)
     local_shape = tuple(part.shape[d] for d in dims)
     if not isinstance(p, DTensor):
         return torch.zeros(local_shape, dtype=torch.float32, device=part.device)
     shape = tuple(p.shape[d] for d in dims)
-    placements: list[Any] = []
-    for pl in p.placements:
-        if isinstance(pl, _StridedShard) and pl.dim in dims:
-            placements.append(_StridedShard(dims.index(pl.dim), split_factor=pl.split_factor))
-        elif isinstance(pl, Shard) and pl.dim in dims:
-            placements.append(Shard(dims.index(pl.dim)))
-        else:
-            placements.append(Replicate())
+    placements = [
+        shard_like(pl, dims.index(pl.dim)) if is_shard(pl, dims) else Replicate()
+        for pl in cast(list[Any], p.placements)
+    ]
     zeros = torch.zeros(local_shape, dtype=torch.float32, device=part.device)
     strides = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(
@@ -231,9 +189,9 @@ class ShardSums:
         for key in sorted(rounds):
             group, indices = rounds[key]
             chosen = [results[i] for i in indices]
-            flat = torch._utils._flatten_dense_tensors(chosen)
+            flat = flatten_dense(chosen)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            for i, summed in zip(indices, torch._utils._unflatten_dense_tensors(flat, chosen)):
+            for i, summed in zip(indices, unflatten_dense(flat, chosen)):
                 results[i] = summed
         for mesh_dims in sorted(owned):
             _gather_to_owners([parts[i] for i in owned[mesh_dims]], owned[mesh_dims], results)

@@ -17,7 +17,6 @@ from lightning.pytorch.callbacks import (
     BaseFinetuning,
     GradientAccumulationScheduler,
     StochasticWeightAveraging,
-    WeightAveraging,
 )
 from lightning.pytorch.strategies import (
     DDPStrategy,
@@ -28,6 +27,7 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_optims import compat
 from lightning_optims.arguments import OptimizerArguments
 from lightning_optims.registry import OptimizerSpec, _load, get_spec, registered_names
 from lightning_optims.sharded import is_sharded
@@ -192,7 +192,8 @@ def weight_averaging_with_schedule_free(fit: Fit) -> str | None:
     """`StochasticWeightAveraging` / `WeightAveraging` with a schedule-free optimizer, which already averages."""
     if not fit.spec.has_train_eval_modes:
         return None
-    for callback in fit.callbacks(StochasticWeightAveraging, WeightAveraging):
+    averaging = [StochasticWeightAveraging, compat.FEATURES["weight_averaging"].load()]  # (None: Lightning < 2.6)
+    for callback in fit.callbacks(*(c for c in averaging if c is not None)):
         return (
             f"{type(callback).__name__} cannot be combined with optim={fit.spec.name!r}: a schedule-free optimizer "
             "already averages its iterates (its eval-mode weights are the average), and the weights that callback "

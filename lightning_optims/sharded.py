@@ -28,9 +28,9 @@ from collections.abc import Callable, Generator
 from typing import Any, cast
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
+from torch.distributed.tensor import DTensor, Replicate
 
+from lightning_optims.compat import is_shard, shard_like
 from lightning_optims.families.adafactor import adafactor_update, apply_adafactor, fp32
 from lightning_optims.families.low_rank import ONE_SIDED, projects_right
 from lightning_optims.layerwise import StepHooks
@@ -52,8 +52,6 @@ __all__ = [
     "ShardedLayerwiseOptimizer",
     "ShardedStepOptimizer",
     "is_sharded",
-    "step_after_each_fsdp_group",
-    "sync_unused_parameters",
 ]
 
 
@@ -317,8 +315,8 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
         )
 
     def _block(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global indices of this process's rows and columns of the matrix ``p`` (any placement, torch's
-        ``_StridedShard`` included), computed once."""
+        """The global indices of this process's rows and columns of the matrix ``p`` (any placement, the
+        strided shard included), computed once."""
         if p not in self._indices:
             self._indices[p] = (local_indices(p, 0), local_indices(p, 1))
         return self._indices[p]
@@ -460,18 +458,18 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
 
 class ShardedLayerwiseOptimizer(StepHooks, ShardedStepOptimizer):
     """A layer-wise optimizer (``*_layerwise``: one upstream optimizer per parameter, stepped as soon as its gradient
-    exists) over FSDP2's sharded parameters (FSDP2 on one mesh dimension, HSDP, or 2-D with tensor parallelism).
-    FSDP2 reduce-scatters each group's gradients during backward and then runs the post-accumulate-grad hooks of its
-    sharded parameters; the hooks here collect the group's parameters, and once the group's post-backward is done
-    (:func:`step_after_each_fsdp_group`) their steps start, each on this process's part (the family's block step, or
-    element by element). Their sums go into one all-reduce per round (per mesh dimension), the first also carrying a
-    flag of non-finite gradients, so that every process stops before the group writes anything; a group's later
-    rounds share the next group's first (:class:`~lightning_optims.placements.Rounds`), the last ones finish after
-    backward. A gradient is freed when its step ends: no gradient outlives its FSDP group by more than the rounds of
-    its step (two or three groups' gradients at a time), where on one device none outlives its parameter. Without that
-    signal (the optimizer used outside ``OptimizerMixin``) each parameter steps in its own hook. Each parameter is its
-    own optimizer's only one (APOLLO's seed is 1, as in transformers' layer-wise construction); the learning rate is
-    its group's (a scheduler drives every group alike)."""
+    exists) over FSDP2's sharded parameters (FSDP2 on one mesh dimension, HSDP, or 2-D with tensor parallelism). FSDP2
+    reduce-scatters each group's gradients during backward and then runs the post-accumulate-grad hooks of its sharded
+    parameters; the hooks here collect the group's parameters, and once the group's post-backward is done
+    (:func:`~lightning_optims.compat.after_each_fsdp_group`) their steps start, each on this process's part (the
+    family's block step, or element by element). Their sums go into one all-reduce per round (per mesh dimension), the
+    first also carrying a flag of non-finite gradients, so that every process stops before the group writes anything; a
+    group's later rounds share the next group's first (:class:`~lightning_optims.placements.Rounds`), the last ones
+    finish after backward. A gradient is freed when its step ends: no gradient outlives its FSDP group by more than the
+    rounds of its step (two or three groups' gradients at a time), where on one device none outlives its parameter.
+    Without that signal (the optimizer used outside ``OptimizerMixin``) each parameter steps in its own hook. Each
+    parameter is its own optimizer's only one (APOLLO's seed is 1, as in transformers' layer-wise construction); the
+    learning rate is its group's (a scheduler drives every group alike)."""
 
     def __init__(self, param_groups: list[dict[str, Any]], optimizer_cls: type, kwargs: dict[str, Any]) -> None:
         super().__init__(param_groups, optimizer_cls, kwargs)
@@ -480,7 +478,9 @@ class ShardedLayerwiseOptimizer(StepHooks, ShardedStepOptimizer):
         self._group_of = {p: index for index, group in enumerate(self.param_groups) for p in group["params"]}
         self._pending: list[torch.Tensor] = []
         self._rounds = Rounds(ShardSums())
-        self.batched = False  # (set by step_after_each_fsdp_group: the group's steps wait for its post-backward)
+        self.batched = (
+            False  # (set where compat.after_each_fsdp_group hooks it: a group's steps wait for its post-backward)
+        )
         self._grad_sq_by_key: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._hook_handles: list[Any] = []
         self.register_hooks()
@@ -599,38 +599,6 @@ class ShardedLayerwiseOptimizer(StepHooks, ShardedStepOptimizer):
         self.finish_steps()
         super().step()
         return loss
-
-
-_AFTER = "_lightning_optims_after_post_backward"  # (on an FSDP2 param group: what runs after its post-backward)
-
-
-def step_after_each_fsdp_group(module: torch.nn.Module, optimizer: Any) -> None:
-    """Run ``optimizer.after_group`` after each FSDP2 group's post-backward (its reduce-scatter, and under HSDP its
-    all-reduce, then its parameters' post-accumulate-grad hooks), for a layer-wise optimizer; for any other optimizer
-    clear what an earlier fit set. FSDP2's per-group hook is wrapped once, on the instance."""
-    from torch.distributed.fsdp import FSDPModule
-
-    after = optimizer if isinstance(optimizer, ShardedLayerwiseOptimizer) else None
-    for sub in module.modules():
-        if not isinstance(sub, FSDPModule):
-            continue
-        for group in sub._get_fsdp_state()._fsdp_param_groups:
-            if not hasattr(group, _AFTER):
-                group.post_backward = _then_after(group, group.post_backward)  # type: ignore[method-assign]
-            setattr(group, _AFTER, after)
-            if after is not None:
-                optimizer.batched = True
-
-
-def _then_after(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapped(*args: Any) -> Any:
-        result = post_backward(*args)
-        after = getattr(group, _AFTER, None)
-        if after is not None:
-            after.after_group()
-        return result
-
-    return wrapped
 
 
 def _projects_right(group: dict[str, Any], p: torch.Tensor) -> bool:
@@ -793,13 +761,8 @@ def _place(value: Any, p: torch.Tensor, follows: dict[int, int]) -> Any:
         return value
     placements: list[Any] = []
     for pl in p.placements:
-        dim = next((i for i, d in follows.items() if isinstance(pl, (Shard, _StridedShard)) and pl.dim == d), None)
-        if dim is None:
-            placements.append(Replicate())
-        elif isinstance(pl, _StridedShard):
-            placements.append(_StridedShard(dim, split_factor=pl.split_factor))
-        else:
-            placements.append(Shard(dim))
+        dim = next((i for i, d in follows.items() if is_shard(pl, (d,))), None)
+        placements.append(Replicate() if dim is None else shard_like(pl, dim))
     shape = tuple(p.shape[follows[i]] if i in follows else size for i, size in enumerate(value.shape))
     return DTensor.from_local(
         value, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=_contiguous_strides(shape)
@@ -809,96 +772,3 @@ def _place(value: Any, p: torch.Tensor, follows: dict[int, int]) -> Any:
 def is_sharded(params: list[torch.Tensor]) -> bool:
     """Whether these are FSDP2's sharded parameters (``DTensor`` s)."""
     return any(isinstance(p, DTensor) for p in params)
-
-
-# -- parameters unused on some processes ----------------------------------------------------------------------------
-
-_UNUSED_SYNC = "_lightning_optims_unused_sync"
-
-
-def sync_unused_parameters(module: torch.nn.Module) -> None:
-    """Make FSDP2's ``set_reduce_scatter_unused_params(True)`` give one process's result on the combined batch.
-
-    With that switch (torch's counterpart of DDP's ``find_unused_parameters``) FSDP2 reduce-scatters a zero gradient
-    for every parameter this process did not use, including those no process used: they then get a zero gradient
-    instead of none, and an optimizer with momentum or weight decay moves them where one process would leave them
-    alone. For each FSDP2 group that has the switch on, this replaces it by an exact rule, just before the group's
-    reduce-scatter: one all-reduce of a flag per parameter (used on this process or not) over the group's processes;
-    a parameter used on some process gets zeros where it was not used (so the reduce-scatters line up), one used
-    nowhere keeps no gradient on every process (every optimizer skips it, as on one device; the in-backward ones
-    never see it). A group without the switch gets no collective: a parameter without a gradient on this process,
-    in a group that got gradients, is named in a warning before FSDP2's reduce-scatter (which fails if another
-    process used it)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for sub in module.modules():
-        if not isinstance(sub, FSDPModule):
-            continue
-        for group in sub._get_fsdp_state()._fsdp_param_groups:
-            if getattr(group, _UNUSED_SYNC, False):
-                continue  # (a later fit of the same module)
-            if group.reduce_scatter_unused_params:
-                # (FSDP2's per-group hook, wrapped on this instance)
-                group.post_backward = _post_backward_with_used_flags(group, group.post_backward)  # type: ignore[method-assign]
-                group.reduce_scatter_unused_params = False  # (the zeros are ours now, only where needed)
-            else:  # (wrapped on this instance, as above)
-                group.post_backward = _post_backward_naming_unused(group, group.post_backward)  # type: ignore[method-assign]
-            setattr(group, _UNUSED_SYNC, True)
-
-
-def _used_here(group: Any) -> list[tuple[Any, bool]]:
-    """The group's trainable parameters FSDP2 has gathered, each with whether it has a gradient on this process (in
-    this backward, or accumulated without reducing)."""
-    return [
-        (fp, fp.unsharded_accumulated_grad is not None or fp.unsharded_param.grad is not None)
-        for fp in group.fsdp_params
-        if hasattr(fp, "_unsharded_param") and fp.unsharded_param.requires_grad
-    ]
-
-
-def _post_backward_naming_unused(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
-    """Without the switch: no collective; a parameter of a group that got gradients, itself without one on this
-    process, is named in a warning (once) before FSDP2's reduce-scatter, which fails if another process used it."""
-    import warnings
-
-    named: set[str] = set()
-
-    def wrapped(*args: Any) -> Any:
-        if group.reduce_grads:
-            used = _used_here(group)
-            if any(here for _, here in used):
-                for fp, here in used:
-                    name = str(getattr(fp, "_param_fqn", None) or tuple(fp.unsharded_param.shape))
-                    if not here and name not in named:
-                        named.add(name)
-                        warnings.warn(
-                            f"FSDP2: parameter {name} got no gradient on this process in this backward. If another "
-                            "process used it, FSDP2's reduce-scatter fails (gloo: 'Connection reset by peer'; NCCL: "
-                            "a hang): call self.model.set_reduce_scatter_unused_params(True) in configure_model, and "
-                            "every optimizer of this package then gives one process's result",
-                            UserWarning,
-                            stacklevel=2,
-                        )
-        return post_backward(*args)
-
-    return wrapped
-
-
-def _post_backward_with_used_flags(group: Any, post_backward: Callable[..., Any]) -> Callable[..., Any]:
-    import torch.distributed as dist
-
-    def wrapped(*args: Any) -> Any:
-        if group.reduce_grads:  # (a backward that only accumulates reduces nothing: decided at the reducing one)
-            used = _used_here(group)
-            if used:
-                flags = torch.tensor([here for _, here in used], dtype=torch.int32, device=group.device)
-                info = group.mesh_info
-                for name in ("shard_process_group", "replicate_process_group"):
-                    if getattr(info, name, None) is not None:
-                        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=getattr(info, name))
-                for (fp, here), anywhere in zip(used, flags.tolist()):
-                    if anywhere and not here:
-                        fp.unsharded_param.grad = torch.zeros_like(fp.unsharded_param)
-        return post_backward(*args)
-
-    return wrapped

@@ -82,11 +82,14 @@ def test_test_only_packages_are_not_required():
 KNOWN_NEEDS = {
     "transformers": (
         "5.0",
-        "TrainingArguments.warmup_steps as a float ratio (4.x has warmup_ratio), used by "
-        "from_training_arguments; SchedulerType.GREEDY",
+        "TrainingArguments.warmup_steps as a float ratio (4.x has warmup_ratio), used by from_training_arguments",
     ),
-    "lightning": ("2.6", "lightning.pytorch.callbacks.WeightAveraging, checked against schedule-free"),
-    "torch": ("2.13", "the only torch this suite runs on (pinned CPU build)"),
+    "lightning": ("2.5", "the floors CI's second environment runs the suite on (.ci/floors.txt)"),
+    "torch": (
+        "2.6",
+        "torch.distributed.fsdp.fully_shard public, torch.nn.utils.get_total_norm / clip_grads_with_norm_",
+    ),
+    "schedulefree": ("1.4", "RAdamScheduleFree (transformers refuses schedule_free_radam below 1.4)"),
     "typing-extensions": ("4.4", "typing_extensions.override"),
 }
 

@@ -10,10 +10,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
+
+from lightning_optims.compat import BatchNorm, logged_elsewhere
 
 __all__ = ["ScheduleFreeCallback", "is_schedule_free"]
 
@@ -307,8 +308,8 @@ def _eval_point_into(checkpoint: dict[str, Any], trainer: Any, pl_module: Any, t
     return True
 
 
-def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+def _batch_norms(module: nn.Module) -> list[Any]:
+    return [m for m in module.modules() if isinstance(m, BatchNorm) and m.track_running_stats]
 
 
 def _training_step(pl_module: L.LightningModule, batch: Any, batch_idx: int) -> Any:
@@ -320,17 +321,8 @@ def _logs_discarded(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterato
     """While the recalibration runs training steps, what they log (``self.log`` in ``training_step``) goes to a result
     collection of its own, discarded afterwards, instead of the running loop's metrics; the module's ``log`` methods
     are left as they are."""
-    current = trainer._results
-    epoch_loop = trainer.fit_loop.epoch_loop
-    holders: list[Any] = [epoch_loop, epoch_loop.val_loop, trainer.validate_loop, trainer.test_loop]
-    holder = next((h for h in holders if current is not None and vars(h).get("_results") is current), None)
-    fx = pl_module._current_fx_name
-    if holder is not None:
-        holder._results = _ResultCollection(training=True)
-    pl_module._current_fx_name = "training_step"
+    restore = logged_elsewhere(trainer, pl_module)
     try:
         yield
     finally:
-        if holder is not None:
-            holder._results = current
-        pl_module._current_fx_name = fx
+        restore()
