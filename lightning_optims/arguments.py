@@ -85,6 +85,11 @@ class OptimizerArguments:
         self._check_scheduler(spec)
         self._check_target_modules(spec)
         self.parsed_optim_args = parse_optim_args(self.optim_args, spec.arguments, spec.name)
+        if self.optim_args and spec.optim_args_need and (needs := compat.missing(spec.optim_args_need)):
+            raise OptimizerSettingError(
+                f"optim_args={self.optim_args!r} for optim={spec.name!r}: {needs}, where transformers' Trainer "
+                "ignores them; upgrade transformers, or leave optim_args unset"
+            )
         self._check_used_by(spec)
         self._warn_against_recommendations(spec)
 

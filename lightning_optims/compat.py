@@ -86,9 +86,10 @@ class Feature:
         return f"{self.what} needs {self.package} >= {self.version} (installed: {self.package} {have or 'none'})"
 
 
-#: every feature above the floors (docs/versions.md renders this table; tests/test_versions.py refuses each at the
-#: floors). Tested on: transformers 5.0.0 (no GreedyLR, added in 5.4.0), Lightning 2.5.0 (no WeightAveraging, added
-#: in 2.6.0), torch 2.6.0 (no set_reduce_scatter_unused_params, added in 2.9)
+#: every feature above the floors (docs/versions.md shows this table; tests/test_versions.py refuses each at the
+#: floors). Read in the released code: GreedyLR from transformers 5.4.0; optim_args read by the Trainer for sgd /
+#: adagrad / rmsprop from 5.3.0 (ignored before); WeightAveraging from Lightning 2.6.0;
+#: FSDPModule.set_reduce_scatter_unused_params from torch 2.13.0 (absent from 2.6.0 to 2.12.0)
 FEATURES: dict[str, Feature] = {
     "greedy": Feature("lr_scheduler_type='greedy'", "transformers", "5.4.0", "transformers.optimization:GreedyLR"),
     "weight_averaging": Feature(
@@ -97,7 +98,8 @@ FEATURES: dict[str, Feature] = {
         "2.6.0",
         "lightning.pytorch.callbacks:WeightAveraging",
     ),
-    "reduce_scatter_unused_params": Feature("FSDP2's set_reduce_scatter_unused_params", "torch", "2.9.0"),
+    "torch_optim_args": Feature("optim_args for sgd, adagrad and rmsprop", "transformers", "5.3.0"),
+    "reduce_scatter_unused_params": Feature("FSDP2's set_reduce_scatter_unused_params", "torch", "2.13.0"),
 }
 
 

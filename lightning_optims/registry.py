@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from lightning_optims.compat import FEATURES
 from lightning_optims.optim_args import Arg, OptimizerSettingError, closest
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ class OptimizerSpec:
     target: str
     family: str
     arguments: tuple[Arg, ...] = ()
+    # a key of lightning_optims.compat.FEATURES that optim_args need (refused with the versions where it is missing)
+    optim_args_need: str | None = None
     kwargs: Callable[[BuildContext], dict[str, Any]] = _no_kwargs
     target_group_kwargs: Callable[[BuildContext], dict[str, Any]] | None = None
     params: Literal["decay_groups", "low_rank", "model"] = "decay_groups"
@@ -216,14 +219,20 @@ class OptimizerAvailability:
     usable: bool
     reason: str | None
     extra: str | None
+    needs: str | None = None  # what it needs beyond the package's floors (torch 2.6, Lightning 2.5, transformers 5.0)
 
 
 def available_optimizers() -> list[OptimizerAvailability]:
-    """Every registered name, and whether it is usable here (package installed, device present)."""
+    """Every registered name, whether it is usable here (package installed, device present), and what it needs
+    beyond the floors."""
     _ensure_loaded()
     rows = []
     for name in sorted(_REGISTRY):
         spec = _REGISTRY[name]
         reason = spec.unavailable_reason()
-        rows.append(OptimizerAvailability(name, spec.family, reason is None, reason, spec.extra))
+        needs = None
+        if spec.optim_args_need is not None:
+            feature = FEATURES[spec.optim_args_need]
+            needs = f"optim_args: {feature.package} >= {feature.version}"
+        rows.append(OptimizerAvailability(name, spec.family, reason is None, reason, spec.extra, needs))
     return rows

@@ -101,11 +101,15 @@ class CollectiveCounter:
 
     def __enter__(self) -> CollectiveCounter:
         for name, (kind, parameter) in _FUNCTIONS.items():
+            if not hasattr(c10d, name):
+                continue  # (all_gather_single / reduce_scatter_single: FSDP2's from torch 2.9; 2.6 calls the others)
             wrapped = self._wrap_function(getattr(c10d, name), kind, parameter)
             self._patch(c10d, name, wrapped)
             self._patch(dist, name, wrapped)
         functional = torch.ops._c10d_functional
         for name, (kind, gathers) in _OPS.items():
+            if not hasattr(functional, name):
+                continue
             self._patch(functional, name, self._wrap_op(getattr(functional, name), kind, gathers))
         return self
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import sys
 from typing import NoReturn
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
 
-from lightning_optims import OptimizerMixin
+from lightning_optims import OptimizerMixin, compat
 
 VOCAB = 64
 SEQ = 8
@@ -214,3 +216,18 @@ def leave_process_group() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def needs(feature: str) -> pytest.MarkDecorator:
+    """Skip where the installed versions lack ``feature`` (a key of ``lightning_optims.compat.FEATURES``): the test
+    exercises what that feature does; tests/test_versions.py checks its refusal there instead."""
+    reason = compat.missing(feature)
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
+#: load_from_checkpoint(..., weights_only=True) where Lightning takes it (2.6); Lightning 2.5 has no such argument
+WEIGHTS_ONLY: dict[str, bool] = (
+    {"weights_only": True}
+    if "weights_only" in inspect.signature(L.LightningModule.load_from_checkpoint).parameters
+    else {}
+)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_optims import DEFAULT_OPTIM
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -97,7 +99,7 @@ def test_help_lists_settings_defaults_and_names(capsys):
     out = capsys.readouterr().out
     for text in (
         "--model.optim OPTIM",
-        "default: adamw_torch_fused",
+        f"default: {DEFAULT_OPTIM}",  # (transformers' default for the installed torch: fused from torch 2.8)
         "--model.optim_target_modules",
         "--model.max_grad_norm",
         "default: 1.0",

@@ -122,7 +122,8 @@ def test_the_trainer_logs_zero_for_lomo(tmp_path):
     )
     hf_trainer = _SequentialTrainer(model=tiny_llama(), args=ta, train_dataset=TokenDataset())
     hf_trainer.train()
-    assert [e["grad_norm"] for e in hf_trainer.state.log_history if "grad_norm" in e] == [0.0, 0.0]
+    logged = [e["grad_norm"] for e in hf_trainer.state.log_history if "grad_norm" in e]
+    assert logged in ([0.0, 0.0], []), logged  # (0.0 at each step on the newest transformers, nothing on 5.0)
 
 
 class KeysLogger(Logger):

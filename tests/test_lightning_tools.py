@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import lightning.pytorch.callbacks
 import pytest
 import torch
 from lightning.pytorch.callbacks import (
     BackboneFinetuning,
     BatchSizeFinder,
     Callback,
-    EMAWeightAveraging,
     GradientAccumulationScheduler,
     LearningRateFinder,
     LearningRateMonitor,
@@ -30,8 +30,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_optims import OptimizerSettingError
 from lightning_optims.build import ScheduledGroupsLambdaLR
-from tests.helpers import LlamaModule, TokenDataset, lightning_trainer, loader, tiny_llama
+from tests.helpers import LlamaModule, TokenDataset, lightning_trainer, loader, needs, tiny_llama
 from tests.test_reliability import ALL, require_usable, settings
+
+#: EMAWeightAveraging comes with WeightAveraging (Lightning 2.6); below it the rule has no class to refuse
+EMAWeightAveraging = getattr(lightning.pytorch.callbacks, "EMAWeightAveraging", None)
+needs_weight_averaging = needs("weight_averaging")
 
 BACKBONE_FAMILIES = ALL  # every registered optimizer (the CUDA-only ones are skipped with the reason)
 
@@ -266,7 +270,7 @@ def test_every_scheduler_trains_under_lightning(scheduler):
         assert applied.lrs == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("scheduler", ["reduce_lr_on_plateau", "greedy"])
+@pytest.mark.parametrize("scheduler", ["reduce_lr_on_plateau", pytest.param("greedy", marks=needs("greedy"))])
 def test_metric_schedulers_without_validation_are_refused(scheduler):
     module = LlamaModule(model=tiny_llama(), optim="adamw_torch", lr_scheduler_type=scheduler)
     with pytest.raises(
@@ -306,7 +310,13 @@ def test_gradient_accumulation_scheduler_accumulates(name):
     assert trainer.global_step == 4 + 2  # 4 batches: 4 steps in epoch 0, 2 in epoch 1
 
 
-@pytest.mark.parametrize("callback", [lambda: StochasticWeightAveraging(swa_lrs=1e-3), lambda: EMAWeightAveraging()])
+@pytest.mark.parametrize(
+    "callback",
+    [
+        lambda: StochasticWeightAveraging(swa_lrs=1e-3),
+        pytest.param(lambda: EMAWeightAveraging(), marks=needs_weight_averaging, id="ema"),
+    ],
+)
 @pytest.mark.parametrize("name", ["schedule_free_adamw", "schedule_free_sgd"])
 def test_weight_averaging_is_refused_for_schedule_free(name, callback):
     module = LlamaModule(model=tiny_llama(), **settings(name))
@@ -333,6 +343,7 @@ def test_stochastic_weight_averaging_anneals_to_swa_lr_and_leaves_the_average(na
 
 
 @pytest.mark.slow
+@needs_weight_averaging
 @pytest.mark.parametrize("name", ["adamw_torch", "lomo", "apollo_adamw"])
 def test_ema_weight_averaging_leaves_the_average(name):
     module = LlamaModule(model=tiny_llama(), **settings(name))

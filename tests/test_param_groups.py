@@ -19,7 +19,7 @@ from lightning_optims.param_groups import (
     split_added_group,
     target_parameter_names,
 )
-from tests.helpers import tiny_llama
+from tests.helpers import needs, tiny_llama
 
 TARGETED = dict(optim="apollo_adamw", optim_target_modules=[r".*\.mlp\..*"], optim_args="rank=2")
 
@@ -126,6 +126,11 @@ def test_schedules_that_are_not_lambdas_keep_their_class():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = create_scheduler(optimizer, OptimizerArguments(lr_scheduler_type="reduce_lr_on_plateau"), 10)
     assert type(scheduler) is torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+@needs("greedy")
+def test_greedy_is_transformers_greedy_lr_for_lightning():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     greedy = create_scheduler(
         optimizer, OptimizerArguments(lr_scheduler_type="greedy", lr_scheduler_kwargs={"patience": 3}), 10
     )

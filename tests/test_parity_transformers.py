@@ -9,7 +9,14 @@ import torch
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainingArguments
 
-from lightning_optims import OptimizerArguments, available_optimizers, create_optimizer, create_scheduler, get_spec
+from lightning_optims import (
+    OptimizerArguments,
+    available_optimizers,
+    compat,
+    create_optimizer,
+    create_scheduler,
+    get_spec,
+)
 from lightning_optims.layerwise import LayerwiseOptimizer
 from tests.helpers import (
     LlamaModule,
@@ -49,7 +56,7 @@ def settings_for(name: str) -> dict:
     if "adam_epsilon" in spec.uses:
         settings["adam_epsilon"] = 1e-7
     for key in (name, name.split("_")[0], spec.family):
-        if key in OPTIM_ARGS:
+        if key in OPTIM_ARGS and not (spec.optim_args_need and compat.missing(spec.optim_args_need)):
             settings["optim_args"] = OPTIM_ARGS[key]
             break
     if name.startswith("rmsprop_bnb"):
@@ -97,7 +104,8 @@ def named_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> li
 def test_every_transformers_name_is_registered_or_explained():
     from transformers.training_args import OptimizerNames
 
-    not_here = {"adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision"}
+    # (accelerator packages that do not install here; apex's fused AdamW left transformers' list after 5.0)
+    not_here = {"adamw_torch_xla", "adamw_torch_npu_fused", "adamw_anyprecision", "adamw_apex_fused"}
     registered = {r.name for r in available_optimizers()}
     for member in OptimizerNames:
         assert member.value in registered or member.value in not_here, member.value

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_optims import NonFiniteGradientError, NonFiniteLossError, available_optimizers, get_spec
 from tests.helpers import (
+    WEIGHTS_ONLY,
     LlamaModule,
     NanGradient,
     assert_unavailable_for_its_reason,
@@ -136,7 +137,7 @@ def test_changing_learning_rate_on_resume_is_applied(tmp_path, name):
 def test_loading_weights_into_another_optim_is_allowed(tmp_path):
     fit("adamw_torch", ckpt_dir=tmp_path, epochs=1)
     module = LlamaModule.load_from_checkpoint(
-        tmp_path / "epoch=0.ckpt", model=tiny_llama(), optim="grokadamw", weights_only=True
+        tmp_path / "epoch=0.ckpt", model=tiny_llama(), optim="grokadamw", **WEIGHTS_ONLY
     )
     assert module.optimizer_arguments.optim == "grokadamw"
 

@@ -21,6 +21,7 @@ from lightning_optims import OptimizerArguments, OptimizerMixin, ScheduleFreeCal
 from lightning_optims.callbacks import schedule_free as sf_callback
 from lightning_optims.callbacks.schedule_free import in_train_mode, is_schedule_free
 from tests.collectives import AllocatedBytes
+from tests.helpers import WEIGHTS_ONLY
 
 VARIANTS = ["schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd", "user_built"]
 LR = 1e-2
@@ -271,7 +272,7 @@ def test_standalone_test_after_fit_sees_averaged_weights(tmp_path):
         tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")]
     ).fit(module, loader())
     ref_model, _ = reference_run("schedule_free_adamw", epochs=1, val_every=None)
-    loaded = MixinModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    loaded = MixinModule.load_from_checkpoint(tmp_path / "last.ckpt", **WEIGHTS_ONLY)
     assert_weights(loaded.net.state_dict(), ref_model.state_dict())
     fresh = trainer(tmp_path)
     fresh.test(loaded, loader(16))  # a new Trainer without optimizers: nothing to switch, weights averaged

@@ -154,9 +154,10 @@ def test_integer_valued_float_warmup_is_steps():
 
 
 def test_optim_args_as_mapping_equals_string():
-    s = OptimizerArguments(optim="sgd", optim_args="momentum=0.9,nesterov=True")
-    m = OptimizerArguments(optim="sgd", optim_args={"momentum": 0.9, "nesterov": True})
-    assert s.parsed_optim_args == m.parsed_optim_args == {"momentum": 0.9, "dampening": 0.0, "nesterov": True}
+    s = OptimizerArguments(optim="stable_adamw", optim_args="max_lr=0.01,kahan_sum=True")
+    m = OptimizerArguments(optim="stable_adamw", optim_args={"max_lr": 0.01, "kahan_sum": True})
+    assert s.parsed_optim_args == m.parsed_optim_args
+    assert s.parsed_optim_args["max_lr"] == 0.01 and s.parsed_optim_args["kahan_sum"] is True
 
 
 def test_false_string_is_false():

@@ -57,6 +57,7 @@ register(
 register(
     OptimizerSpec(
         name="sgd",
+        optim_args_need="torch_optim_args",
         target="torch.optim:SGD",
         family="torch",
         elementwise=True,
@@ -69,6 +70,7 @@ register(
 register(
     OptimizerSpec(
         name="adagrad",
+        optim_args_need="torch_optim_args",
         target="torch.optim:Adagrad",
         family="torch",
         elementwise=True,
@@ -81,6 +83,7 @@ register(
 register(
     OptimizerSpec(
         name="rmsprop",
+        optim_args_need="torch_optim_args",
         target="torch.optim:RMSprop",
         family="torch",
         elementwise=True,
