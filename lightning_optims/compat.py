@@ -2,7 +2,7 @@
 
 A new release of torch or Lightning that renames one of these breaks this file alone: nothing else in the package
 reads a private attribute of theirs (``tests/test_compat.py`` checks the source). Each piece names the versions it
-was tested on; the floors are pyproject.toml's (torch 2.6, Lightning 2.5, transformers 5.0), the newest those CI
+was tested on; the floors are pyproject.toml's (torch 2.7, Lightning 2.5, transformers 5.0), the newest those CI
 installs (torch 2.13 and 2.14.1, Lightning 2.6.6, transformers 5.25).
 """
 
@@ -89,7 +89,7 @@ class Feature:
 #: every feature above the floors (docs/versions.md shows this table; tests/test_versions.py refuses each at the
 #: floors). Read in the released code: GreedyLR from transformers 5.4.0; optim_args read by the Trainer for sgd /
 #: adagrad / rmsprop from 5.3.0 (ignored before); WeightAveraging from Lightning 2.6.0;
-#: FSDPModule.set_reduce_scatter_unused_params from torch 2.13.0 (absent from 2.6.0 to 2.12.0)
+#: FSDPModule.set_reduce_scatter_unused_params from torch 2.13.0 (absent from 2.6.0 to 2.12.0's releases)
 FEATURES: dict[str, Feature] = {
     "greedy": Feature("lr_scheduler_type='greedy'", "transformers", "5.4.0", "transformers.optimization:GreedyLR"),
     "weight_averaging": Feature(
@@ -108,7 +108,7 @@ def missing(feature: str) -> str | None:
     return FEATURES[feature].missing()
 
 
-# -- torch: foreach kernels and flattening (private names, public since 1.x in practice; tested on 2.6 and 2.13) ----
+# -- torch: foreach kernels and flattening (private names; tested on 2.7 and 2.13) ----
 
 foreach_add_ = torch._foreach_add_
 foreach_clamp_max_ = torch._foreach_clamp_max_
@@ -135,7 +135,7 @@ def unflatten_dense(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.
 BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
-# -- DTensor: the strided shard of FSDP2 over tensor parallelism (tested on torch 2.6 and 2.13) ----------------------
+# -- DTensor: the strided shard of FSDP2 over tensor parallelism (tested on torch 2.7 and 2.13) ----------------------
 
 
 def is_shard(placement: Any, dims: Any = None) -> bool:
@@ -158,7 +158,7 @@ def split_indices(placement: Any, indices: torch.Tensor, parts: int) -> list[tor
     return list(chunks)
 
 
-# -- FSDP2: its param groups and their post-backward (tested on torch 2.6: one group, 2.13: a list) --------------
+# -- FSDP2: its param groups and their post-backward (tested on torch 2.7: one group, 2.13: a list) ----------------
 
 
 def _fsdp_param_groups(module: nn.Module) -> Iterator[Any]:
@@ -168,9 +168,9 @@ def _fsdp_param_groups(module: nn.Module) -> Iterator[Any]:
         if not isinstance(sub, FSDPModule):
             continue
         state = sub._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.9: a list
+        groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.12: a list
         if groups is None:
-            one = getattr(state, "_fsdp_param_group", None)  # torch 2.6 - 2.8: one or none
+            one = getattr(state, "_fsdp_param_group", None)  # torch 2.7 - 2.11: one or none
             groups = [one] if one is not None else []
         yield from groups
 

@@ -60,3 +60,17 @@ def test_headline_figures_come_from_the_committed_benchmark_run():
     assert len(figures) >= 6
     for figure in figures:
         assert figure in results, f"README figure {figure} is not in benchmarks/RESULTS.md"
+
+
+def test_supported_versions_line_names_the_floors_of_pyproject():
+    from importlib import metadata
+
+    line = next(line for line in README.splitlines() if line.startswith("Supported versions:"))
+    floors = {}
+    for requirement in metadata.requires("lightning_optims") or []:
+        name, _, rest = requirement.partition(">=")
+        if name in ("torch", "lightning", "transformers"):
+            floors[name] = rest.split(",")[0].split(";")[0].strip()
+    assert len(floors) == 3, floors
+    for name, floor in floors.items():
+        assert f"{name.capitalize() if name == 'lightning' else name} >= {floor}" in line, (name, floor)

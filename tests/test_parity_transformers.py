@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+from packaging.version import Version
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainingArguments
 
@@ -17,6 +18,7 @@ from lightning_optims import (
     create_scheduler,
     get_spec,
 )
+from lightning_optims.families import optimi as optimi_family
 from lightning_optims.layerwise import LayerwiseOptimizer
 from tests.helpers import (
     LlamaModule,
@@ -262,7 +264,14 @@ def test_scheduler_matches_trainer(tmp_path, scheduler, kwargs, warmup):
 
 
 class _SequentialTrainer(Trainer):
-    """The Trainer in batch order, as the Lightning DataLoader below (shuffle=False)."""
+    """The Trainer in batch order, as the Lightning DataLoader below (shuffle=False), minimizing the model's own mean
+    loss, as the Lightning module does. (The loss is the user's, not the optimizer's: transformers 5.0's Trainer
+    divides the summed token losses by the count of all labels, unshifted, 8/7 of the model's mean on these 8-token
+    rows, where later releases count the shifted labels and so equal the model's mean.)"""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # (no num_items_in_batch: the model averages its own loss)
 
     def _get_train_sampler(self, *args, **kwargs):
         return SequentialSampler(self.train_dataset)
@@ -305,7 +314,9 @@ def test_trainer_layerwise_ignores_the_schedule(tmp_path):
     trainer = _SequentialTrainer(model=model, args=ta, train_dataset=TokenDataset())
     trainer.train()
     inner = trainer.optimizer.optimizer.optimizer_dict
-    assert {o.param_groups[0]["lr"] for o in inner.values()} == {ta.learning_rate}
+    # (from transformers 5.1; 5.0's Trainer stepped the inner optimizers' schedule: linear to 0 after 3 steps)
+    ignores = compat.installed_version("transformers") >= Version("5.1")
+    assert {o.param_groups[0]["lr"] for o in inner.values()} == ({ta.learning_rate} if ignores else {0.0})
     assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
 
 
@@ -330,6 +341,10 @@ def test_training_matches_trainer(tmp_path, name):
     )
     hf_model = tiny_llama()
     hf_trainer = _SequentialTrainer(model=hf_model, args=ta, train_dataset=TokenDataset())
+    if name == "stable_adamw":
+        # optimi picks Triton for CPU tensors where triton is installed without a GPU (a CUDA build of torch) and
+        # fails: the reference gets the package's fix too (optimi's own non-Triton path, the same numbers)
+        optimi_family._no_triton_off_the_gpu(hf_trainer.create_optimizer(), None)
     hf_trainer.train()
     if get_spec(name).has_train_eval_modes:
         # the Trainer leaves the training point in the model; ours ends at the averaged point: compare that one

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
+import torch
+
 from lightning_optims.optim_args import Arg
 from lightning_optims.registry import ADAM, WEIGHT_DECAY, BuildContext, OptimizerSpec, register
 
@@ -16,6 +21,26 @@ def _adamw_fused(ctx: BuildContext) -> dict:
 
 def _from_optim_args(ctx: BuildContext) -> dict:
     return dict(ctx.optim_args)
+
+
+def _adagrad_state_for_added_groups(optimizer: Any, ctx: BuildContext) -> None:
+    """torch's Adagrad up to 2.11 fills its state (``sum``, ``step``) in ``__init__`` only, so a group added during
+    training (Lightning's ``BaseFinetuning`` unfreezing a backbone) fails at its first step (``KeyError: 'sum'``;
+    later releases fill it at the first step). A group added later gets the state torch's own ``__init__`` gives its
+    parameters with its options, where torch left it empty: the same numbers the later releases start from."""
+    add = optimizer.add_param_group
+    accepted = set(inspect.signature(torch.optim.Adagrad).parameters) - {"params"}
+
+    def add_param_group(param_group: dict[str, Any]) -> None:
+        add(param_group)
+        group = optimizer.param_groups[-1]
+        empty = [p for p in group["params"] if not optimizer.state.get(p)]
+        if empty:
+            fresh = torch.optim.Adagrad(empty, **{k: v for k, v in group.items() if k in accepted})
+            for p in empty:
+                optimizer.state[p] = fresh.state[p]
+
+    optimizer.add_param_group = add_param_group
 
 
 register(
@@ -72,6 +97,7 @@ register(
         name="adagrad",
         optim_args_need="torch_optim_args",
         target="torch.optim:Adagrad",
+        post_build=_adagrad_state_for_added_groups,
         family="torch",
         elementwise=True,
         kwargs=_from_optim_args,

@@ -231,7 +231,8 @@ class ShardedAuxLlama(ShardedLlama):
     def configure_model(self) -> None:
         if self.shard:
             parallelize(self, self.model.model.model.layers, self.model)
-            self.model.set_reduce_scatter_unused_params(os.environ.get("SHARDED_TEST_UNUSED_SWITCH", "1") == "1")
+            if os.environ.get("SHARDED_TEST_UNUSED_SWITCH", "1") == "1":  # (off by default; torch >= 2.13 has it)
+                self.model.set_reduce_scatter_unused_params(True)
 
     def training_step(self, batch, batch_idx):
         return self.model(**batch)
