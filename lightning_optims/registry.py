@@ -219,7 +219,7 @@ class OptimizerAvailability:
     usable: bool
     reason: str | None
     extra: str | None
-    needs: str | None = None  # what it needs beyond the package's floors (torch 2.7, Lightning 2.5, transformers 5.0)
+    needs: str | None = None  # what it needs beyond the package's floors (torch 2.6, Lightning 2.5, transformers 5.0)
 
 
 def available_optimizers() -> list[OptimizerAvailability]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
@@ -26,6 +26,8 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_optims import compat
 from lightning_optims.arguments import OptimizerArguments
@@ -464,4 +466,21 @@ def model_parallel_without_sharding(fit: Fit) -> str | None:
         f"ModelParallelStrategy with {trainer.world_size} processes, and no parameter of "
         f"{type(module).__name__} is sharded: configure_model must call fully_shard (FSDP2) on the model "
         "(or parallelize it), otherwise no gradient is averaged across processes and each trains its own copy"
+    )
+
+
+@rule
+def fsdp2_on_gloo_before_torch_2_13(fit: Fit) -> str | None:
+    """FSDP2 (`fully_shard`) on the CPU with a torch that cannot average its gradients over gloo (< 2.13)."""
+    needs = compat.missing("fsdp2_on_gloo")
+    if needs is None or not isinstance(fit.strategy, ModelParallelStrategy):
+        return None
+    sharded = [m for m in fit.module.modules() if isinstance(m, FSDPModule)]
+    if not any(p.device.type == "cpu" for m in sharded for p in cast(nn.Module, m).parameters()):
+        return None
+    return (
+        f"ModelParallelStrategy on the CPU with fully_shard: {needs}. torch's own FSDP2 fails on gloo in 2.6 "
+        "('Stream' object has no attribute 'record_event') and in 2.7 sums the gradients of the processes instead of "
+        "averaging them (HSDP: 'Cannot use ReduceOp.AVG with Gloo'); 2.8 to 2.12 were not verified. Train on CUDA "
+        "(NCCL), or upgrade torch"
     )

@@ -83,6 +83,9 @@ def test_grad_norm_equals_what_the_trainer_logs(tmp_path, name, max_grad_norm):
 
     record = RecordGradNorm()
     fit_ours(OptimizerArguments.from_training_arguments(ta).as_kwargs(), record)
+    if not theirs and max_grad_norm == 0:  # (transformers 5.0 logs grad_norm only where it clips; 5.25 at each step)
+        assert len(record.logged) == STEPS  # (logged here at every step whatever the installed transformers)
+        return
     assert len(theirs) == len(record.logged) == STEPS
     # the norms grow past max_grad_norm=1.0 within the run: clipped steps are among those compared
     assert max(theirs) > 1.0

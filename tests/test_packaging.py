@@ -86,8 +86,8 @@ KNOWN_NEEDS = {
     ),
     "lightning": ("2.5", "the floors CI's second environment runs the suite on (.ci/floors.txt)"),
     "torch": (
-        "2.7",
-        "FSDP2 on gloo (2.6: 'Stream' object has no attribute 'record_event'); fully_shard public, get_total_norm",
+        "2.6",
+        "torch.distributed.fsdp.fully_shard public, torch.nn.utils.get_total_norm / clip_grads_with_norm_",
     ),
     "schedulefree": ("1.4", "RAdamScheduleFree (transformers refuses schedule_free_radam below 1.4)"),
     "typing-extensions": ("4.4", "typing_extensions.override"),

@@ -317,7 +317,8 @@ def test_trainer_layerwise_ignores_the_schedule(tmp_path):
     # (from transformers 5.1; 5.0's Trainer stepped the inner optimizers' schedule: linear to 0 after 3 steps)
     ignores = compat.installed_version("transformers") >= Version("5.1")
     assert {o.param_groups[0]["lr"] for o in inner.values()} == ({ta.learning_rate} if ignores else {0.0})
-    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
+    if ignores:  # (one hook per parameter: the step's, and no scheduler's)
+        assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
 
 
 @pytest.mark.slow
