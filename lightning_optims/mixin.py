@@ -288,14 +288,17 @@ class OptimizerMixin(_MixinBase):
             clip_with_norm(params, max_norm, total)  # Lightning's clipping, with the norm measured once
         elif max_norm > 0:
             self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        else:  # (as Lightning's own hook: an override of clip_gradients is called at every step, here with no value)
+            self.clip_gradients(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None)
 
     def _overrides_clip_gradients(self) -> bool:
         return getattr(self.clip_gradients, "__func__", None) is not LightningModule.clip_gradients
 
     def _log_grad_norm(self, norm: torch.Tensor | None) -> None:
         """``grad_norm`` at every optimizer step, through ``self.log``: every logger and the progress bar see it."""
-        if norm is not None:
-            self.log("grad_norm", norm.detach(), on_step=True, on_epoch=False)
+        if norm is not None:  # (batch_size: a step value is not averaged over batches; a training_step that takes the
+            # dataloader_iter gives Lightning no batch to infer it from, and it refuses the log without it)
+            self.log("grad_norm", norm.detach(), on_step=True, on_epoch=False, batch_size=1)
 
 
 _TRAINER_PROPERTY: dict[type, Any] = {}

@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -124,3 +125,25 @@ def test_compatibility_rules_page_is_rendered_from_the_rules_table():
     assert committed == render_rules(), "run: python -m lightning_optims.reference rules > docs/compatibility.md"
     for i, r in enumerate(RULES, 1):  # every rule the package checks is a row, in the order checked
         assert re.search(rf"^\| {i} \| `{r.name}` \| .{{20,}} \|$", committed, re.M), r.name
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_py_typed(tmp_path):
+    """PEP 561: without lightning_optims/py.typed in the wheel, users' type checkers ignore the annotations."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    source = tmp_path / "source"  # (a copy: a build/ folder left in the checkout would be reused)
+    shutil.copytree(
+        ROOT / "lightning_optims", source / "lightning_optims", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(source)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("lightning_optims-*.whl")
+    assert "lightning_optims/py.typed" in zipfile.ZipFile(wheel).namelist()

@@ -14,10 +14,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_optims import OptimizerMixin, create_optimizer, create_scheduler
+from lightning_optims import OptimizerMixin, create_optimizer, create_scheduler, get_spec
 from lightning_optims.callbacks import OptimizerCallback
 from lightning_optims.in_backward import NonFiniteLossError
 from tests.helpers import LlamaModule, lightning_trainer, loader, tiny_llama
+from tests.test_reliability import ALL, require_usable, settings
 
 STAGES = ("fit", "validate", "test", "predict")
 
@@ -361,3 +362,43 @@ def test_the_callbacks_are_attached_once_and_a_users_own_one_replaces_ours():
     assert sum(isinstance(c, OptimizerCallback) for c in trainer.callbacks) == 1
     trainer.validate(module, loader(n=8))  # attached again: still once
     assert sum(isinstance(c, OptimizerCallback) for c in trainer.callbacks) == 1
+
+
+# -- what plain Lightning does keeps working ------------------------------------------------------------------------
+
+
+class IterModule(LlamaModule):
+    """A training_step that takes the dataloader iterator (Lightning gives no batch to infer a batch size from)."""
+
+    def training_step(self, dataloader_iter):
+        batch, _, _ = next(dataloader_iter)  # (batch, batch_idx, dataloader_idx)
+        return self.model(**batch).loss
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_training_step_taking_the_dataloader_iter_trains(name):
+    """Lightning refuses ``self.log`` without ``batch_size`` there: the package's own logs (grad_norm, the grokking
+    signal) must not be what stops the fit (Lightning's test_training_loop_dataloader_iter_multiple_dataloaders)."""
+    require_usable(name)
+    module = IterModule(model=tiny_llama(), **settings(name))
+    trainer = lightning_trainer(2)
+    trainer.fit(module, loader())
+    assert trainer.global_step == 2
+    assert "grad_norm" in trainer.callback_metrics or get_spec(name).layerwise  # (layer-wise: no norm measured)
+
+
+class CountingClip(LlamaModule):
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_calls = [*getattr(self, "clip_calls", []), (gradient_clip_val, gradient_clip_algorithm)]
+        super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+@pytest.mark.parametrize("name", ["adamw_torch", "apollo_adamw", "schedule_free_adamw"])
+def test_a_clip_gradients_override_is_called_at_every_step(name, max_grad_norm):
+    """Plain Lightning calls clip_gradients at every optimizer step, with (None, None) where nothing clips
+    (test_trainer_model_hook_system_fit); with the mixin too, with max_grad_norm where it clips."""
+    module = CountingClip(model=tiny_llama(), **settings(name, max_grad_norm=max_grad_norm))
+    lightning_trainer(3).fit(module, loader())
+    expected = (max_grad_norm, "norm") if max_grad_norm else (None, None)
+    assert module.clip_calls == [expected] * 3

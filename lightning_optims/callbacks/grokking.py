@@ -89,4 +89,4 @@ class GrokkingSignalCallback(Callback):
             signal = grokking_signal(groups[0].get("train_loss"), groups[0].get("eval_loss"))
         self.last_signal = signal
         if self.log_name and signal is not None:
-            pl_module.log(self.log_name, float(signal), on_step=True, on_epoch=False)
+            pl_module.log(self.log_name, float(signal), on_step=True, on_epoch=False, batch_size=1)  # (as grad_norm)
