@@ -20,17 +20,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_optims import finite, rules
+from lightning_optims import compat, finite, rules
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
 from lightning_optims.callbacks.runtime import MIXIN_HOOKS, attach_callbacks, scale_learning_rate
-from lightning_optims.compat import (
-    after_each_fsdp_group,
-    attached_trainer,
-    saved_hparams,
-    sync_unused_parameters,
-    uses_fabric,
-)
+from lightning_optims.compat import sync_unused_parameters
 from lightning_optims.grad_norm import clip_with_norm, gradient_norm, norm_value
 from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError
 from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
@@ -134,7 +128,7 @@ class OptimizerMixin(_MixinBase):
         of the schedule from the current step on; another setting cannot change under a running optimizer)."""
         old = self.optimizer_arguments
         new = OptimizerArguments(**{**old.as_kwargs(), **changes})
-        trainer = attached_trainer(self)
+        trainer = compat.attached_trainer(self)
         running = trainer is not None and trainer.state.status == TrainerStatus.RUNNING
         if running and self._built_optimizer is not None and self._built_optimizer in trainer.optimizers:
             fixed = [k for k in changes if k != "learning_rate" and getattr(new, k) != getattr(old, k)]
@@ -146,7 +140,7 @@ class OptimizerMixin(_MixinBase):
             if old.learning_rate and new.learning_rate != old.learning_rate:
                 scale_learning_rate(trainer, new.learning_rate / old.learning_rate)
         self.optimizer_arguments = new
-        hparams = saved_hparams(self)
+        hparams = compat.saved_hparams(self)
         if hparams is not None:
             for key in changes:
                 if key in hparams:
@@ -175,7 +169,7 @@ class OptimizerMixin(_MixinBase):
         ``trainer.estimated_stepping_batches``; without one (Lightning Fabric, plain PyTorch) pass
         ``num_training_steps``, the number of optimizer steps the schedule spans."""
         args = self.optimizer_arguments
-        trainer = None if uses_fabric(self) else attached_trainer(self)
+        trainer = None if compat.uses_fabric(self) else compat.attached_trainer(self)
         if num_training_steps is not None and (
             isinstance(num_training_steps, bool) or not isinstance(num_training_steps, int) or num_training_steps < 1
         ):
@@ -199,7 +193,7 @@ class OptimizerMixin(_MixinBase):
             sync_unused_parameters(self)
             # a layer-wise optimizer steps each FSDP2 group's parameters together, after the group's post-backward
             after = optimizer if isinstance(optimizer, ShardedLayerwiseOptimizer) else None
-            if after_each_fsdp_group(self, after) and after is not None:
+            if compat.after_each_fsdp_group(self, after) and after is not None:
                 after.batched = True
         if trainer is not None and isinstance(optimizer, InBackwardOptimizer):
             # the engine averages each gradient itself: DDP's reducer must not prepare a reduction it never sees

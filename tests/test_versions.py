@@ -111,3 +111,24 @@ def test_fused_adamw_default_follows_the_installed_torch():
 
     expected = "adamw_torch_fused" if Version(torch.__version__.split("+")[0]) >= Version("2.8") else "adamw_torch"
     assert DEFAULT_OPTIM == expected
+
+
+def test_the_unused_parameter_warning_offers_what_the_installed_torch_has():
+    """Before FSDP2's reduce-scatter fails on a parameter another process used: the warning names the switch where
+    torch has it (2.13), and what is missing where it does not (the FSDP2 group here is a stand-in: no process
+    group is needed to build the message)."""
+    from types import SimpleNamespace
+
+    def fsdp_param(name: str, grad: torch.Tensor | None) -> SimpleNamespace:
+        param = SimpleNamespace(requires_grad=True, grad=grad, shape=(2,))
+        return SimpleNamespace(
+            _unsharded_param=param, unsharded_param=param, unsharded_accumulated_grad=None, _param_fqn=name
+        )
+
+    group = SimpleNamespace(reduce_grads=True, fsdp_params=[fsdp_param("used", torch.ones(2)), fsdp_param("aux", None)])
+    wrapped = compat._post_backward_naming_unused(group, lambda *args: None)
+    with pytest.warns(UserWarning, match="FSDP2: parameter aux got no gradient on this process") as caught:
+        wrapped()
+    message = str(caught[0].message)
+    switch = compat.missing("reduce_scatter_unused_params")
+    assert (switch or "call self.model.set_reduce_scatter_unused_params(True) in configure_model") in message
