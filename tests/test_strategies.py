@@ -312,3 +312,26 @@ def test_tensor_parallel_refuses_what_cannot_run_when_fit_starts(model_parallel_
     (and fused AdamW): one kernel over a group mixing DTensors and plain tensors, which torch refuses at the first step
     (measured without the rule: RuntimeError "aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor")."""
     assert refusal in _refusal(model_parallel_runs, f"refused-tp-{name}")
+
+
+@pytest.mark.parametrize("name", ["lomo", "adalomo", "apollo_adamw_layerwise"])
+def test_a_grad_scaler_is_refused_for_in_backward_optimizers_when_fit_starts(name):
+    """On a GPU, precision='16-mixed' brings a GradScaler, which checks gradients after backward: none is left by an
+    optimizer that updates inside it. The rule, on the CPU: a mixed-precision plugin holding a CPU GradScaler stands
+    in for CUDA's (tests/gpu runs the real one)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    module = LlamaModule(model=tiny_llama(), **settings(name))
+    with pytest.raises(MisconfigurationException, match=rf"\(a GradScaler\) cannot drive optim='{name}'"):
+        lightning_trainer(1, plugins=[plugin]).fit(module, loader())
+
+
+def test_a_grad_scaler_drives_an_optimizer_that_keeps_its_gradients():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    module = LlamaModule(model=tiny_llama(), **settings("adamw_torch"))
+    trainer = lightning_trainer(2, plugins=[plugin])
+    trainer.fit(module, loader())
+    assert trainer.global_step == 2
