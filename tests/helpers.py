@@ -200,19 +200,24 @@ def clone(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def leave_process_group() -> NoReturn:
-    """End a launched script's process once its work is done: destroy the process groups, then leave without the
-    interpreter's finalization (``os._exit(0)``, after flushing the output). Gloo's threads can abort the process
+    """End a launched script's process once its work is done: wait for every process to be done, then leave without
+    the interpreter's finalization (``os._exit(0)``, after flushing the output). Gloo's threads can abort the process
     during finalization, after every result is written (SIGABRT, "terminate called without an active exception";
     pytorch/pytorch#179291, #190489): seen once in a tensor-parallel test before the groups were destroyed here, and
     once since (``tests/test_strategies.py``, a fit whose weights were written) with them destroyed. Nothing a test
     reads is written at finalization, so the launch's exit status is that of its work alone."""
-    import gc
+    import datetime
 
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    gc.collect()  # (a group referenced only from a reference cycle is released now, while the interpreter is whole)
+        # every process has done its work (none is left in a collective), or the one missing is named within a
+        # minute; the groups are not destroyed: on torch 2.6 destroy_process_group hung on a process whose peer had
+        # already left (a DDP launch, CI at the floors), and os._exit ends gloo's threads with the process
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:  # (NCCL has no monitored barrier)
+            dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
