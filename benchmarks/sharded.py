@@ -124,8 +124,8 @@ class OptimizerClock:
     the optimizer waits on count as the time spent in them."""
 
     def __init__(self, optimizer) -> None:
-        from lightning_optims.in_backward import InBackwardOptimizer
-        from lightning_optims.layerwise import StepHooks
+        from lightning_optims.engines.in_backward import InBackwardOptimizer
+        from lightning_optims.engines.layerwise import StepHooks
 
         self.spent = 0.0
         inside = ["_update_bucket", "_total_norm"] if isinstance(optimizer, InBackwardOptimizer) else []

@@ -11,7 +11,10 @@ from transformers import get_scheduler
 
 from lightning_optims import compat
 from lightning_optims.arguments import OptimizerArguments
-from lightning_optims.layerwise import build_layerwise
+from lightning_optims.distributed.placements import is_sharded
+from lightning_optims.engines.layerwise import build_layerwise
+from lightning_optims.engines.sharded import ShardedStepOptimizer
+from lightning_optims.engines.sharded_layerwise import ShardedLayerwiseOptimizer
 from lightning_optims.optim_args import OptimizerSettingError
 from lightning_optims.param_groups import (
     all_params_group,
@@ -19,8 +22,8 @@ from lightning_optims.param_groups import (
     low_rank_param_groups,
     target_parameter_names,
 )
-from lightning_optims.registry import BuildContext, _load, get_spec
-from lightning_optims.sharded import ShardedLayerwiseOptimizer, ShardedStepOptimizer, is_sharded
+from lightning_optims.registry import get_spec
+from lightning_optims.spec import BuildContext, load
 from lightning_optims.warn import warn_user
 
 __all__ = ["GreedyLRScheduler", "ScheduledGroupsLambdaLR", "create_optimizer", "create_scheduler", "num_warmup_steps"]
@@ -62,17 +65,16 @@ def create_optimizer(
         low_rank_targets = ([p for n, p in named.items() if n in wanted], target_kwargs)
     else:
         params = all_params_group(model)
-    on_shards = is_sharded([p for g in params for p in g["params"]])
-    sharded = spec.shards_by_blocks and on_shards
+    # sharded parameters (FSDP2, HSDP, tensor parallel, 2-D): what the spec's Sharding says
+    sharding = spec.sharding if is_sharded([p for g in params for p in g["params"]]) else None
     optimizer: Any
-    if spec.sharded_target is not None and on_shards:
-        optimizer = _load(spec.sharded_target)(params, **kwargs)  # FSDP2: the family's own step on the shards
-    elif spec.layerwise and sharded:
-        optimizer = ShardedLayerwiseOptimizer(params, optimizer_cls, kwargs)  # block steps, by FSDP2 group
+    if sharding is not None and sharding.optimizer is not None:
+        optimizer = load(sharding.optimizer)(params, **kwargs)  # the family's own sharded optimizer
+    elif sharding is not None and sharding.part_step is not None:  # the family's step on each process's part
+        engine = ShardedLayerwiseOptimizer if spec.layerwise else ShardedStepOptimizer  # (by FSDP2 group, or all)
+        optimizer = engine(params, optimizer_cls, kwargs, sharding.part_step)
     elif spec.layerwise:
         optimizer = build_layerwise(optimizer_cls, params, kwargs)
-    elif sharded:
-        optimizer = ShardedStepOptimizer(params, optimizer_cls, kwargs)  # block steps on each process's part
     else:
         optimizer = optimizer_cls(params, **kwargs)
     if spec.params == "low_rank":

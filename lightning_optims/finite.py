@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import WarningCache
 
-from lightning_optims import rules
-from lightning_optims.in_backward import NonFiniteGradientError, NonFiniteLossError
+from lightning_optims.distributed.layout import plain_data_parallel
+from lightning_optims.errors import NonFiniteGradientError, NonFiniteLossError
 
 __all__ = ["check_loss", "gradient_error", "gradients_were_finite"]
 
@@ -32,7 +32,7 @@ def _gradients_agree(module: Any) -> bool:
     strategy = module.trainer.strategy
     return (
         module.optimizer_spec.updates_in_backward
-        or rules.plain_data_parallel(strategy)
+        or plain_data_parallel(strategy)
         or isinstance(strategy, ModelParallelStrategy)
     )
 

@@ -23,12 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_optims import compat, finite, rules
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
-from lightning_optims.callbacks.runtime import MIXIN_HOOKS, attach_callbacks, scale_learning_rate
+from lightning_optims.callbacks.runtime import MIXIN_HOOKS, MIXIN_MARK, attach_callbacks, scale_learning_rate
 from lightning_optims.compat import sync_unused_parameters
+from lightning_optims.distributed.layout import plain_data_parallel
+from lightning_optims.engines.in_backward import InBackwardOptimizer
+from lightning_optims.engines.sharded_layerwise import ShardedLayerwiseOptimizer
+from lightning_optims.errors import NonFiniteGradientError
 from lightning_optims.grad_norm import clip_with_norm, gradient_norm, norm_value
-from lightning_optims.in_backward import InBackwardOptimizer, NonFiniteGradientError
-from lightning_optims.registry import OptimizerSpec, get_spec, registered_names
-from lightning_optims.sharded import ShardedLayerwiseOptimizer
+from lightning_optims.registry import get_spec, registered_names
+from lightning_optims.spec import OptimizerSpec
 
 __all__ = ["MIXIN_HOOKS", "OptimizerMixin"]
 
@@ -257,7 +260,7 @@ class OptimizerMixin(_MixinBase):
             return
         max_norm = self.optimizer_arguments.max_grad_norm
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        measured = rules.plain_data_parallel(trainer.strategy) or isinstance(trainer.strategy, ModelParallelStrategy)
+        measured = plain_data_parallel(trainer.strategy) or isinstance(trainer.strategy, ModelParallelStrategy)
         params, total = [], None
         if measured:
             # one device, DDP (whole averaged gradients) or FSDP2 (DTensor gradients: the norm is reduced over the
@@ -308,6 +311,7 @@ def _next_trainer_property(cls: type) -> Any:
 
 for _name in SETTINGS:  # model.learning_rate, model.optim, ...: read and set through the validated settings
     setattr(OptimizerMixin, _name, _setting(_name))
+setattr(OptimizerMixin, MIXIN_MARK, True)
 
 # --help (LightningCLI reads this docstring) lists the registered names
 OptimizerMixin.__init__.__doc__ = (OptimizerMixin.__init__.__doc__ or "").replace(

@@ -18,26 +18,20 @@ from lightning.pytorch.callbacks import (
     GradientAccumulationScheduler,
     StochasticWeightAveraging,
 )
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-)
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from lightning_optims import compat
-from lightning_optims.arguments import OptimizerArguments
-from lightning_optims.registry import OptimizerSpec, _load, get_spec, registered_names
-from lightning_optims.sharded import is_sharded
+from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
+from lightning_optims.distributed.layout import SHARDED_STRATEGIES, layout, plain_data_parallel
+from lightning_optims.distributed.placements import is_sharded
+from lightning_optims.registry import get_spec, registered_names
+from lightning_optims.spec import OptimizerSpec
 
-__all__ = ["METRIC_SCHEDULERS", "RULES", "Fit", "Rule", "check", "plain_data_parallel", "spans_steps"]
+__all__ = ["METRIC_SCHEDULERS", "RULES", "Fit", "Rule", "check", "spans_steps"]
 
-# strategies that shard or flatten parameters (DeepSpeed needs its package to be instantiated, not to be named)
-SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 #: schedulers that step on a monitored metric after validation rather than every optimizer step
 METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 #: the metric those schedulers step on (transformers' Trainer uses the evaluation loss)
@@ -47,11 +41,6 @@ METRIC_SCHEDULER_MONITOR = "val_loss"
 def spans_steps(lr_scheduler_type: str) -> bool:
     """Whether the schedule is laid over the training steps (needs their number, is stepped every optimizer step)."""
     return lr_scheduler_type not in ("constant", *METRIC_SCHEDULERS)
-
-
-def plain_data_parallel(strategy: Any) -> bool:
-    """One device, or DDP with whole parameters on every process (DeepSpeed subclasses DDPStrategy: not it)."""
-    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, SHARDED_STRATEGIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +121,8 @@ def trainer_clipping_in_backward(fit: Fit) -> str | None:
         )
     else:
         advice = (
-            f"remove gradient_clip_val and set max_grad_norm={clip!r} (LOMO's "
-            "global-norm clipping, inside the fused backward)"
+            f"remove gradient_clip_val and set max_grad_norm={clip!r} (the "
+            "global-norm clipping inside the fused backward)"
         )
     return (
         f"Trainer(gradient_clip_val={clip!r}) cannot clip optim={spec.name!r}: it "
@@ -168,7 +157,7 @@ def accumulation_scheduler_in_backward(fit: Fit) -> str | None:
             return (
                 f"{type(callback).__name__}(scheduling={factors}) cannot work with optim={fit.spec.name!r}: it "
                 "updates each parameter during backward and keeps no gradient to accumulate. Remove the callback "
-                "(or use a non-in-backward optimizer, e.g. adamw_torch or adafactor, to accumulate)"
+                f"(or use an optimizer that keeps gradients, e.g. {DEFAULT_OPTIM}, to accumulate)"
             )
     return None
 
@@ -190,18 +179,18 @@ def finetuning_under_fsdp2(fit: Fit) -> str | None:
 
 
 @rule
-def weight_averaging_with_schedule_free(fit: Fit) -> str | None:
+def weight_averaging_with_train_eval_modes(fit: Fit) -> str | None:
     """`StochasticWeightAveraging` / `WeightAveraging` with a schedule-free optimizer, which already averages."""
     if not fit.spec.has_train_eval_modes:
         return None
     averaging = [StochasticWeightAveraging, compat.FEATURES["weight_averaging"].load()]  # (None: Lightning < 2.6)
     for callback in fit.callbacks(*(c for c in averaging if c is not None)):
         return (
-            f"{type(callback).__name__} cannot be combined with optim={fit.spec.name!r}: a schedule-free optimizer "
-            "already averages its iterates (its eval-mode weights are the average), and the weights that callback "
-            "averages switch between the train and eval sequences (after each validation), while the optimizer's "
-            "eval() at the end would move the averaged weights again. Remove the callback, or use a "
-            "scheduled optimizer (e.g. adamw_torch) with it"
+            f"{type(callback).__name__} cannot be combined with optim={fit.spec.name!r}: an optimizer with train / "
+            "eval modes already averages its iterates (its eval-mode weights are the average), and the weights that "
+            "callback averages switch between the train and eval sequences (after each validation), while the "
+            "optimizer's eval() at the end would move the averaged weights again. Remove the callback, or use a "
+            f"scheduled optimizer (e.g. {DEFAULT_OPTIM}) with it"
         )
     return None
 
@@ -293,64 +282,17 @@ def whole_tensor_under_sharding(fit: Fit) -> str | None:
     )
 
 
-def layout(module: Any) -> tuple[str, str] | None:
-    """How the module's trainable parameters are distributed, as the user built it: ``FSDP2`` (``fully_shard`` on a
-    1-D mesh, every parameter sharded on dim 0), ``HSDP`` (``fully_shard`` on a replicate x shard mesh), ``tensor
-    parallel`` (``parallelize_module`` without ``fully_shard``) or ``2-D (tensor parallel + FSDP2)``; with an example
-    parameter. None when no parameter is a ``DTensor``."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    params = [(n, p) for n, p in module.optimized_module().named_parameters() if p.requires_grad]
-    sharded = [(n, p) for n, p in params if isinstance(p, DTensor)]
-    if not sharded:
-        return None
-    plain = [n for n, p in params if not isinstance(p, DTensor)]
-    fsdp = any(isinstance(m, FSDPModule) for m in module.modules())
-    meshes = {p.device_mesh for _, p in sharded}
-    placements = {tuple(p.placements) for _, p in sharded}
-
-    def example(name: str, p: Any) -> str:
-        return f"{name!r}: placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
-
-    odd = next(((n, p) for n, p in sharded if tuple(p.placements) != (Shard(0),)), sharded[0])
-    if not fsdp:
-        where = example(*odd) + (f"; {plain[0]!r} left a plain tensor" if plain else "")
-        return "tensor parallel", where
-    if plain:
-        return "FSDP2 with parameters left unsharded", f"{plain[0]!r} is a plain tensor"
-    if len(meshes) == 1 and placements == {(Shard(0),)} and next(iter(meshes)).ndim == 1:
-        return "FSDP2", example(*sharded[0])
-    if placements == {(Replicate(), Shard(0))}:
-        return "HSDP", example(*sharded[0])
-    return "2-D (tensor parallel + FSDP2)", example(*odd)
-
-
-def _any_placement(spec: OptimizerSpec) -> bool:
-    """Its sharded step takes any placement: a family's own (``sharded_target``), the in-backward engine (its sums
-    completed over each parameter's placements), or a projection stepped on each process's block (APOLLO, GaLore
-    AdamW and Adafactor: the optimizer class says so). The layer-wise names step the same blocks, batched by FSDP2
-    group: they need FSDP2 (any layout with it), see :func:`_runs_on`."""
-    if spec.sharded_target is not None or spec.shards_in_backward:  # (no layer-wise name has either)
-        return True
-    if not spec.shards_by_blocks:
-        return False
-    cls = _load(spec.target)
-    return any(
-        getattr(cls, flag, False)
-        for flag in ("random_projection_on_rows", "projected_adam_on_rows", "projected_adafactor_on_rows")
-    )
-
-
 def _runs_on(spec: OptimizerSpec, layout_name: str) -> bool:
-    """Whether ``spec``'s sharded step runs on the layout :func:`layout` named: every layout for the elementwise
-    optimizers and :func:`_any_placement`'s; the layer-wise names on any layout with FSDP2 groups (their steps wait
-    for each group's post-backward), not on tensor parallelism alone."""
+    """Whether ``spec``'s sharded step runs on the layout :func:`~lightning_optims.distributed.layout.layout` named:
+    every layout for the elementwise optimizers and the others with a sharded step (their own sharded optimizer, the
+    in-backward engine, or the sharded engine's step on each process's part: all take any placement); the layer-wise
+    names on any layout with FSDP2 groups (their steps wait for each group's post-backward), not on tensor
+    parallelism alone."""
     if spec.elementwise or layout_name in ("FSDP2", "HSDP"):
         return True
     if spec.layerwise:
-        return _any_placement(spec) and layout_name != "tensor parallel"
-    return _any_placement(spec)
+        return spec.runs_sharded and layout_name != "tensor parallel"
+    return spec.runs_sharded
 
 
 @rule
@@ -376,20 +318,21 @@ def sharded_optimizer_layout(fit: Fit) -> str | None:
 
 
 @rule
-def full_projection_sharded(fit: Fit) -> str | None:
-    """GaLore with `proj_type='full'` (a projection on both sides of each matrix) under ModelParallelStrategy: the
-    sharded step projects one side of each process's block (`std`, `reverse_std`, `right`, `left`); there is no
-    block step for two projections, and no whole tensor is gathered."""
-    if not fit.sharded_here or fit.spec.params != "low_rank":
+def settings_without_a_sharded_step(fit: Fit) -> str | None:
+    """`optim_args` for which the optimizer's sharded step has no step on a process's part, under
+    ModelParallelStrategy (the family says which: GaLore's `proj_type='full'`, a projection on both sides of each
+    matrix); no whole tensor is gathered instead."""
+    if not fit.sharded_here or fit.spec.sharding is None:
         return None
-    if fit.args.parsed_optim_args.get("proj_type", "std") != "full" or (found := layout(fit.module)) is None:
+    found = layout(fit.module)
+    unsupported = fit.spec.sharding.unsupported(dict(fit.args.parsed_optim_args))
+    if unsupported is None or found is None:
         return None
     name, where = found
     return (
-        f"optim={fit.spec.name!r} with optim_args proj_type='full' cannot run on this layout: {name} ({where}). "
-        "Under ModelParallelStrategy each process steps its block of a matrix with a projection on one side; "
-        "proj_type='full' projects both, which has no such step. Use proj_type 'std', 'reverse_std', 'right' or "
-        "'left' here, or proj_type='full' on one device or under DDP"
+        f"optim={fit.spec.name!r} with optim_args {unsupported.setting} cannot run on this layout: {name} ({where}). "
+        f"Under ModelParallelStrategy each process steps its part of each parameter; {unsupported.why}, which has no "
+        f"such step. {unsupported.instead} here, or {unsupported.setting} on one device or under DDP"
     )
 
 
@@ -400,14 +343,18 @@ def plain_and_distributed_tensors_in_one_kernel(fit: Fit) -> str | None:
     schedule-free): torch refuses the mix at the first step."""
     from torch.distributed.tensor import DTensor
 
-    if not fit.spec.one_kernel_per_group:
+    if fit.spec.sharding is None or not fit.spec.sharding.one_kernel_per_group:
         return None
     params = [(n, p) for n, p in fit.module.optimized_module().named_parameters() if p.requires_grad]
     plain = [n for n, p in params if not isinstance(p, DTensor)]
     if not plain or len(plain) == len(params):
         return None
     distributed = next(n for n, p in params if isinstance(p, DTensor))
-    others = [n for n in registered_names() if get_spec(n).elementwise and not get_spec(n).one_kernel_per_group]
+    others = [
+        n
+        for n in registered_names()
+        if get_spec(n).elementwise and not cast(Any, get_spec(n).sharding).one_kernel_per_group
+    ]
     return (
         f"optim={fit.spec.name!r} steps each param group with one fused / foreach kernel, and this model mixes "
         f"DTensors ({distributed!r}, ...) with {len(plain)} plain tensors ({plain[0]!r}, ...) that tensor "
@@ -424,7 +371,7 @@ def grad_scaler_in_backward(fit: Fit) -> str | None:
     return (
         f"precision={fit.trainer.precision!r} (a GradScaler) cannot drive optim={fit.spec.name!r}: the scaler checks "
         "gradients after backward and none is left. Use precision='bf16-mixed', or '16-true' (fp16 weights; "
-        "lomo then applies LOMO's own dynamic loss scaling)"
+        "where an optimizer with a loss scale of its own applies it)"
     )
 
 

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_optims import GrokkingSignalCallback, OptimizerArguments, create_optimizer
-from lightning_optims.optimizers import GrokAdamW, grokking_signal
+from lightning_optims.families.grokadamw import GrokAdamW, grokking_signal
 from tests.helpers import LlamaModule, lightning_trainer, loader, tiny_llama
 
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
@@ -172,10 +172,10 @@ def test_upstream_apollo_checkpoint_needs_unpickling(tmp_path):
 
 
 def test_checkpoint_naming_another_class_is_refused():
-    from lightning_optims.optimizers import _projector_from_state
+    from lightning_optims.families.projection import projector_from_state
 
     with pytest.raises(ValueError, match="not one of"):
-        _projector_from_state({"__projector__": "os:system", "rank": 1})
+        projector_from_state({"__projector__": "os:system", "rank": 1})
 
 
 def test_apollo_layerwise_refusals():

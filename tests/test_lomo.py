@@ -15,7 +15,9 @@ from torch import nn
 from transformers import get_scheduler
 
 from lightning_optims import OptimizerMixin
-from lightning_optims.in_backward import AdaLomo, InBackwardOptimizer, Lomo, NonFiniteGradientError
+from lightning_optims.engines.in_backward import InBackwardOptimizer
+from lightning_optims.errors import NonFiniteGradientError
+from lightning_optims.families.lomo import AdaLomo, Lomo
 from tests.helpers import LlamaModule, NanGradient, lightning_trainer, loader, tiny_llama
 from tests.test_parity_transformers import cuda_calls_neutralised
 

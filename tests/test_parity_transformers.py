@@ -18,8 +18,8 @@ from lightning_optims import (
     create_scheduler,
     get_spec,
 )
+from lightning_optims.engines.layerwise import LayerwiseOptimizer
 from lightning_optims.families import optimi as optimi_family
-from lightning_optims.layerwise import LayerwiseOptimizer
 from tests.helpers import (
     LlamaModule,
     TokenDataset,

@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_optims import OptimizerArguments, OptimizerMixin, ScheduleFreeCallback, create_optimizer
-from lightning_optims.callbacks import schedule_free as sf_callback
-from lightning_optims.callbacks.schedule_free import in_train_mode, is_schedule_free
+from lightning_optims.families import schedule_free as sf_callback
+from lightning_optims.families.schedule_free import in_train_mode, is_schedule_free
 from tests.collectives import AllocatedBytes
 from tests.helpers import WEIGHTS_ONLY
 

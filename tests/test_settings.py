@@ -18,7 +18,7 @@ from lightning_optims import (
     create_optimizer,
     get_spec,
 )
-from lightning_optims.registry import OptimizerSpec
+from lightning_optims.spec import OptimizerSpec
 from tests.helpers import LlamaModule, lightning_trainer, loader, tiny_llama
 
 BAD_SETTINGS = [

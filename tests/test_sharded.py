@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from lightning_optims import compat
-from lightning_optims.sharded import svd_cost
+from lightning_optims.families.projection import svd_cost
 from tests.helpers import needs, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,10 +368,10 @@ def least_busiest_of_two(costs: list[int]) -> int:
 @pytest.mark.parametrize("layout", ["fsdp2", "2d"])
 @pytest.mark.parametrize("optim", ["galore_adafactor", "apollo_svd", "galore_adafactor_layerwise"])
 def test_a_renewal_divides_its_svds_among_the_processes(sharded_runs, tensor_parallel_runs, layout, optim):
-    """Each renewed matrix's SVD is taken by one process of those that split it (``sharded.deal_svds``), not by all:
+    """Each renewed matrix's SVD is taken by one process of those that split it (``owners.deal``), not by all:
     one process takes one SVD per projected matrix (the model's linear layers, all-linear) per renewal (steps 0 and 2
     of 4, update_proj_gap 2). Under FSDP2 the two processes' SVDs add up to that, and the work of the busier
-    (``sharded.svd_cost`` of the matrices it took) is the least any split of the matrices gives (the matrices are
+    (``projection.svd_cost`` of the matrices it took) is the least any split of the matrices gives (the matrices are
     dealt by cost: 49152 of 98304 per renewal; dealt round-robin in order, as before, 57344, the head and the
     larger half of the MLP matrices on one process). Under 2-D (4 processes) each takes at most a third of them
     (measured 8 of 30 each, 10 / 10 / 6 / 6 round-robin: the head, split by FSDP2 only, is renewed once per

@@ -22,9 +22,9 @@ SCRIPT = ROOT / "tests" / "scripts" / "model_parallel_fit.py"
 USABLE = [r.name for r in available_optimizers() if r.usable]
 ELEMENTWISE = [n for n in USABLE if get_spec(n).elementwise]
 NOT_ELEMENTWISE = [n for n in USABLE if not get_spec(n).elementwise]
-SHARDS_IN_BACKWARD = [n for n in USABLE if get_spec(n).shards_in_backward]
+SHARDS_IN_BACKWARD = [n for n in USABLE if getattr(get_spec(n).sharding, "how", None) == "in_backward"]
 # stepped after backward on FSDP2's shards: by the family's own sharded step, or gathered
-SHARDS_AFTER_BACKWARD = [n for n in USABLE if get_spec(n).runs_sharded and not get_spec(n).shards_in_backward]
+SHARDS_AFTER_BACKWARD = [n for n in USABLE if get_spec(n).runs_sharded and n not in SHARDS_IN_BACKWARD]
 
 
 # the fits of tests/scripts/model_parallel_fit.py: FSDP2 equal to one process (the torch and schedule-free families),
@@ -268,7 +268,9 @@ def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layo
     if layout != "tp" and gloo and found["message"] and "ModelParallelStrategy on the CPU" in found["message"]:
         assert f"ModelParallelStrategy on the CPU with fully_shard: {gloo}" in found["message"]
         assert rules._runs_on(get_spec(name), LAYOUT_NAMES[layout])  # (what would run here is refused for torch)
-    elif layout == "tp" and get_spec(name).one_kernel_per_group:  # (the embeddings, norms and head: plain tensors)
+    elif layout == "tp" and getattr(
+        get_spec(name).sharding, "one_kernel_per_group", False
+    ):  # (the embeddings, norms and head: plain tensors)
         assert found["message"].startswith(f"MisconfigurationException: optim={name!r} steps each param group with")
     elif rules._runs_on(get_spec(name), LAYOUT_NAMES[layout]):
         assert found["message"] is None  # (on 2 and 4 processes: tests/test_sharded.py)

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_optims import OptimizerMixin, create_optimizer, create_scheduler, get_spec
 from lightning_optims.callbacks import OptimizerCallback
-from lightning_optims.in_backward import NonFiniteLossError
+from lightning_optims.errors import NonFiniteLossError
 from tests.helpers import LlamaModule, lightning_trainer, loader, tiny_llama
 from tests.test_reliability import ALL, require_usable, settings
 

@@ -94,7 +94,7 @@ def test_weight_averaging_rule_applies_where_lightning_has_it():
     from lightning_optims import rules
 
     assert hasattr(callbacks, "WeightAveraging") == (compat.missing("weight_averaging") is None)
-    assert rules.weight_averaging_with_schedule_free in [r.check for r in rules.RULES]
+    assert rules.weight_averaging_with_train_eval_modes in [r.check for r in rules.RULES]
 
 
 def test_available_optimizers_say_what_each_name_needs():

@@ -24,14 +24,15 @@ MIXIN_HOOKS = ("configure_optimizers", "configure_gradient_clipping", "backward"
 _HOOK_ROLES = {
     "configure_optimizers": "building the optimizer and scheduler from the settings",
     "configure_gradient_clipping": "clipping at max_grad_norm",
-    "backward": "the finite-loss check and, for LOMO / AdaLomo, the fused update of every parameter",
+    "backward": "the finite-loss check and, for an optimizer that updates in backward, the update of every parameter",
 }
+#: the attribute that marks ``OptimizerMixin`` in a module's classes (this module does not import the mixin)
+MIXIN_MARK = "_lightning_optims_mixin"
 
 
-def _mixin_function(hook: str) -> Any:
-    from lightning_optims.mixin import OptimizerMixin
-
-    return vars(OptimizerMixin)[hook]
+def mixin_class(module: Any) -> type:
+    """The ``OptimizerMixin`` class among the module's bases."""
+    return next(c for c in type(module).__mro__ if vars(c).get(MIXIN_MARK))
 
 
 def _leads_to(function: Any, target: Any) -> bool:
@@ -50,11 +51,11 @@ def _leads_to(function: Any, target: Any) -> bool:
     return False
 
 
-def _calls_super(function: Any, hook: str) -> bool:
+def _calls_super(function: Any, hook: str, mixin: type) -> bool:
     """Whether ``function``'s code (or a function nested in it) names ``super`` or ``OptimizerMixin`` and ``hook``:
     the mark of ``super().hook(...)`` / ``OptimizerMixin.hook(self, ...)``. A function without both cannot call the
     mixin's hook."""
-    if _leads_to(function, _mixin_function(hook)):
+    if _leads_to(function, vars(mixin)[hook]):
         return True  # (configure_optimizers = OptimizerMixin.configure_optimizers)
     code = getattr(function, "__code__", None)
     if code is None:
@@ -72,14 +73,13 @@ def _calls_super(function: Any, hook: str) -> bool:
 def check_hook_overrides(module: Any) -> None:
     """Refuse an override of one of the mixin's module hooks that does not call ``super()``: the mixin's work there
     (LOMO's fused backward, clipping at ``max_grad_norm``, building the optimizer) would be skipped without a word."""
-    from lightning_optims.mixin import OptimizerMixin
-
+    mixin = mixin_class(module)
     for hook in MIXIN_HOOKS:
         for cls in type(module).__mro__:
-            if cls is OptimizerMixin:
+            if cls is mixin:
                 break
             function = vars(cls).get(hook)
-            if function is not None and not _calls_super(function, hook):
+            if function is not None and not _calls_super(function, hook, mixin):
                 raise MisconfigurationException(
                     f"{cls.__name__}.{hook} overrides a hook that OptimizerMixin implements, without calling "
                     f"super().{hook}(...): {_HOOK_ROLES[hook]} would silently not happen. Call "

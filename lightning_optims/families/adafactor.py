@@ -1,9 +1,10 @@
-"""transformers' Adafactor on sharded parameters: each process steps its own part, with the numbers of the whole tensor.
+"""transformers' Adafactor (``adafactor``), and its step on sharded parameters: each process steps its own part, with
+the numbers of the whole tensor.
 
 Adafactor's statistics of a matrix: the row means of the squared gradient (a sum along its columns), its column means
 (along its rows), the mean of the row statistics, the update's RMS and the parameter's RMS (sums over the whole
 tensor). Each is completed over the mesh dimensions that shard the tensor dimensions it sums along
-(:class:`~lightning_optims.placements.ShardSums`), batched over every parameter of the step: under FSDP2 and HSDP
+(:class:`~lightning_optims.distributed.sums.ShardSums`), batched over every parameter of the step: under FSDP2 and HSDP
 (rows split) two all-reduces per optimizer step, of a few numbers per parameter and one vector per matrix (its
 columns); under tensor parallelism the row-parallel weights (columns split) add a round for their row statistics.
 No parameter, gradient or state tensor is gathered.
@@ -18,18 +19,20 @@ from typing import Any
 import torch
 from transformers.optimization import Adafactor
 
-from lightning_optims.placements import Along, ShardSums, local, sharding, state_along
+from lightning_optims.distributed.placements import local, sharding, state_along
+from lightning_optims.distributed.sums import Along, ShardSums
+from lightning_optims.spec import WEIGHT_DECAY, OptimizerSpec, Sharding
 
-__all__ = ["ShardedAdafactor", "adafactor_update", "apply_adafactor", "fp32"]
+__all__ = ["SPECS", "ShardedAdafactor", "adafactor_update", "apply_adafactor", "fp32"]
 
 
 class ShardedAdafactor(Adafactor):
     """``transformers.optimization.Adafactor`` (same arguments, same state keys) for ``DTensor`` parameters in any
     layout (FSDP2, HSDP, tensor parallel, both), plain tensors among them. Each process steps its part of each
     parameter; the row and column statistics and the RMS of the parameter and of the update are sums along a tensor
-    dimension, completed over the mesh dimensions that shard it (:class:`~lightning_optims.placements.Along`), every
-    parameter's at once. Its state tensors are ``DTensor`` s placed like the dimensions of the parameter they follow
-    (the row statistics like its rows, the column statistics like its columns, the moments like the parameter),
+    dimension, completed over the mesh dimensions that shard it (:class:`~lightning_optims.distributed.sums.Along`),
+    every parameter's at once. Its state tensors are ``DTensor`` s placed like the dimensions of the parameter they
+    follow (the row statistics like its rows, the column statistics like its columns, the moments like the parameter),
     created with the optimizer, so Lightning's distributed checkpoint saves and restores them on any number of
     processes."""
 
@@ -118,7 +121,7 @@ def adafactor_update(
     ``shape`` whose dimension ``i`` lies along ``p``'s dimension ``follows[i]`` (split as ``p`` splits it; a dimension
     not in ``follows`` is whole on every process). That tensor is ``p``'s gradient (``follows`` the identity) or
     GaLore's projection of it (``G @ P.T`` follows ``p``'s rows, ``P.T @ G`` its columns). Yields the sums it needs
-    (:class:`~lightning_optims.placements.Along` ``p``): rows split, two rounds, the row statistics local; columns
+    (:class:`~lightning_optims.distributed.sums.Along` ``p``): rows split, two rounds, the row statistics local; columns
     split, two rounds too, a third for the row statistics' mean where the rows are split as well. Returns the update
     (divided by its clipped RMS, times the learning rate, through the first moment) and the learning rate; the
     caller applies weight decay and subtracts the update. ``weights`` is this process's part of ``p`` in fp32, whose
@@ -189,3 +192,16 @@ def adafactor_update(
         exp_avg.mul_(group["beta1"]).add_(update, alpha=(1 - group["beta1"]))
         update = exp_avg
     return update, lr
+
+
+SPECS = [
+    OptimizerSpec(
+        name="adafactor",
+        target="transformers.optimization:Adafactor",
+        family="torch",
+        sharding=Sharding("optimizer", optimizer="lightning_optims.families.adafactor:ShardedAdafactor"),
+        kwargs=lambda ctx: {"scale_parameter": False, "relative_step": False},
+        uses=WEIGHT_DECAY,
+        description="transformers.optimization.Adafactor with relative_step=False, scale_parameter=False",
+    )
+]

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from lightning_optims.optim_args import Arg
-from lightning_optims.registry import ADAM, WEIGHT_DECAY, BuildContext, OptimizerSpec, register
+from lightning_optims.spec import ADAM, WEIGHT_DECAY, BuildContext, OptimizerSpec
 
 _ADEMAMIX_ARGUMENTS = (
     Arg("beta1", float, None, help="defaults to adam_beta1"),
@@ -25,6 +25,8 @@ _RMSPROP_ARGUMENTS = (
     Arg("momentum", float, 0.0),
     Arg("centered", bool, False),
 )
+
+SPECS: list[OptimizerSpec] = []
 
 
 def _embeddings_in_32bit(optimizer: Any, ctx: BuildContext) -> None:
@@ -93,7 +95,7 @@ for _name, _kind, _bits, _paged in (
     ("rmsprop_bnb_8bit", "rmsprop", 8, False),
     ("rmsprop_bnb_32bit", "rmsprop", 32, False),
 ):
-    register(
+    SPECS.append(
         OptimizerSpec(
             name=_name,
             target=f"bitsandbytes.optim:{_CLASSES[_kind]}",

@@ -1,4 +1,5 @@
-"""torch.optim optimizers and transformers' Adafactor, as transformers' handlers build them."""
+"""torch.optim's optimizers (AdamW, fused AdamW, SGD, Adagrad, RMSprop), as transformers' handlers build them; each
+updates element by element, so it runs on shards and flattened parameters as it is."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 import torch
 
 from lightning_optims.optim_args import Arg
-from lightning_optims.registry import ADAM, WEIGHT_DECAY, BuildContext, OptimizerSpec, register
+from lightning_optims.spec import ADAM, ELEMENTWISE, WEIGHT_DECAY, BuildContext, OptimizerSpec, Sharding
+
+SPECS: list[OptimizerSpec] = []
 
 
 def _adamw(ctx: BuildContext) -> dict:
@@ -43,76 +46,64 @@ def _adagrad_state_for_added_groups(optimizer: Any, ctx: BuildContext) -> None:
     optimizer.add_param_group = add_param_group
 
 
-register(
+SPECS.append(
     OptimizerSpec(
         name="adamw_torch",
         target="torch.optim:AdamW",
         family="torch",
-        elementwise=True,
+        sharding=ELEMENTWISE,
         kwargs=_adamw,
         uses=ADAM | WEIGHT_DECAY,
         description="torch.optim.AdamW",
     )
 )
-register(
+SPECS.append(
     OptimizerSpec(
         name="adamw_torch_fused",
         target="torch.optim:AdamW",
         family="torch",
-        elementwise=True,
-        one_kernel_per_group=True,
+        sharding=Sharding("elementwise", one_kernel_per_group=True),
         kwargs=_adamw_fused,
         uses=ADAM | WEIGHT_DECAY,
         description="torch.optim.AdamW(fused=True); transformers' default on torch >= 2.8",
     )
 )
-register(
-    OptimizerSpec(
-        name="adafactor",
-        target="transformers.optimization:Adafactor",
-        family="torch",
-        sharded_target="lightning_optims.families.adafactor:ShardedAdafactor",
-        kwargs=lambda ctx: {"scale_parameter": False, "relative_step": False},
-        uses=WEIGHT_DECAY,
-        description="transformers.optimization.Adafactor with relative_step=False, scale_parameter=False",
-    )
-)
 # transformers also reads `weight_decay` from optim_args for these three, but its decay / no-decay groups override
 # it, so it never takes effect there: it is not accepted here (use the weight_decay setting).
-register(
+SPECS.append(
     OptimizerSpec(
         name="sgd",
         optim_args_need="torch_optim_args",
         target="torch.optim:SGD",
         family="torch",
-        elementwise=True,
+        sharding=ELEMENTWISE,
         kwargs=_from_optim_args,
         uses=WEIGHT_DECAY,
         arguments=(Arg("momentum", float, 0.0), Arg("dampening", float, 0.0), Arg("nesterov", bool, False)),
         description="torch.optim.SGD",
     )
 )
-register(
+SPECS.append(
     OptimizerSpec(
         name="adagrad",
         optim_args_need="torch_optim_args",
         target="torch.optim:Adagrad",
         post_build=_adagrad_state_for_added_groups,
         family="torch",
-        elementwise=True,
+        sharding=ELEMENTWISE,
         kwargs=_from_optim_args,
         uses=WEIGHT_DECAY,
         arguments=(Arg("lr_decay", float, 0.0), Arg("eps", float, 1e-10)),
         description="torch.optim.Adagrad",
     )
 )
-register(
+SPECS.append(
     OptimizerSpec(
         name="rmsprop",
         optim_args_need="torch_optim_args",
         target="torch.optim:RMSprop",
         family="torch",
-        elementwise=True,
+        sharding=ELEMENTWISE,
         kwargs=_from_optim_args,
         uses=WEIGHT_DECAY,
         arguments=(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from lightning_optims.optim_args import Arg
-from lightning_optims.registry import ADAM, WEIGHT_DECAY, BuildContext, OptimizerSpec, register
+from lightning_optims.spec import ADAM, WEIGHT_DECAY, BuildContext, OptimizerSpec
+
+SPECS: list[OptimizerSpec] = []
 
 
 def _torchao(ctx: BuildContext) -> dict:
@@ -11,7 +13,7 @@ def _torchao(ctx: BuildContext) -> dict:
 
 
 for _name, _cls in (("adamw_torch_4bit", "AdamW4bit"), ("adamw_torch_8bit", "AdamW8bit")):
-    register(
+    SPECS.append(
         OptimizerSpec(
             name=_name,
             target=f"torchao.optim:{_cls}",

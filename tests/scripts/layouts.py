@@ -23,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from lightning_optims import rules
+from lightning_optims.distributed.layout import layout as layout_of
 from tests.helpers import LlamaModule, leave_process_group, tiny_llama
 from tests.test_reliability import settings
 
@@ -82,7 +83,7 @@ def main(optims: list[str]) -> None:
                 message = None
             except Exception as error:  # (the message is the result)
                 message = f"{type(error).__name__}: {error}"
-            out[f"{layout} {optim}"] = {"layout": rules.layout(module), "message": message}
+            out[f"{layout} {optim}"] = {"layout": layout_of(module), "message": message}
     print(json.dumps(out))
 
 

@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from transformers import default_data_collator
 
-from lightning_optims.placements import local, local_indices
+from lightning_optims.distributed.placements import local, local_indices
 from tests.collectives import CollectiveCounter
 from tests.helpers import (
     FlaggedTokenDataset,
@@ -400,32 +400,29 @@ def alone(part) -> torch.Tensor:
 
 
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
-    from lightning_optims import mixin
-    from lightning_optims.in_backward import NonFiniteGradientError, NonFiniteLossError
-    from lightning_optims.placements import Along, ShardSums, ToOwner
-    from lightning_optims.sharded import ShardedStepOptimizer
+    from lightning_optims import get_spec, mixin
+    from lightning_optims.distributed.owners import ToOwner
+    from lightning_optims.distributed.sums import Along, ShardSums
+    from lightning_optims.engines.sharded import ShardedStepOptimizer
+    from lightning_optims.errors import NonFiniteGradientError, NonFiniteLossError
 
     sync_unused = mixin.sync_unused_parameters
-    step_param, on_rows, shard_sums = ShardedStepOptimizer._step, ShardedStepOptimizer._on_rows, ShardSums.sums
+    step_param, shard_sums = ShardedStepOptimizer._step, ShardSums.sums
+    sharding = get_spec(optimizer_settings(optim, 0.0)["optim"]).sharding
+    part_step_cls = type(sharding.part_step) if sharding is not None and sharding.part_step is not None else None
+    part_step = part_step_cls.step if part_step_cls is not None else None
     if option == "local":  # the control: each process uses its shard's statistics only
         ShardedStepOptimizer._step = shard_local_step
         ShardSums.sums = lambda self, parts: [
             p.tensor if isinstance(p, Along) else alone(p) if isinstance(p, ToOwner) else p for p in parts
         ]
-    if option == "gathered":  # the control of the collective counter: each block step gathers its gradient first
+    if option == "gathered":  # the control of the collective counter: each family's step gathers its gradient first
 
-        def gathering(self, p, group):
-            block_step = on_rows(self, p, group)
-            if block_step is None:
-                return None
+        def gathered(self, parts, p, group):
+            p.grad.full_tensor()  # (an all-gather of the whole gradient, its result unused)
+            return (yield from part_step(self, parts, p, group))
 
-            def gathered(p, group):
-                p.grad.full_tensor()  # (an all-gather of the whole gradient, its result unused)
-                return (yield from block_step(p, group))
-
-            return gathered
-
-        ShardedStepOptimizer._on_rows = gathering
+        part_step_cls.step = gathered
     if option == "unused-torch":  # the control: FSDP2's own zeros for every unused parameter
         mixin.sync_unused_parameters = lambda module: 0
     chosen = optimizer_settings(optim, float(max_grad_norm))
@@ -506,7 +503,9 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         torch.linalg.svd = svd
         (out / f"{name}.svds.rank{trainer.global_rank}").write_text(json.dumps(svds))
         mixin.sync_unused_parameters = sync_unused
-        ShardedStepOptimizer._step, ShardedStepOptimizer._on_rows, ShardSums.sums = step_param, on_rows, shard_sums
+        ShardedStepOptimizer._step, ShardSums.sums = step_param, shard_sums
+        if part_step_cls is not None:
+            part_step_cls.step = part_step
 
 
 def main(out: str, mode: str, *runs: str) -> None:

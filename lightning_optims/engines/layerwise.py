@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_optims.in_backward import NonFiniteGradientError
+from lightning_optims.errors import NonFiniteGradientError
 from lightning_optims.param_groups import split_added_group
 
 __all__ = ["LayerwiseOptimizer", "StepHooks", "build_layerwise"]
