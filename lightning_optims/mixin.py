@@ -23,7 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_optims import compat, finite, rules
 from lightning_optims.arguments import DEFAULT_OPTIM, OptimizerArguments
 from lightning_optims.build import create_optimizer, create_scheduler
-from lightning_optims.callbacks.runtime import MIXIN_HOOKS, MIXIN_MARK, attach_callbacks, scale_learning_rate
+from lightning_optims.callbacks.runtime import (
+    MIXIN_HOOKS,
+    MIXIN_MARK,
+    attach_callbacks,
+    next_trainer_property,
+    scale_learning_rate,
+)
 from lightning_optims.compat import sync_unused_parameters
 from lightning_optims.distributed.layout import plain_data_parallel
 from lightning_optims.engines.in_backward import InBackwardOptimizer
@@ -59,21 +65,15 @@ else:
 
 
 class OptimizerMixin(_MixinBase):
-    """Mix into a ``LightningModule`` (``class M(OptimizerMixin, L.LightningModule)``).
-
-    Takes every :class:`OptimizerArguments` field as a keyword argument (typed, so LightningCLI shows them in
-    ``--help`` and YAML) and passes the rest on. ``configure_optimizers`` builds the optimizer transformers' Trainer
-    would build, and ``transformers.get_scheduler`` stepped once per optimizer step over
-    ``trainer.estimated_stepping_batches`` (without a Trainer: ``configure_optimizers(num_training_steps=N)``).
-
-    ``max_grad_norm`` (default 1.0, as in transformers) clips the global L2 norm of the gradients before each step,
-    after the precision plugin unscaled them (through ``clip_gradients`` if the module overrides it); a non-finite
-    norm stops training before the step; in-backward optimizers clip inside their backward (LOMO's two-pass norm).
-    ``Trainer(gradient_clip_val=...)`` is accepted only with ``max_grad_norm=0``.
-
-    Parameters are taken from :meth:`optimized_module` (``self`` by default), so ``optim_target_modules`` and the
-    decay rules see this module's names (``model.layers.0.self_attn.q_proj`` if the network is ``self.model``).
-    """
+    """Mix into a ``LightningModule`` (``class M(OptimizerMixin, L.LightningModule)``): every
+    :class:`OptimizerArguments` field is a keyword argument (typed: LightningCLI shows them in ``--help`` and YAML);
+    ``configure_optimizers`` builds the optimizer transformers' Trainer would build and ``transformers.get_scheduler``
+    over ``trainer.estimated_stepping_batches`` (without a Trainer: ``configure_optimizers(num_training_steps=N)``).
+    ``max_grad_norm`` (1.0, as transformers) clips the global norm after the precision plugin unscaled the gradients
+    (through ``clip_gradients`` where the module overrides it); a non-finite loss or norm stops training before the
+    step (one host sync per step: ``finite.py``); ``Trainer(gradient_clip_val=...)`` only with ``max_grad_norm=0``.
+    Parameters come from :meth:`optimized_module` (``self`` by default): the names ``optim_target_modules`` and the
+    decay rules see."""
 
     # TorchScript (to_torchscript) compiles properties not listed here: the settings are not part of the model
     __jit_unused_properties__: list[str] = [  # noqa: RUF012  # (a list, as LightningModule declares it)
@@ -157,13 +157,13 @@ class OptimizerMixin(_MixinBase):
 
     @property
     def trainer(self) -> Any:
-        return _next_trainer_property(type(self)).__get__(self)
+        return next_trainer_property(type(self)).__get__(self)
 
     @trainer.setter
     def trainer(self, trainer: Any) -> None:
         # Lightning attaches the Trainer before it reads configure_callbacks: the mixin's callbacks go in here, so a
         # module's own configure_callbacks (with or without super()) cannot drop them
-        _next_trainer_property(type(self)).__set__(self, trainer)
+        next_trainer_property(type(self)).__set__(self, trainer)
         if trainer is not None:
             attach_callbacks(trainer, self)
 
@@ -226,22 +226,19 @@ class OptimizerMixin(_MixinBase):
         trainer = self.trainer
         check = getattr(trainer.precision_plugin, "scaler", None) is None  # (with a GradScaler: the scaler's to skip)
         anomaly = torch.is_anomaly_enabled()  # Trainer(detect_anomaly=True): let backward name the operation first
-        if check and not anomaly:
-            finite.check_loss(self, loss, "before backward: no weight was changed by this step")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if isinstance(optimizer, InBackwardOptimizer):
+        if isinstance(optimizer, InBackwardOptimizer):  # (the loss is read at the engine's one host sync)
             try:
                 optimizer.fused_backward(loss)  # updates every parameter as its gradient arrives
             except NonFiniteGradientError as error:
+                finite.note_loss(self, loss, optimizer.last_loss_finite)
                 raise finite.gradient_error(self, error) from error
+            finite.note_loss(self, loss, optimizer.last_loss_finite)
             finite.gradients_were_finite(self)
         else:
-            try:
-                super().backward(loss, *args, **kwargs)
-            except NonFiniteGradientError as error:  # (a layer-wise optimizer's, raised in its hooks)
-                raise finite.gradient_error(self, error) from error
-            if self.optimizer_spec.updates_in_backward:
-                finite.gradients_were_finite(self)
+            if check and not anomaly:  # (read at the step's verdict where one follows, else now)
+                finite.before_backward(self, loss, optimizer)
+            super().backward(loss, *args, **kwargs)
         if check and anomaly:
             finite.check_loss(self, loss, "after backward, where anomaly detection reported nothing")
 
@@ -257,6 +254,8 @@ class OptimizerMixin(_MixinBase):
             # measured the norm as the gradients passed
             engine = trainer.optimizers[0] if trainer.optimizers else optimizer
             self._log_grad_norm(engine.grad_norm() if hasattr(engine, "grad_norm") else None)
+            if hasattr(engine, "nonfinite"):  # (layer-wise: its steps skipped non-finite gradients on the device)
+                finite.layerwise_verdict(self, engine)
             return
         max_norm = self.optimizer_arguments.max_grad_norm
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -269,15 +268,7 @@ class OptimizerMixin(_MixinBase):
             total = gradient_norm(params)
             value = norm_value(total)
             self._log_grad_norm(value)
-            if scaler is None and not bool(torch.isfinite(value)):
-                raise finite.gradient_error(
-                    self,
-                    NonFiniteGradientError(
-                        f"non-finite gradient norm ({value.item()}) at global step {self.global_step}: the optimizer "
-                        "step was not taken and training stops here"
-                    ),
-                )
-            finite.gradients_were_finite(self)
+            finite.norm_verdict(self, value, checked=scaler is None)  # (the step's one host sync)
         if gradient_clip_val:
             # Trainer(gradient_clip_val=...) with max_grad_norm=0 (anything else was refused when fit started)
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -296,17 +287,6 @@ class OptimizerMixin(_MixinBase):
         if norm is not None:  # (batch_size: a step value is not averaged over batches; a training_step that takes the
             # dataloader_iter gives Lightning no batch to infer it from, and it refuses the log without it)
             self.log("grad_norm", norm.detach(), on_step=True, on_epoch=False, batch_size=1)
-
-
-_TRAINER_PROPERTY: dict[type, Any] = {}
-
-
-def _next_trainer_property(cls: type) -> Any:
-    """The ``trainer`` property of the class after the mixin in ``cls`` (LightningModule's), found once per class."""
-    if cls not in _TRAINER_PROPERTY:
-        after = cls.__mro__[cls.__mro__.index(OptimizerMixin) + 1 :]
-        _TRAINER_PROPERTY[cls] = next(vars(c)["trainer"] for c in after if "trainer" in vars(c))
-    return _TRAINER_PROPERTY[cls]
 
 
 for _name in SETTINGS:  # model.learning_rate, model.optim, ...: read and set through the validated settings

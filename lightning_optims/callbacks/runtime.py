@@ -16,7 +16,14 @@ from typing_extensions import override
 from lightning_optims.build import ScheduledGroupsLambdaLR, create_scheduler
 from lightning_optims.rules import spans_steps
 
-__all__ = ["MIXIN_HOOKS", "OptimizerCallback", "attach_callbacks", "scale_learning_rate"]
+__all__ = [
+    "MIXIN_HOOKS",
+    "MIXIN_MARK",
+    "OptimizerCallback",
+    "attach_callbacks",
+    "next_trainer_property",
+    "scale_learning_rate",
+]
 
 CHECKPOINT_KEY = "lightning_optims"
 #: the Lightning hooks the mixin implements on the module: an override must call ``super()``
@@ -33,6 +40,18 @@ MIXIN_MARK = "_lightning_optims_mixin"
 def mixin_class(module: Any) -> type:
     """The ``OptimizerMixin`` class among the module's bases."""
     return next(c for c in type(module).__mro__ if vars(c).get(MIXIN_MARK))
+
+
+_TRAINER_PROPERTY: dict[type, Any] = {}
+
+
+def next_trainer_property(cls: type) -> Any:
+    """The ``trainer`` property of the class after the mixin in ``cls`` (LightningModule's), found once per class."""
+    if cls not in _TRAINER_PROPERTY:
+        mro = cls.__mro__
+        after = mro[next(i for i, c in enumerate(mro) if vars(c).get(MIXIN_MARK)) + 1 :]
+        _TRAINER_PROPERTY[cls] = next(vars(c)["trainer"] for c in after if "trainer" in vars(c))
+    return _TRAINER_PROPERTY[cls]
 
 
 def _leads_to(function: Any, target: Any) -> bool:

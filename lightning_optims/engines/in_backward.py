@@ -10,8 +10,12 @@ together and freed, so no full set of gradients ever exists. The engine knows no
 - under DDP each bucket averaged across processes in its hook, before the update; under FSDP2, HSDP and tensor
   parallelism the updates run on each process's part, their whole-tensor sums completed over the placements;
 - the global gradient norm (logged) and optional two-pass clipping by it;
-- a non-finite gradient never reaches the weights: its elements are left unchanged and, at the end of that
-  backward, :class:`~lightning_optims.errors.NonFiniteGradientError` names the step.
+- a non-finite gradient never reaches the weights, and no host sync is paid for it in backward: each bucket's
+  update is taken on the device with a per-parameter flag (finite gradient, summed over the processes that shard
+  the parameter; used by some process under DDP; on one process, finite loss), a parameter whose flag is false is
+  left as it was with its state (:meth:`InBackwardOptimizer._update_bucket` implementations honour ``ok``), and the
+  step's one host sync at the end of backward (with clipping: between the two passes, before anything is written)
+  raises :class:`~lightning_optims.errors.NonFiniteGradientError` naming the step.
 """
 
 from __future__ import annotations
@@ -81,7 +85,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._active = False
         self._norm_pass = False
         self._norms: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (parameters, their gradients' norms)
-        self._bad = False
+        self._ok = torch.ones((), dtype=torch.bool)  # every parameter of this backward updated (on the device)
+        self._loss_ok = torch.ones((), dtype=torch.bool)  # the loss was finite (on the device)
+        #: whether the loss of the last fused backward was finite (read at its one host sync)
+        self.last_loss_finite = True
         self._handles: list[Any] = []
         self._hooked: set[torch.Tensor] = set()
         self._sync_params()
@@ -192,9 +199,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     def _reduce_bucket(self, k: int) -> None:
         """Average bucket ``k`` across processes (one collective; gloo has no AVG) with a used-flag per parameter:
-        a parameter no process computed a gradient for is left alone, as one process would leave it; one that some
-        processes computed gets the average with zeros from the others, which is one process's gradient on the
-        combined batch."""
+        a parameter no process computed a gradient for is left alone, as one process would leave it (its flag, on the
+        device, masks its update); one that some processes computed gets the average with zeros from the others,
+        which is one process's gradient on the combined batch."""
         params = self._buckets[k]
         present = [p.grad is not None for p in params]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -204,60 +211,71 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         flat = flatten_dense([*grads, flags])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         *grads, flags = unflatten_dense(flat, [*grads, flags])
-        used = [i for i, f in enumerate(flags.tolist()) if f > 0]
-        if not used:
-            return
-        grads = [grads[i].div_(self._world) for i in used]
-        self._consume([params[i] for i in used], grads)
+        foreach_div_(grads, float(self._world))
+        self._consume(params, grads, used=flags > 0)
 
-    def _consume(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Unscale, then either measure (norm pass) or apply the gradients of ``params``."""
+    def _consume(self, params: list[torch.Tensor], grads: list[torch.Tensor], used: torch.Tensor | None = None) -> None:
+        """Unscale, then either measure (norm pass) or apply the gradients of ``params``: each parameter's flag (its
+        gradient finite, summed over the processes that shard it; ``used`` under DDP; the loss finite on one process)
+        decides on the device whether its update is kept."""
         grads = [g if g.dtype == torch.float32 else g.to(torch.float32) for g in grads]
         scale = self._grad_scale()
         if scale != 1.0:
             foreach_div_(grads, scale)
         if self._norm_pass or self.clip_coef is None:
             # the norm pass, or (without clipping) the one pass: each gradient's norm, for the logged global norm
-            # and, without a norm pass, to check this bucket before writing it
             norms = torch.stack(foreach_norm(grads, 2.0))
             self._norms.append((params, norms))
             if self._norm_pass:
                 return
-            if not bool(torch.isfinite(norms).all()):
-                self._bad = True
-                affected = [p for p, finite in zip(params, torch.isfinite(norms).tolist()) if not finite]
-                grads = [torch.where(torch.isfinite(g), g, 0.0) for g in grads]
-                with torch.no_grad():
-                    kept = self._keep(affected)
-                    self._update_bucket(params, grads)  # (every process runs it: its collectives line up)
-                    for saved, now in kept:
-                        now.copy_(saved)  # those parameters and their state as before this step
-                return
+            ok = self._finite(params, norms)
+            if used is not None:
+                ok = ok & used
+            if self._world == 1:
+                ok = ok & self._loss_ok
+            self._ok = self._ok & (ok | ~self._present(params, used)).all()
+            grads = [torch.where(ok[i], g, 0.0) for i, g in enumerate(grads)]
+        else:
+            ok = torch.ones(len(params), dtype=torch.bool, device=grads[0].device) if used is None else used
         with torch.no_grad():
-            self._update_bucket(params, grads)
+            self._update_bucket(params, grads, ok)
 
-    def _keep(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of this process's parts of ``params`` and of their state tensors, each with what it copies."""
-        tensors = [local(p).detach() for p in params]
-        tensors += [local(v) for p in params for v in self.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
-        return [(t.clone(), t) for t in tensors]
+    def _present(self, params: list[torch.Tensor], used: torch.Tensor | None) -> torch.Tensor:
+        """Whether each parameter had a gradient here (under DDP: on some process): an unused one is skipped, not an
+        error."""
+        return torch.ones(len(params), dtype=torch.bool, device=self._device) if used is None else used
 
-    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Apply the fp32 ``grads`` (unscaled, finite) to ``params``: the update method every in-backward optimizer
-        implements, for a bucket at once. Under FSDP2 the buckets are cut at the same parameters on every process, so
-        a collective issued per bucket (``_sums``) lines up across processes."""
+    def _finite(self, params: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
+        """Each parameter's gradient finite, over the whole tensor: this process's norm, or, for sharded parameters,
+        the count of processes whose part is non-finite summed over those that shard it (one all-reduce per mesh
+        dimension: every process then keeps or skips the same parameters)."""
+        finite = torch.isfinite(norms)
+        if not self._sharded:
+            return finite
+        parts, unpack = self._per_param(params, (~finite).to(torch.float32))
+        return unpack(self._sums(parts)) == 0
+
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor) -> None:
+        """Apply the fp32 ``grads`` (unscaled) to ``params``: the update method every in-backward optimizer
+        implements, for a bucket at once. ``ok`` (bools on the device, one per parameter) says which to update: the
+        gradient of one whose flag is false is zeros here (it was non-finite, or unused), and the parameter and its
+        state must end as they were, without a host sync (``torch.where``). Under FSDP2 the buckets are cut at the
+        same parameters on every process, so a collective issued per bucket (``_sums``) lines up across
+        processes."""
         raise NotImplementedError
 
     def _by_group(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor]
-    ) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
-        """The bucket split by param group (each group has its own lr and settings), in the bucket's order."""
-        by_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for p, g in zip(params, grads):
-            ps, gs = by_group.setdefault(self._group_index[p], ([], []))
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor
+    ) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
+        """The bucket split by param group (each group has its own lr and settings), in the bucket's order, with each
+        parameter's flag."""
+        by_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
+        for i, (p, g) in enumerate(zip(params, grads)):
+            ps, gs, at = by_group.setdefault(self._group_index[p], ([], [], []))
             ps.append(p)
             gs.append(g)
-        return [(self.param_groups[i], ps, gs) for i, (ps, gs) in by_group.items()]
+            at.append(i)
+        return [(self.param_groups[i], ps, gs, ok[at]) for i, (ps, gs, at) in by_group.items()]
 
     def _clip(self, grads: list[torch.Tensor], group: dict[str, Any]) -> None:
         """lomo_optim's clipping of each gradient: by value (``clip_grad_value``), then by the global norm's factor."""
@@ -326,6 +344,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self.clip_coef = None
         self.last_grad_norm = None
         self._norms = []
+        loss_ok = torch.isfinite(loss.detach()).all().to(self._device)
+        self._loss_ok, self._ok = loss_ok, torch.ones((), dtype=torch.bool, device=self._device)
         self._active = True
         try:
             if self.clip_grad_norm is not None:
@@ -337,11 +357,11 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 total = self._total_norm()
                 self._norms = []
                 self.last_grad_norm = total
-                if not torch.isfinite(total):
-                    self._on_non_finite_norm(total)
+                norm_finite = self._verdict(loss_ok, torch.isfinite(total))  # (the step's one host sync)
+                if not norm_finite or (self._world == 1 and not self.last_loss_finite):
+                    self._on_non_finite_norm(total)  # (nothing was written: the updates come in the second pass)
                     return
                 self.clip_coef = torch.clamp(float(self.clip_grad_norm) / (total + 1e-6), max=1.0)
-            self._bad = False
             self._start_pass()
             scaled.backward()
             self._finish_pass()
@@ -355,20 +375,23 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                         p.grad = None
             self._pending, self._pending_bytes = [], 0
         if self.last_grad_norm is None:  # no norm pass: the norms measured as the gradients were applied
-            total = self._total_norm()
-            if self._sharded:
-                # a non-finite gradient on any process makes the summed norm non-finite on every one: every
-                # process stops, or none (a lone error would hang the others)
-                self._bad = not bool(torch.isfinite(total))
-            self.last_grad_norm = total
+            self.last_grad_norm = self._total_norm()
             self._norms = []
-        if self._bad:
-            self._bad = False
-            raise NonFiniteGradientError(
-                f"non-finite gradient at fused step {self.steps_taken} of {type(self).__name__}: the parameters it "
-                "reached were left unchanged (with their state) and training stops here (lower the learning rate, "
-                "check the data, or enable clipping with max_grad_norm)"
-            )
+            # (each parameter's flag was summed over the processes that shard it, DDP's gradients are averaged: every
+            # process reaches the same verdict, and all stop, or none: a lone error would hang the others)
+            if not self._verdict(loss_ok, self._ok):  # (the step's one host sync)
+                raise NonFiniteGradientError(
+                    f"non-finite gradient at fused step {self.steps_taken} of {type(self).__name__}: the parameters "
+                    "it reached were left unchanged (with their state) and training stops here (lower the learning "
+                    "rate, check the data, or enable clipping with max_grad_norm)"
+                )
+
+    def _verdict(self, loss_ok: torch.Tensor, flag: torch.Tensor) -> bool:
+        """The fused backward's one host sync: whether the loss was finite (:attr:`last_loss_finite`) and ``flag``,
+        read together."""
+        loss_finite, value = torch.stack([loss_ok, flag.to(loss_ok.device)]).tolist()
+        self.last_loss_finite = bool(loss_finite)
+        return bool(value)
 
     def _total_norm(self) -> torch.Tensor:
         """The global L2 norm of the gradients measured in this backward pass: with sharded parameters, each

@@ -7,10 +7,50 @@ from typing import Any
 
 import torch
 
-from lightning_optims.errors import NonFiniteGradientError
+from lightning_optims.distributed.placements import local
 from lightning_optims.param_groups import split_added_group
 
-__all__ = ["LayerwiseOptimizer", "StepHooks", "build_layerwise"]
+__all__ = ["LayerwiseOptimizer", "StepHooks", "Undo", "build_layerwise"]
+
+
+class Undo:
+    """A step taken on the device whatever its gradient, and undone where the gradient was non-finite, without a host
+    sync: what the step updates in place (the parameter's part, its state tensors) is put back on the device
+    (``torch.where(ok, new, old)`` from copies taken before, one parameter at a time); what it replaces (a state
+    entry, a projector's fields) is put back on the host by :meth:`on_host`, after the step's verdict found a
+    non-finite gradient."""
+
+    def __init__(self) -> None:
+        self._host: list[tuple[dict[Any, Any], Any, dict[str, Any], dict[str, dict[str, Any]]]] = []
+
+    def before(self, p: torch.Tensor, states: dict[Any, Any], key: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of ``p``'s part and of the tensors of ``states[key]`` (its state), and what the host restores."""
+        state = states[key]
+        tensors = [local(p).detach(), *(local(v) for v in state.values() if isinstance(v, torch.Tensor))]
+        objects = {
+            k: dict(vars(v)) for k, v in state.items() if hasattr(v, "__dict__") and not isinstance(v, torch.Tensor)
+        }
+        self._host.append((states, key, dict(state), objects))
+        return [(t, t.clone()) for t in tensors]
+
+    @staticmethod
+    def after(kept: list[tuple[torch.Tensor, torch.Tensor]], ok: torch.Tensor) -> None:
+        """Put back, on the device, what the step changed in place where ``ok`` (a bool on the device) is false."""
+        for now, before in kept:
+            now.copy_(torch.where(ok, now, before))
+
+    def on_host(self) -> None:
+        """After a verdict that found a non-finite gradient: the state entries and objects as they were before the
+        steps of this backward (the tensors were put back on the device)."""
+        for states, key, entries, objects in reversed(self._host):
+            states[key] = entries
+            for name, fields in objects.items():
+                vars(entries[name]).clear()
+                vars(entries[name]).update(fields)
+        self._host = []
+
+    def clear(self) -> None:
+        self._host = []
 
 
 class StepHooks:
@@ -20,10 +60,31 @@ class StepHooks:
 
     _hook_handles: list[Any]
     _grad_sq: torch.Tensor | None = None
+    _nonfinite: torch.Tensor | None = None  # some gradient of this backward was non-finite (a bool on the device)
+    _loss_ok: torch.Tensor | None = None  # (one process: the loss was finite; a parameter is stepped only then)
+    _undo: Undo
 
     def _start_step(self) -> None:
-        """Before the backward of a step: the gradient norm starts from nothing."""
+        """Before the backward of a step: the gradient norm and the non-finite flag start from nothing."""
         self._grad_sq = None
+        self._nonfinite = None
+        self._undo = Undo()
+
+    def start_backward(self, loss_ok: torch.Tensor | None) -> None:
+        """The loss's finite flag (on the device), on one process: a parameter is stepped only where it is true."""
+        self._loss_ok = loss_ok
+
+    def _flag(self, bad: torch.Tensor) -> None:
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+
+    def nonfinite(self) -> torch.Tensor | None:
+        """Whether a gradient of the last backward was non-finite (its parameter was not updated), a bool on the
+        device: the step's verdict reads it (no host sync here)."""
+        return self._nonfinite
+
+    def after_nonfinite(self) -> None:
+        """After a verdict that found a non-finite gradient: the replaced state as it was (:meth:`Undo.on_host`)."""
+        self._undo.on_host()
 
     def _measure(self, grad: torch.Tensor) -> torch.Tensor:
         """Add ``grad`` (this process's part) to the step's squared norm; returns its norm (fp32)."""
@@ -45,6 +106,7 @@ class StepHooks:
         raise NotImplementedError
 
     def register_hooks(self) -> None:
+        self._undo = Undo()
         for param in self._hooked_params():
             if param.requires_grad:
                 self._hook_handles.append(param.register_post_accumulate_grad_hook(self._step_one))
@@ -108,20 +170,23 @@ class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
                     self._hook_handles.append(param.register_post_accumulate_grad_hook(self._step_one))
 
     def _step_one(self, param: torch.Tensor) -> None:
+        """Step ``param`` in its hook, on the device whatever its gradient: a non-finite one (or a non-finite loss)
+        is zeros for the step, which :class:`Undo` then undoes; the step's verdict raises after backward."""
         if param.grad is not None:
             norm = self._measure(param.grad)
-            # (a finite gradient whose fp32 norm overflows is still finite: look at its elements then)
-            if not bool(torch.isfinite(norm)) and not bool(torch.isfinite(param.grad).all()):
-                param.grad = None
-                raise NonFiniteGradientError(
-                    "non-finite gradient in a layer-wise optimizer: this parameter was not updated and training "
-                    "stops here (parameters whose gradients arrived earlier in this backward were updated)"
-                )
+            # (a finite gradient whose fp32 norm overflows is still finite: its elements decide then)
+            ok = torch.isfinite(norm) | torch.isfinite(param.grad).all()
+            if self._loss_ok is not None:
+                ok = ok & self._loss_ok
+            self._flag(~ok)
+            torch.nan_to_num_(param.grad, nan=0.0, posinf=0.0, neginf=0.0)  # (the step computes with finite numbers)
             inner = self.optimizer_dict[param]
             lr = self.param_groups[self._group_of.get(param, 0)]["lr"]
             for group in inner.param_groups:
                 group["lr"] = lr
+            kept = self._undo.before(param, inner.state, param)
             inner.step()
+            Undo.after(kept, ok)
             inner.zero_grad(set_to_none=True)
 
     def _hooked_params(self) -> list[torch.Tensor]:

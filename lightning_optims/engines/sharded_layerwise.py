@@ -11,10 +11,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from lightning_optims.distributed.placements import local, reduction_key, sharding
-from lightning_optims.distributed.sums import Along, Rounds, ShardSums
-from lightning_optims.engines.layerwise import StepHooks
+from lightning_optims.distributed.sums import Along, Rounds, ShardSums, Sums
+from lightning_optims.engines.layerwise import StepHooks, Undo
 from lightning_optims.engines.sharded import PartStep, ShardedStepOptimizer, grad_of
-from lightning_optims.errors import NonFiniteGradientError
 
 __all__ = ["ShardedLayerwiseOptimizer"]
 
@@ -93,11 +92,12 @@ class ShardedLayerwiseOptimizer(StepHooks, ShardedStepOptimizer):
 
     def step_pending(self) -> None:
         """Start the steps of the parameters whose gradients arrived since the last call (an FSDP2 group's), in
-        one round of sums with the steps still in flight (:class:`~lightning_optims.placements.Rounds`): its first
-        round carries a flag of non-finite gradients summed over the processes, so every process raises
-        ``NonFiniteGradientError`` before any of the group's parameters is written (the groups started earlier are
-        finished first, and were updated). The elementwise parameters step at once, with no collective; the others
-        on their blocks, finished in later rounds (with later groups', or by :meth:`finish_steps`)."""
+        one round of sums with the steps still in flight (:class:`~lightning_optims.distributed.sums.Rounds`): its
+        first round carries a count of non-finite gradients summed over the processes, so every process reaches the
+        same verdict on the group, on the device: the steps run with the non-finite elements as zeros and are undone
+        where the count is not zero (:class:`~lightning_optims.engines.layerwise.Undo`: no host sync in backward),
+        and the step's verdict raises after backward. The elementwise parameters step at once, with no collective;
+        the others on their blocks, finished in later rounds (with later groups', or by :meth:`finish_steps`)."""
         batch, self._pending = self._pending, []
         if not batch:
             return
@@ -105,32 +105,44 @@ class ShardedLayerwiseOptimizer(StepHooks, ShardedStepOptimizer):
             bad = torch.zeros((), dtype=torch.float32, device=local(batch[0]).device)
             for p in batch:
                 bad += (~torch.isfinite(grad_of(p).to_local())).any().to(torch.float32)
+                torch.nan_to_num_(grad_of(p).to_local(), nan=0.0, posinf=0.0, neginf=0.0)  # (steps compute finitely)
             # (summed over the mesh dimensions that shard the parameter whose sharding spans most of them: every
             # process of an FSDP group; a replicated dimension holds the same gradients, so the same flag)
             widest = max(batch, key=lambda p: len(sharding(p)))
+            verdict: list[torch.Tensor] = []  # (the group's flag, on the device, once its first round is summed)
             steps, elementwise = [], []
             for p in batch:
                 group = self.param_groups[self._group_of[p]]
                 if self.on_part(p, group):
-                    steps.append(self._part_step.step(self, cast(DTensor, p), group))
+                    steps.append(self._undone(p, self._part_step.step(self, cast(DTensor, p), group), verdict))
                 else:
                     elementwise.append((p, group))
 
             def check(sums: list[torch.Tensor]) -> None:
-                if float(sums[0]) > 0:
-                    for p in batch:
-                        p.grad = None
-                    raise NonFiniteGradientError(
-                        "non-finite gradient in a layer-wise optimizer: the parameters of this FSDP group were not "
-                        "updated and training stops here (parameters of groups whose gradients arrived earlier in "
-                        "this backward were updated)"
-                    )
+                verdict.append(sums[0] == 0)
+                self._flag(sums[0] > 0)
 
             self._rounds.advance(steps, first=[Along(bad, widest)], check=check)
             for p, group in elementwise:
+                kept = self._undo.before(p, self.state, p)
                 self._step(cast(DTensor, p), group)
+                Undo.after(kept, verdict[0])
         for p in batch:  # (a step in flight holds its gradient until it ends)
             p.grad = None
+
+    def _undone(self, p: torch.Tensor, step: Sums, verdict: list[torch.Tensor]) -> Sums:
+        """``step``, undone on the device at its end where the group's flag (``verdict[0]``, known from the first
+        round, before any of the step's writes) says a gradient was non-finite."""
+        kept = self._undo.before(p, self.state, p)
+        yield from step
+        Undo.after(kept, verdict[0])
+
+    def after_nonfinite(self) -> None:
+        """After a verdict that found a non-finite gradient: the steps in flight finished (their writes undone on the
+        device), then the replaced state as it was."""
+        with torch.no_grad():
+            self._rounds.drain()
+        super().after_nonfinite()
 
     def after_group(self) -> None:
         """An FSDP2 group's post-backward is done (its gradients reduced, its parameters' hooks run): start its

@@ -178,7 +178,8 @@ class ApolloPartStep(ProjectedPartStep):
                 (grad_norm,) = yield [Along(scaled.square().sum(), p)]
                 grad_norm = grad_norm.sqrt()
             if "scaled_grad" in state:
-                limiter = max(grad_norm / (state["scaled_grad"] + 1e-8), 1.01) / 1.01
+                # (upstream's max(ratio, 1.01) on the device: no host sync; the same numbers)
+                limiter = torch.clamp(grad_norm / (state["scaled_grad"] + 1e-8), min=1.01) / 1.01
                 scaled = scaled / limiter
                 state["scaled_grad"] = grad_norm / limiter
             else:

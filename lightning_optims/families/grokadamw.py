@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lightning_optims.distributed.placements import local
 from lightning_optims.distributed.sums import Along, ShardSums
+from lightning_optims.finite import read_at_verdict
 from lightning_optims.optim_args import Arg
 from lightning_optims.spec import WEIGHT_DECAY, BuildContext, OptimizerSpec, Sharding
 
@@ -182,21 +183,23 @@ class GrokkingSignalCallback(Callback):
         self.log_name = log_name
         self.last_signal: float | None = None
 
-    def _metric(self, trainer: L.Trainer, name: str, metrics: dict | None = None) -> float | None:
+    def _metric(self, trainer: L.Trainer, name: str, metrics: dict | None = None) -> torch.Tensor | None:
+        """The logged metric ``name`` (averaged over the processes), on the device: reading it is a host sync."""
         value = (trainer.callback_metrics if metrics is None else metrics).get(name)
         if value is None:
             return None
         value = torch.as_tensor(value, dtype=torch.float32, device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             value = trainer.strategy.reduce(value, reduce_op="mean")
-        return float(value)
+        return value
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # put the new validation loss into the groups now, so a checkpoint written after this validation holds it
         if trainer.sanity_checking or self.signal_fns is not None:
             return
-        val = self._metric(trainer, self.val_metric)
+        value = self._metric(trainer, self.val_metric)
+        val = None if value is None else float(value)  # (a host sync per validation)
         for optimizer in trainer.optimizers:
             for group in getattr(optimizer, "param_groups", []):
                 if "grokking_signal_fns" in group and val is not None:
@@ -213,20 +216,28 @@ class GrokkingSignalCallback(Callback):
             values = [v for v in (fn() for fn in self.signal_fns) if v is not None]
             signal = sum(values) / len(values) if values else None
         else:
-            metrics = trainer.callback_metrics  # a property that builds a dict: read it once per step
-            train, val = (
-                self._metric(trainer, self.train_metric, metrics),
-                self._metric(trainer, self.val_metric, metrics),
-            )
+            # the validation loss went into the groups when validation ended (on_validation_end); the training loss
+            # is read at the step's one host sync (the package's verdict, before the optimizer steps), not apart
             for group in groups:
                 group["grokking_signal_fns"] = None
+            train = self._metric(trainer, self.train_metric)
+
+            def apply(value: float | None) -> None:
                 # keep the last value until a new one is logged: the groups travel in the optimizer's state_dict,
-                # so a resumed run uses the validation loss of before the interruption, as the uninterrupted one
-                if train is not None:
-                    group["train_loss"] = train
-                if val is not None:
-                    group["eval_loss"] = val
-            signal = grokking_signal(groups[0].get("train_loss"), groups[0].get("eval_loss"))
+                # so a resumed run uses the losses of before the interruption, as the uninterrupted one
+                if value is not None:
+                    for group in groups:
+                        group["train_loss"] = value
+                self._signal(pl_module, grokking_signal(groups[0].get("train_loss"), groups[0].get("eval_loss")))
+
+            if train is None:
+                apply(None)
+            else:
+                read_at_verdict(pl_module, train, apply)
+            return
+        self._signal(pl_module, signal)
+
+    def _signal(self, pl_module: L.LightningModule, signal: float | None) -> None:
         self.last_signal = signal
         if self.log_name and signal is not None:
             pl_module.log(self.log_name, float(signal), on_step=True, on_epoch=False, batch_size=1)  # (as grad_norm)

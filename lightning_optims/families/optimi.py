@@ -87,6 +87,7 @@ def _sharded_stable_adamw() -> type:
             if not group["setup"]:  # (what optimi's _init_group does at the first step)
                 group["setup"] = True
                 group["step"] = torch.tensor(0, dtype=torch.int32)
+                self.__dict__.setdefault("_host_steps", {})[id(group)] = 0
             for p in group["params"]:
                 self._init_state(group, self.state[p], p)
                 if self.state[p].get("kahan_comp") is not None:
@@ -107,7 +108,7 @@ def _sharded_stable_adamw() -> type:
                 if not params:
                     continue
                 group["step"].add_(1)
-                step = int(group["step"].item())
+                step = self._host_step(group)  # (its count on the host too: no host sync)
                 beta1_comp = 1 - debias_beta(group["beta1"], step)
                 beta2_hat = debias_beta(group["beta2"], step)
                 for p in params:
@@ -122,15 +123,27 @@ def _sharded_stable_adamw() -> type:
             )
             for (p, group, _grad, exp_avg, exp_avg_sq, _), ratio in zip(items, ratios):
                 rms = (ratio / p.numel()).sqrt()
-                lr = group["lr"] / max(1, rms.item())
+                # optimi's lr / max(1, rms) on the device, in float64 as Python computes it: no host sync, the same
+                # numbers (each factor rounds to fp32 where it meets the fp32 tensors, as a Python float does)
+                lr = group["lr"] / torch.clamp(rms.double(), min=1.0)
                 weights = local(p)
                 if group["weight_decay"] != 0:
                     if group["decouple_lr"]:
                         weights.mul_(1 - (lr / group["max_lr"]) * group["weight_decay"])
                     else:
                         weights.mul_(1 - lr * group["weight_decay"])
-                weights.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(group["eps"]), value=-lr)
+                weights.addcdiv_(exp_avg * -lr, exp_avg_sq.sqrt().add_(group["eps"]))  # (= value=-lr, rounded alike)
             return loss
+
+        def _host_step(self, group: dict[str, Any]) -> int:
+            steps = self.__dict__.setdefault("_host_steps", {})
+            key = id(group)
+            steps[key] = steps[key] + 1 if key in steps else int(group["step"])  # (else read once)
+            return steps[key]
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            super().load_state_dict(state_dict)
+            self._host_steps = {id(group): int(group["step"]) for group in self.param_groups}  # (read at load)
 
     ShardedStableAdamW.__module__, ShardedStableAdamW.__qualname__ = __name__, "ShardedStableAdamW"
     return ShardedStableAdamW
