@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -236,3 +237,27 @@ WEIGHTS_ONLY: dict[str, bool] = (
     if "weights_only" in inspect.signature(L.LightningModule.load_from_checkpoint).parameters
     else {}
 )
+
+
+_ERROR_LINE = re.compile(r"^(?:\[rank(\d+)\]:\s*)?[A-Za-z_][\w.]*(?:Error|Exception)\b(?::|$)")
+
+
+def launch_failure(stderr: str, tail: int = 3000) -> str:
+    """What a failed launch of several processes reports: the first error in its output (the traceback lines of the
+    same process before it), which is the cause, before the end of the output, which often shows a peer's consequence
+    ("Connection closed by peer", a collective's timeout)."""
+    lines = stderr.splitlines()
+    for at, line in enumerate(lines):
+        found = _ERROR_LINE.match(line)
+        if found is None:
+            continue
+        prefix = f"[rank{found.group(1)}]:" if found.group(1) else ""
+        start = at
+        while start > 0 and at - start < 40 and lines[start - 1].startswith(prefix) and lines[start - 1].strip():
+            start -= 1
+        block = "\n".join(lines[start : at + 1])
+        return (
+            f"first error (line {at + 1} of the output):\n{block}\n\n... the output's last {tail} characters:\n"
+            + (stderr[-tail:])
+        )
+    return stderr[-tail:]

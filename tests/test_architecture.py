@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lightning_optims import registry
-from tests.helpers import needs
+from tests.helpers import launch_failure, needs
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_optims"
@@ -392,7 +392,7 @@ def test_adding_a_family_by_the_steps(tmp_path):
         done = subprocess.run(
             [sys.executable, str(script), str(tmp_path), str(processes)], env=env, capture_output=True, text=True
         )
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, launch_failure(done.stderr)
     listed = subprocess.run(
         [sys.executable, "-c", "from lightning_optims import available_optimizers as a; print([r.name for r in a()])"],
         env=env,

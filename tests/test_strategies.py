@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStr
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_optims import available_optimizers, compat, get_spec, rules
-from tests.helpers import LlamaModule, lightning_trainer, loader, needs, tiny_llama
+from tests.helpers import LlamaModule, launch_failure, lightning_trainer, loader, needs, tiny_llama
 from tests.test_reliability import settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def _launch(out: Path, mode: str, runs: list[str]) -> None:
         text=True,
         timeout=1200,
     )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.returncode == 0, launch_failure(proc.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def layouts() -> dict:
     proc = subprocess.run(
         [sys.executable, str(LAYOUT_SCRIPT), *names], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, launch_failure(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

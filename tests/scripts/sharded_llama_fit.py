@@ -26,6 +26,7 @@ of a launch share its processes (one launch, many fits, as Lightning allows), in
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -59,6 +60,9 @@ STEPS_PER_EPOCH, EPOCHS, BATCH = 2, 2, 4  # BATCH: the combined batch of a step,
 # tests/gpu runs the same fits on CUDA (NCCL) with as many processes as there are devices; tests/test_sharded.py
 # also runs them on 1 FSDP2 process (resuming a checkpoint saved by 2, and saving one that 2 resume)
 ACCELERATOR = os.environ.get("SHARDED_TEST_ACCELERATOR", "cpu")
+# a collective that waits longer fails the launch (processes that disagree on a verdict would otherwise wait for gloo's
+# 30 minutes): the tests report the first error instead of hanging
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 PROCESSES = int(os.environ.get("SHARDED_TEST_PROCESSES", "2"))
 # fsdp2: fully_shard on the 1-D data-parallel mesh; hsdp: on a replicate x shard mesh of PROCESSES // 2 x 2 (the
 # replicate dimension first, as torch's init_device_mesh lays out nodes x GPUs per node); tp: tensor parallelism on
@@ -240,13 +244,29 @@ class ShardedAuxLlama(ShardedLlama):
 
 class NonFiniteOnLastProcess(ShardedLlama):
     """At global step 1 the last process's loss (``nan-loss``) or, its loss finite, its gradient (``nan-grad``: a hook
-    on the loss multiplies the gradient flowing back from it by NaN) is non-finite; the other processes' are not."""
+    on the loss multiplies the gradient flowing back from it by NaN) is non-finite; the other processes' are not.
+    ``nan-rows``: one element of the last process's unreduced gradient of :meth:`target`'s first row is inf (an
+    overflow in one row): after FSDP2's reduce-scatter only the process that holds that row has a non-finite
+    gradient, in that parameter alone."""
 
     def __init__(self, shard: bool, what: str, **kwargs) -> None:
         super().__init__(shard, **kwargs)
         self.what = what
 
+    def target(self) -> torch.nn.Module:
+        return self.model.model.layers[0].mlp.up_proj
+
     def training_step(self, batch, batch_idx):
+        last = self.trainer.global_rank == self.trainer.world_size - 1
+        if self.what == "nan-rows" and self.global_step == 1 and last:
+
+            def overflow(module, args):  # (FSDP2's pre-forward has put the unsharded weight in place)
+                handle.remove()
+                module.weight.register_hook(lambda grad: grad.index_fill(0, torch.tensor([0]), float("inf")))
+
+            handle = self.target().register_forward_pre_hook(overflow)
+        if self.what == "nan-rows":
+            return super().training_step(batch, batch_idx)
         loss = super().training_step(batch, batch_idx)
         if self.global_step == 1 and self.trainer.global_rank == self.trainer.world_size - 1:
             if self.what == "nan-loss":
@@ -269,6 +289,9 @@ class RecordFailure(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before = [p.clone() for p in self._parts(trainer)]
+        params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        target = pl_module.target().weight if hasattr(pl_module, "target") else None
+        self.target = next((i for i, p in enumerate(params) if p is target), None)
 
     def on_exception(self, trainer, pl_module, exception):
         now = self._parts(trainer)
@@ -278,6 +301,9 @@ class RecordFailure(Callback):
             "step": trainer.global_step,
             "finite": all(bool(torch.isfinite(p).all()) for p in now),
             "unchanged": all(torch.equal(a, b) for a, b in zip(self.before, now)),
+            "target_unchanged": None
+            if self.target is None
+            else torch.equal(self.before[self.target], now[self.target]),
         }
         self.path.with_suffix(f".failed.rank{trainer.global_rank}").write_text(json.dumps(record))
 
@@ -451,9 +477,11 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
         accumulate_grad_batches=DATA_PARALLEL if micro else 1,
         devices=PROCESSES if sharded else 1,
         strategy=(
-            "ddp"
+            DDPStrategy(timeout=COLLECTIVE_TIMEOUT)
             if LAYOUT == "ddp"
-            else ModelParallelStrategy(data_parallel_size=DATA_PARALLEL, tensor_parallel_size=TENSOR_PARALLEL)
+            else ModelParallelStrategy(
+                data_parallel_size=DATA_PARALLEL, tensor_parallel_size=TENSOR_PARALLEL, timeout=COLLECTIVE_TIMEOUT
+            )
         )
         if sharded
         else "auto",
