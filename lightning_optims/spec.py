@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from lightning_optims.optim_args import Arg
+from lightning_optims.warn import quiet_upstream_noise
 
 if TYPE_CHECKING:
     from torch import nn
@@ -183,7 +184,9 @@ class OptimizerSpec:
 
 
 def load(target: str) -> Any:
-    """The object a ``\"module:attribute\"`` string names (imported now)."""
+    """The object a ``\"module:attribute\"`` string names (imported now; upstream's known import noise kept off the
+    screen: :func:`~lightning_optims.warn.quiet_upstream_noise`)."""
+    quiet_upstream_noise()
     module_name, _, attribute = target.partition(":")
     obj: Any = importlib.import_module(module_name)
     for part in attribute.split("."):

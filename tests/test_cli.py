@@ -181,3 +181,43 @@ def test_migration_example():
     args = model.optimizer_arguments
     assert args.optim == "apollo_adamw" and args.parsed_optim_args["rank"] == 1
     assert model.trainer.global_step == 2
+
+
+# what a newcomer must not see on the first screen: upstream import noise (torchao's CUDA kernels and torch's pytree
+# note when transformers imports torchao; bitsandbytes' kernels-hub fallback), a progress bar counting to epoch -2
+NOISE = re.compile(r"Failed to load|is an Enum subclass|kernels-community|Epoch \d+/-\d|Traceback")
+
+
+def _first_screen(args: list[str], tmp_path: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args", [["fit", "--help"], ["fit", "--config", "adamw.yaml", "--print_config"]], ids=["help", "print_config"]
+)
+def test_help_and_print_config_open_without_noise(tmp_path, args):
+    args = [str(ROOT / "examples" / "configs" / a) if a.endswith(".yaml") else a for a in args]
+    out = _first_screen(args, tmp_path)
+    assert NOISE.search(out) is None, NOISE.search(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_every_config_trains_without_noise_on_the_first_screen(tmp_path, config):
+    """The example as a newcomer runs it (a short run, the progress bar on): no upstream noise, no negative epoch
+    count (Rich's bar shows max_epochs - 1, which is -2 when max_steps ends training)."""
+    out = _first_screen(
+        ["fit", "--config", str(config), "--trainer.max_steps=3", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        tmp_path,
+    )
+    assert "logs: " in out
+    assert NOISE.search(out) is None, (NOISE.search(out), out[-2000:])

@@ -34,6 +34,7 @@ from lightning_optims.families.projection import (
 )
 from lightning_optims.optim_args import Arg
 from lightning_optims.spec import BuildContext, OptimizerSpec, Sharding
+from lightning_optims.warn import quiet_upstream_noise
 
 __all__ = ["GALORE_ARGUMENTS", "SPECS", "GaLoreAdafactorPartStep", "GaLoreAdamWPartStep"]
 
@@ -72,6 +73,7 @@ def _galore_adafactor(ctx: BuildContext) -> dict:
 
 
 def _galore(name: str) -> type:
+    quiet_upstream_noise()  # (galore_torch imports bitsandbytes)
     upstream = getattr(importlib.import_module("galore_torch"), name)
     return type(
         name,
