@@ -40,7 +40,9 @@ __all__ = [
     "foreach_sub_",
     "installed_version",
     "is_shard",
+    "log_when_written",
     "logged_elsewhere",
+    "loggers_write_now",
     "missing",
     "saved_hparams",
     "shard_like",
@@ -289,6 +291,23 @@ def _post_backward_with_used_flags(group: Any, post_backward: Callable[..., Any]
 
 
 # -- Lightning: a module's trainer, fabric and saved hyper-parameters; the logging state (tested on 2.5.0, 2.6.6) --
+
+
+def loggers_write_now(trainer: Any) -> bool:
+    """Whether this training step's metrics reach the loggers: the Trainer has one, and its logger connector writes
+    at this step (every ``log_every_n_steps``, at the last step, always with ``fast_dev_run``). Lightning's
+    ``_logger_connector.should_update_logs``, tested on Lightning 2.5.0 and 2.6.6."""
+    if not trainer.loggers:
+        return False
+    return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
+def log_when_written(module: Any, name: str, value: Any) -> None:
+    """``module.log(name, value)`` for a value of every optimizer step, at the steps the loggers write it
+    (:func:`loggers_write_now`): what every logger receives is unchanged, and the steps between pay no ``self.log``
+    (transformers' Trainer logs ``grad_norm`` at its ``logging_steps`` alike)."""
+    if value is not None and loggers_write_now(module.trainer):
+        module.log(name, value, on_step=True, on_epoch=False, batch_size=1)  # (batch_size: see OptimizerMixin)
 
 
 def attached_trainer(module: Any) -> Any:

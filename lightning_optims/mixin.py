@@ -116,6 +116,7 @@ class OptimizerMixin(_MixinBase):
         """
         given = dict(locals())
         super().__init__(*args, **kwargs)
+        self.last_grad_norm: torch.Tensor | None = None  # (the last optimizer step's global gradient norm)
         self._built_optimizer: Any = None
         self._built_scheduler: Any = None
         self.optimizer_arguments = OptimizerArguments(**{name: given[name] for name in SETTINGS})
@@ -283,10 +284,10 @@ class OptimizerMixin(_MixinBase):
         return getattr(self.clip_gradients, "__func__", None) is not LightningModule.clip_gradients
 
     def _log_grad_norm(self, norm: torch.Tensor | None) -> None:
-        """``grad_norm`` at every optimizer step, through ``self.log``: every logger and the progress bar see it."""
-        if norm is not None:  # (batch_size: a step value is not averaged over batches; a training_step that takes the
-            # dataloader_iter gives Lightning no batch to infer it from, and it refuses the log without it)
-            self.log("grad_norm", norm.detach(), on_step=True, on_epoch=False, batch_size=1)
+        """Keep this step's ``grad_norm`` (:attr:`last_grad_norm`) and log it where the loggers write (batch_size 1:
+        a step value is not averaged; a ``dataloader_iter`` training_step leaves Lightning no batch to infer it)."""
+        self.last_grad_norm = None if norm is None else norm.detach()
+        compat.log_when_written(self, "grad_norm", self.last_grad_norm)
 
 
 for _name in SETTINGS:  # model.learning_rate, model.optim, ...: read and set through the validated settings

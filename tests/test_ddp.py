@@ -35,7 +35,7 @@ class SaveRankWeights(Callback):
         self.norms: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.norms.append(float(trainer.callback_metrics["grad_norm"]))
+        self.norms.append(float(pl_module.last_grad_norm))
 
     def on_fit_end(self, trainer, pl_module):
         torch.save(

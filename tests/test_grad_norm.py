@@ -33,13 +33,14 @@ OTHER_FAMILIES = [n for n in ("galore_adamw", "lion_32bit", "adamw_torch_8bit", 
 
 
 class RecordGradNorm(Callback):
-    """The ``grad_norm`` the module logged at each step, read where every logger and the progress bar read it."""
+    """The ``grad_norm`` the module measured at each step (``last_grad_norm``: what it logs where the loggers write,
+    ``test_grad_norm_reaches_the_loggers_at_the_steps_they_write``)."""
 
     def __init__(self) -> None:
         self.logged: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.logged.append(float(trainer.callback_metrics["grad_norm"]))
+        self.logged.append(float(pl_module.last_grad_norm))
 
 
 class PlainBackwardNorm(RecordGradNorm):
@@ -135,6 +136,7 @@ class KeysLogger(Logger):
     def __init__(self) -> None:
         super().__init__()
         self.keys: set[str] = set()
+        self.written: list[tuple[int | None, dict]] = []
 
     @property
     def name(self) -> str:
@@ -146,6 +148,7 @@ class KeysLogger(Logger):
 
     def log_metrics(self, metrics, step=None) -> None:
         self.keys.update(metrics)
+        self.written.append((step, dict(metrics)))
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
@@ -170,3 +173,27 @@ def test_learning_rate_monitor_keys_name_the_groups(settings, expected):
     trainer.fit(module, loader(BATCH))
     assert {k for k in logger.keys if k.startswith("lr-")} == expected
     assert "grad_norm" in logger.keys  # the logger receives it too
+
+
+class EveryNorm(Callback):
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.norms.append(float(pl_module.last_grad_norm))
+
+
+def test_grad_norm_reaches_the_loggers_at_the_steps_they_write():
+    """``grad_norm`` goes through ``self.log`` at the steps the loggers write (every ``log_every_n_steps``, as
+    transformers logs it at its ``logging_steps``), with that step's value; the steps between pay no ``self.log``
+    (without a logger: none at all), and ``last_grad_norm`` holds every step's value."""
+    logger, every = KeysLogger(), EveryNorm()
+    module = LlamaModule(model=tiny_llama(), learning_rate=1e-3)
+    lightning_trainer(6, logger=logger, log_every_n_steps=2, callbacks=[every]).fit(module, loader(BATCH))
+    written = [(step, metrics["grad_norm"]) for step, metrics in logger.written if "grad_norm" in metrics]
+    assert [step for step, _ in written] == [1, 3, 5]
+    assert [value for _, value in written] == [every.norms[1], every.norms[3], every.norms[5]]
+    quiet = LlamaModule(model=tiny_llama(), learning_rate=1e-3)
+    trainer = lightning_trainer(2)  # (no logger)
+    trainer.fit(quiet, loader(BATCH))
+    assert "grad_norm" not in trainer.callback_metrics and quiet.last_grad_norm is not None

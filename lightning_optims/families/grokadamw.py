@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_optims.compat import log_when_written
 from lightning_optims.distributed.placements import local
 from lightning_optims.distributed.sums import Along, ShardSums
 from lightning_optims.finite import read_at_verdict
@@ -240,7 +241,7 @@ class GrokkingSignalCallback(Callback):
     def _signal(self, pl_module: L.LightningModule, signal: float | None) -> None:
         self.last_signal = signal
         if self.log_name and signal is not None:
-            pl_module.log(self.log_name, float(signal), on_step=True, on_epoch=False, batch_size=1)  # (as grad_norm)
+            log_when_written(pl_module, self.log_name, float(signal))  # (as grad_norm: where the loggers write)
 
 
 # transformers' defaults (trainer_optimizer._get_grokadamw); transformers passes neither betas nor eps

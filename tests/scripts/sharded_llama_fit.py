@@ -379,7 +379,7 @@ class SaveFullWeights(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps += 1
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-            self.norms.append(float(trainer.callback_metrics["grad_norm"]))
+            self.norms.append(float(pl_module.last_grad_norm))
 
     def on_fit_end(self, trainer, pl_module):
         full = {
