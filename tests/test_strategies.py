@@ -88,6 +88,15 @@ def _weights(out: Path, name: str) -> dict:
     return torch.load(out / f"{name}.pt", weights_only=True)
 
 
+def _assert_same_grad_norms(a: dict, b: dict) -> None:
+    """The global gradient norm each run measured (and logged) at every step, within 1e-5 relative: the norm that
+    clips must span every parameter, on every mesh and plain (a norm that left some out, or added the meshes' norms
+    instead of their squares, is off by far more)."""
+    norms_a, norms_b = a.pop("grad_norms"), b.pop("grad_norms")
+    assert len(norms_a) == len(norms_b) > 0
+    torch.testing.assert_close(norms_a, norms_b, rtol=1e-5, atol=0)
+
+
 def _refusal(out: Path, name: str) -> str:
     """The one message with which both processes stopped; nothing written."""
     errors = [path.read_text() for path in sorted(out.glob(f"{name}.error.rank*"))]
@@ -101,6 +110,7 @@ def _refusal(out: Path, name: str) -> str:
 @pytest.mark.parametrize("name", SHARDED_EQUAL)
 def test_model_parallel_two_cpu_processes_equal_one(model_parallel_runs, name):
     a, b = _weights(model_parallel_runs, f"sharded-{name}"), _weights(model_parallel_runs, f"single-{name}")
+    _assert_same_grad_norms(a, b)
     assert a.keys() == b.keys()
     for key in b:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=lambda m, key=key: f"{name} {key}: {m}")
@@ -286,6 +296,7 @@ def test_tensor_parallel_with_plain_parameters_clips_the_global_norm_and_equals_
     """Only two layers parallelised (ColwiseParallel, RowwiseParallel), the LayerNorm and the last layer left plain
     tensors, max_grad_norm=1.0: the norm spans both meshes (torch's clipping crashes on the mix)."""
     a, b = _weights(model_parallel_runs, f"tp-{name}"), _weights(model_parallel_runs, f"single-{name}")
+    _assert_same_grad_norms(a, b)
     assert a.keys() == b.keys()
     for key in a:  # (measured 4.5e-8 for AdamW: the row-parallel layer sums its two halves in another order)
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")

@@ -63,14 +63,22 @@ class ShardedMLP(OptimizerMixin, L.LightningModule):
 
 
 class SaveFullWeights(Callback):
+    """The full weights at the end, and (``grad_norms``) the global gradient norm the module measured at each step."""
+
     def __init__(self, path: str) -> None:
         self.path = path
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.last_grad_norm is not None:
+            self.norms.append(float(pl_module.last_grad_norm))
 
     def on_fit_end(self, trainer, pl_module):
         full = {
             k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
             for k, v in pl_module.state_dict().items()
         }
+        full["grad_norms"] = torch.tensor(self.norms, dtype=torch.float64)
         if trainer.is_global_zero:
             torch.save(full, self.path)
 
