@@ -33,6 +33,7 @@ from lightning_optims.distributed.layout import plain_data_parallel
 from lightning_optims.errors import NonFiniteGradientError, NonFiniteLossError
 
 __all__ = [
+    "after_backward",
     "before_backward",
     "check_loss",
     "defer_loss",
@@ -95,6 +96,13 @@ def norm_verdict(module: Any, norm: torch.Tensor, checked: bool = True) -> None:
             ),
         )
     gradients_were_finite(module)
+
+
+def after_backward(module: Any, optimizer: Any) -> None:
+    """A layer-wise engine's steps in backward where no verdict follows (manual optimization): its verdict now, so a
+    non-finite gradient it skipped on the device is not passed over."""
+    if hasattr(optimizer, "nonfinite") and not verdict_follows(module):
+        layerwise_verdict(module, optimizer)
 
 
 def layerwise_verdict(module: Any, engine: Any) -> None:

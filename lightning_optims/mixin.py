@@ -154,8 +154,6 @@ class OptimizerMixin(_MixinBase):
         """The module whose parameters are optimized and whose module names the settings refer to."""
         return self
 
-    # -- Lightning hooks ------------------------------------------------------------------------------------------
-
     @property
     def trainer(self) -> Any:
         return next_trainer_property(type(self)).__get__(self)
@@ -240,6 +238,7 @@ class OptimizerMixin(_MixinBase):
             if check and not anomaly:  # (read at the step's verdict where one follows, else now)
                 finite.before_backward(self, loss, optimizer)
             super().backward(loss, *args, **kwargs)
+            finite.after_backward(self, optimizer)
         if check and anomaly:
             finite.check_loss(self, loss, "after backward, where anomaly detection reported nothing")
 

@@ -199,3 +199,31 @@ def test_exception_in_validation_leaves_a_consistent_state(name, exception):
     trainer2 = lightning_trainer(2)
     trainer2.fit(module, loader())
     assert trainer2.global_step == 2 and all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class ManualNonFiniteGradient(LlamaModule):
+    """Manual optimization; at the second step a hook makes every gradient NaN (the loss stays finite)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = self.model(**batch).loss
+        if batch_idx == 1:
+            loss.register_hook(lambda grad: grad * float("nan"))
+        self.manual_backward(loss)
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+
+@pytest.mark.parametrize("name", [n for n in USABLE if get_spec(n).layerwise])
+def test_a_layerwise_non_finite_gradient_in_manual_optimization_is_not_passed_over(name):
+    """A layer-wise engine skips a non-finite gradient on the device and its verdict raises; in manual optimization,
+    where no clipping hook follows, the verdict comes right after backward (it was passed over silently before)."""
+    module = ManualNonFiniteGradient(model=tiny_llama(), **settings(name, lr_scheduler_type="constant"))
+    with pytest.raises(NonFiniteGradientError, match="layer-wise"):
+        lightning_trainer(3).fit(module, loader(n=8))
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
