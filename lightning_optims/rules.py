@@ -343,18 +343,14 @@ def plain_and_distributed_tensors_in_one_kernel(fit: Fit) -> str | None:
     schedule-free): torch refuses the mix at the first step."""
     from torch.distributed.tensor import DTensor
 
-    if fit.spec.sharding is None or not fit.spec.sharding.one_kernel_per_group:
+    if not fit.spec.one_kernel_per_group:
         return None
     params = [(n, p) for n, p in fit.module.optimized_module().named_parameters() if p.requires_grad]
     plain = [n for n, p in params if not isinstance(p, DTensor)]
     if not plain or len(plain) == len(params):
         return None
     distributed = next(n for n, p in params if isinstance(p, DTensor))
-    others = [
-        n
-        for n in registered_names()
-        if get_spec(n).elementwise and not cast(Any, get_spec(n).sharding).one_kernel_per_group
-    ]
+    others = [n for n in registered_names() if get_spec(n).elementwise and not get_spec(n).one_kernel_per_group]
     return (
         f"optim={fit.spec.name!r} steps each param group with one fused / foreach kernel, and this model mixes "
         f"DTensors ({distributed!r}, ...) with {len(plain)} plain tensors ({plain[0]!r}, ...) that tensor "

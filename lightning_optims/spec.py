@@ -145,6 +145,11 @@ class OptimizerSpec:
         return self.sharding is not None and self.sharding.how == "elementwise"
 
     @property
+    def one_kernel_per_group(self) -> bool:
+        """Its step runs one foreach / fused kernel over each param group (see :class:`Sharding`)."""
+        return self.sharding is not None and self.sharding.one_kernel_per_group
+
+    @property
     def runs_sharded(self) -> bool:
         """It runs under ModelParallelStrategy (FSDP2) with the numbers of one device through a sharded step of its
         own (besides the elementwise ones, which need none)."""

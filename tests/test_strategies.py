@@ -278,9 +278,7 @@ def test_each_layout_is_named_and_what_cannot_run_on_it_is_refused(layouts, layo
     if layout != "tp" and gloo and found["message"] and "ModelParallelStrategy on the CPU" in found["message"]:
         assert f"ModelParallelStrategy on the CPU with fully_shard: {gloo}" in found["message"]
         assert rules._runs_on(get_spec(name), LAYOUT_NAMES[layout])  # (what would run here is refused for torch)
-    elif layout == "tp" and getattr(
-        get_spec(name).sharding, "one_kernel_per_group", False
-    ):  # (the embeddings, norms and head: plain tensors)
+    elif layout == "tp" and get_spec(name).one_kernel_per_group:  # (the embeddings, norms and head: plain tensors)
         assert found["message"].startswith(f"MisconfigurationException: optim={name!r} steps each param group with")
     elif rules._runs_on(get_spec(name), LAYOUT_NAMES[layout]):
         assert found["message"] is None  # (on 2 and 4 processes: tests/test_sharded.py)

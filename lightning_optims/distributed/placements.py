@@ -117,9 +117,8 @@ def state_along(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         for pl in cast(list[Any], p.placements)
     ]
     zeros = torch.zeros(local_shape, dtype=torch.float32, device=part.device)
-    strides = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(
-        zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=strides
+        zeros, p.device_mesh, placements, run_check=False, shape=torch.Size(shape), stride=contiguous_strides(shape)
     )
 
 

@@ -233,17 +233,14 @@ class InBackwardOptimizer(torch.optim.Optimizer):
                 ok = ok & used
             if self._world == 1:
                 ok = ok & self._loss_ok
-            self._ok = self._ok & (ok | ~self._present(params, used)).all()
+            # (a parameter unused under DDP is skipped, not an error)
+            self._ok = self._ok & (ok if used is None else ok | ~used).all()
             grads = [torch.where(ok[i], g, 0.0) for i, g in enumerate(grads)]
-        else:
-            ok = torch.ones(len(params), dtype=torch.bool, device=grads[0].device) if used is None else used
+            flags: torch.Tensor | None = ok
+        else:  # (the norm pass found every gradient finite: only DDP's unused parameters are skipped)
+            flags = used
         with torch.no_grad():
-            self._update_bucket(params, grads, ok)
-
-    def _present(self, params: list[torch.Tensor], used: torch.Tensor | None) -> torch.Tensor:
-        """Whether each parameter had a gradient here (under DDP: on some process): an unused one is skipped, not an
-        error."""
-        return torch.ones(len(params), dtype=torch.bool, device=self._device) if used is None else used
+            self._update_bucket(params, grads, flags)
 
     def _finite(self, params: list[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
         """Each parameter's gradient finite, over the whole tensor: this process's norm, or, for sharded parameters,
@@ -255,18 +252,18 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         parts, unpack = self._per_param(params, (~finite).to(torch.float32))
         return unpack(self._sums(parts)) == 0
 
-    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor) -> None:
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor | None) -> None:
         """Apply the fp32 ``grads`` (unscaled) to ``params``: the update method every in-backward optimizer
         implements, for a bucket at once. ``ok`` (bools on the device, one per parameter) says which to update: the
         gradient of one whose flag is false is zeros here (it was non-finite, or unused), and the parameter and its
-        state must end as they were, without a host sync (``torch.where``). Under FSDP2 the buckets are cut at the
-        same parameters on every process, so a collective issued per bucket (``_sums``) lines up across
-        processes."""
+        state must end as they were, without a host sync (``torch.where``); ``None``: every one (known on the host).
+        Under FSDP2 the buckets are cut at the same parameters on every process, so a collective issued per bucket
+        (``_sums``) lines up across processes."""
         raise NotImplementedError
 
     def _by_group(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor
-    ) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor], torch.Tensor]]:
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor | None
+    ) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]]:
         """The bucket split by param group (each group has its own lr and settings), in the bucket's order, with each
         parameter's flag."""
         by_group: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[int]]] = {}
@@ -275,10 +272,10 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             ps.append(p)
             gs.append(g)
             at.append(i)
-        return [(self.param_groups[i], ps, gs, ok[at]) for i, (ps, gs, at) in by_group.items()]
+        return [(self.param_groups[i], ps, gs, None if ok is None else ok[at]) for i, (ps, gs, at) in by_group.items()]
 
     def _clip(self, grads: list[torch.Tensor], group: dict[str, Any]) -> None:
-        """lomo_optim's clipping of each gradient: by value (``clip_grad_value``), then by the global norm's factor."""
+        """Each gradient clipped by value (``clip_grad_value``), then by the global norm's factor."""
         value = group["clip_grad_value"]
         if value is not None and value > 0:
             foreach_clamp_min_(grads, -value)
@@ -321,14 +318,14 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         return 1.0
 
     def _before_backward(self) -> None:
-        """Per-step bookkeeping before the gradients arrive (AdaLomo's step count)."""
+        """Per-step bookkeeping before the gradients arrive (a step count)."""
 
     def fused_backward(self, loss: torch.Tensor, lr: float | None = None) -> None:
         """Backward through ``loss``, updating each parameter when its gradient is ready.
 
-        ``lr`` (optional, for ``lomo_optim`` compatibility) overrides every group's learning rate; otherwise the
-        groups' ``lr`` (what a scheduler set) is applied. With ``clip_grad_norm`` a first backward pass computes the
-        global gradient norm (LOMO's two-pass clipping), which needs ``retain_graph``.
+        ``lr`` (optional, as upstream's ``fused_backward`` takes it) overrides every group's learning rate; otherwise
+        the groups' ``lr`` (what a scheduler set) is applied. With ``clip_grad_norm`` a first backward pass computes the
+        global gradient norm (two-pass clipping), which needs ``retain_graph``.
         """
         if lr is not None:
             for group in self.param_groups:

@@ -173,9 +173,8 @@ class LayerwiseOptimizer(StepHooks, torch.optim.Optimizer):
         """Step ``param`` in its hook, on the device whatever its gradient: a non-finite one (or a non-finite loss)
         is zeros for the step, which :class:`Undo` then undoes; the step's verdict raises after backward."""
         if param.grad is not None:
-            norm = self._measure(param.grad)
-            # (a finite gradient whose fp32 norm overflows is still finite: its elements decide then)
-            ok = torch.isfinite(norm) | torch.isfinite(param.grad).all()
+            self._measure(param.grad)
+            ok = torch.isfinite(param.grad).all()  # (its elements: a finite gradient's fp32 norm may overflow)
             if self._loss_ok is not None:
                 ok = ok & self._loss_ok
             self._flag(~ok)

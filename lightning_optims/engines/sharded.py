@@ -211,7 +211,7 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch's load_state_dict rebuilds containers value by value (a str character by character) and casts every
         # tensor but "step" to the parameter's dtype: give it the sharded tensors only and put the other values
-        # (numbers, strings, 0-d tensors such as optimi's step count) back as they are
+        # (numbers, strings, 0-d tensors such as a step count) back as they are
         plain: dict[Any, dict[str, Any]] = {}
         state: dict[Any, dict[str, Any]] = {}
         for index, entry in state_dict["state"].items():

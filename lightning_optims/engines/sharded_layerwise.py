@@ -30,7 +30,7 @@ class ShardedLayerwiseOptimizer(StepHooks, ShardedStepOptimizer):
     finish after backward. A gradient is freed when its step ends: no gradient outlives its FSDP group by more than the
     rounds of its step (two or three groups' gradients at a time), where on one device none outlives its parameter.
     Without that signal (the optimizer used outside ``OptimizerMixin``) each parameter steps in its own hook. Each
-    parameter is its own optimizer's only one (APOLLO's seed is 1, as in transformers' layer-wise construction); the
+    parameter is its own optimizer's only one (its position is 1, as in transformers' layer-wise construction); the
     learning rate is its group's (a scheduler drives every group alike)."""
 
     def __init__(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -228,7 +228,7 @@ class Lomo(InBackwardOptimizer):
             return
         self.loss_scaler.overflowed(self.steps_taken)
 
-    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor) -> None:
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor | None) -> None:
         """lomo_optim's per-parameter update, for a bucket at once (foreach ops: same arithmetic, fewer calls). A
         parameter whose flag is false (its gradient zeros here) keeps its value: no decay, nothing added."""
         for group, ps, gs, oks in self._by_group(params, grads, ok):
@@ -236,7 +236,9 @@ class Lomo(InBackwardOptimizer):
             lr, wd = group["lr"], group["weight_decay"]
             locals_ = [local(p).detach() for p in ps]
             targets = [t if t.dtype == torch.float32 else t.to(torch.float32) for t in locals_]
-            if wd > 0.0:
+            if wd > 0.0 and oks is None:
+                foreach_mul_(targets, 1.0 - lr * wd)
+            elif wd > 0.0 and oks is not None:
                 foreach_mul_(targets, list(torch.where(oks, 1.0 - lr * wd, 1.0).unbind()))
             foreach_add_(targets, gs, alpha=-lr)
             for part, t in zip(locals_, targets):
@@ -293,7 +295,7 @@ class AdaLomo(InBackwardOptimizer):
         elif "exp_avg_sq" not in state:
             state["exp_avg_sq"] = state_along(p, (0,)) if p.dim() == 1 else state_replicated(p, (1,))
 
-    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor) -> None:
+    def _update_bucket(self, params: list[torch.Tensor], grads: list[torch.Tensor], ok: torch.Tensor | None) -> None:
         """lomo_optim's AdaLomo update, for a bucket at once: elementwise work with foreach ops over the bucket, the
         row and column statistics per matrix. Under FSDP2 each ``p`` is sharded on dim 0 and its gradient is this
         process's rows: the row statistics are local; the column sums, the sums of the row statistics and the
@@ -324,11 +326,11 @@ class AdaLomo(InBackwardOptimizer):
             reps = [ps[idx[0]] for idx in shapes]
             rows = [[local(self.state[ps[i]]["exp_avg_sq_row"]) for i in idx] for idx in shapes]
             cols = [[local(self.state[ps[i]]["exp_avg_sq_col"]) for i in idx] for idx in shapes]
-            kept = [
+            kept = [  # (only where a flag may be false)
                 (local(value), local(value).clone(), i)
                 for i, p in enumerate(ps)
                 for value in self.state[p].values()
-                if isinstance(value, torch.Tensor)
+                if oks is not None and isinstance(value, torch.Tensor)
             ]
             # the row means: local where the columns are whole (FSDP2, HSDP, column-parallel weights); where they
             # are split (row-parallel weights) a first collective sums them
@@ -370,11 +372,12 @@ class AdaLomo(InBackwardOptimizer):
             foreach_div_(updates, list(clip.unbind()))
             lrs = group["lr"] * (p_norms / sqrt_numel).clamp_(min=eps_scale)
             if group["weight_decay"] > 0.0:
-                foreach_mul_(weights, list(torch.where(oks, 1.0 - lrs * group["weight_decay"], 1.0).unbind()))
+                decay = 1.0 - lrs * group["weight_decay"]
+                foreach_mul_(weights, list((decay if oks is None else torch.where(oks, decay, 1.0)).unbind()))
             foreach_mul_(updates, list(lrs.unbind()))
             foreach_sub_(weights, updates)
             for now, before, i in kept:  # (the statistics of a parameter whose flag is false, as they were)
-                now.copy_(torch.where(oks[i], now, before))
+                now.copy_(torch.where(cast(torch.Tensor, oks)[i], now, before))
             for part, w in zip(locals_, weights):
                 if w.data_ptr() != part.data_ptr():
                     part.copy_(w)
