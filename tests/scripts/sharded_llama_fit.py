@@ -79,6 +79,8 @@ PLAN = {
 }
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
 LOSS_SCALE = float(os.environ.get("SHARDED_TEST_LOSS_SCALE", "1"))
+# the reference of a run (OUT/NAME) replays its SVDs (Replay)
+REPLAY_SVDS = os.environ.get("SHARDED_TEST_REPLAY_SVDS", "")
 SVD = "proj=svd,rank=2,update_proj_gap=2"  # APOLLO with GaLore's projections (the SVD of the gradient)
 
 
@@ -425,6 +427,32 @@ def alone(part) -> torch.Tensor:
     return whole
 
 
+class Replay:
+    """The one-process reference of a run whose SVDs it replays (``SHARDED_TEST_REPLAY_SVDS``: that run's
+    ``OUT/NAME``): each SVD this process would take returns instead the one a process of that run took of the nearest
+    matrix of the same shape (its ``NAME.svd-io.rankR.pt``), and notes the distance between the two matrices (the
+    Frobenius norm of the difference over the recorded matrix's). The SVD of a gradient whose singular values lie
+    close amplifies a difference of rounding in its input into one of its singular vectors; with the same
+    projections, the reference and the run differ by their rounding alone, whatever the machine's kernels."""
+
+    def __init__(self, run: Path) -> None:
+        self.records = [
+            record
+            for path in sorted(run.parent.glob(f"{run.name}.svd-io.rank*.pt"))
+            for record in torch.load(path, weights_only=True)
+        ]
+        self.distances: list[float] = []
+
+    def svd(self, matrix: torch.Tensor):
+        mine = matrix.detach().cpu()
+        same = [r for r in self.records if r["input"].shape == mine.shape]
+        assert same, f"no SVD of a {tuple(mine.shape)} matrix was recorded"
+        gaps = [float((r["input"] - mine).norm() / r["input"].norm()) for r in same]
+        nearest = min(range(len(same)), key=gaps.__getitem__)
+        self.distances.append(gaps[nearest])
+        return torch.return_types.linalg_svd([t.to(matrix.device) for t in same[nearest]["output"]])
+
+
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims import get_spec, mixin
     from lightning_optims.distributed.owners import ToOwner
@@ -515,11 +543,16 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
             sampler=DataParallelSampler(n),
             collate_fn=default_data_collator,
         )
-    svd, svds = torch.linalg.svd, []
+    svd, svds, taken = torch.linalg.svd, [], []
+    replay = Replay(Path(REPLAY_SVDS)) if REPLAY_SVDS and not sharded else None
 
     def counted_svd(matrix, *args, **kwargs):  # (the SVDs this process takes, their shapes: a renewal's)
         svds.append(list(matrix.shape))
-        return svd(matrix, *args, **kwargs)
+        if replay is not None:
+            return replay.svd(matrix)
+        result = svd(matrix, *args, **kwargs)
+        taken.append({"input": matrix.detach().cpu().clone(), "output": [t.detach().cpu().clone() for t in result]})
+        return result
 
     torch.linalg.svd = counted_svd
     try:
@@ -530,6 +563,10 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     finally:
         torch.linalg.svd = svd
         (out / f"{name}.svds.rank{trainer.global_rank}").write_text(json.dumps(svds))
+        if taken:
+            torch.save(taken, out / f"{name}.svd-io.rank{trainer.global_rank}.pt")
+        if replay is not None:
+            (out / f"{name}.replayed").write_text(json.dumps(replay.distances))
         mixin.sync_unused_parameters = sync_unused
         ShardedStepOptimizer._step, ShardSums.sums = step_param, shard_sums
         if part_step_cls is not None:
