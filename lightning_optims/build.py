@@ -18,6 +18,7 @@ from lightning_optims.engines.sharded_layerwise import ShardedLayerwiseOptimizer
 from lightning_optims.optim_args import OptimizerSettingError
 from lightning_optims.param_groups import (
     all_params_group,
+    decay_and_target_groups,
     decay_param_groups,
     low_rank_param_groups,
     target_parameter_names,
@@ -47,14 +48,19 @@ def create_optimizer(
     params: Any
     if spec.params == "decay_groups":
         params = decay_param_groups(model, args.weight_decay)
-    elif spec.params == "low_rank":
+    elif spec.needs_target_modules:
         assert spec.target_group_kwargs is not None  # register() guarantees it
         target_kwargs = spec.target_group_kwargs(ctx)
         targets = args.optim_target_modules
         assert targets is not None  # OptimizerArguments refuses a low-rank optim without optim_target_modules
         names = target_parameter_names(model, targets, spec.name)
-        params = low_rank_param_groups(model, names, target_kwargs)
-        _warn_if_rank_too_large(params[1], spec.name)
+        if spec.refine_targets is not None:
+            names = spec.refine_targets(model, names)
+        if spec.params == "low_rank":
+            params = low_rank_param_groups(model, names, target_kwargs)
+            _warn_if_rank_too_large(params[1], spec.name)
+        else:
+            params = decay_and_target_groups(model, names, target_kwargs, args.weight_decay)
         named = dict(model.named_parameters())
         if spec.check_targets is not None and (
             problem := spec.check_targets(target_kwargs, [(n, tuple(named[n].shape)) for n in names])
@@ -77,7 +83,7 @@ def create_optimizer(
         optimizer = build_layerwise(optimizer_cls, params, kwargs)
     else:
         optimizer = optimizer_cls(params, **kwargs)
-    if spec.params == "low_rank":
+    if spec.needs_target_modules:
         optimizer.low_rank_targets = low_rank_targets
     if spec.post_build is not None:
         spec.post_build(optimizer, ctx)

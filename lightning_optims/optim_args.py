@@ -54,6 +54,12 @@ class Arg:
             value = float(value)
         elif self.type is str:
             raise OptimizerSettingError(f"{where}: expected a string")
+        elif self.type is tuple:  # (a YAML list)
+            if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+                raise OptimizerSettingError(f"{where}: expected numbers, as a list or as a:b:c")
+            value = tuple(float(v) for v in value)
+        if self.type is tuple and self.default is not None and len(value) != len(self.default):
+            raise OptimizerSettingError(f"{where}: expected {len(self.default)} numbers")
         if self.type is float and not math.isfinite(value):
             raise OptimizerSettingError(f"{where}: expected a finite number")
         if self.choices is not None and value not in self.choices:
@@ -87,7 +93,19 @@ class Arg:
                 return float(text)
             except ValueError:
                 raise OptimizerSettingError(f"{where}: expected a number") from None
+        if self.type is tuple:  # ("a:b:c": commas separate optim_args' pairs)
+            try:
+                numbers = tuple(float(item) for item in text.split(":"))
+            except ValueError:
+                raise OptimizerSettingError(f"{where}: expected numbers separated by ':', such as 1.5:-2:0.5") from None
+            if not all(math.isfinite(x) for x in numbers):
+                raise OptimizerSettingError(f"{where}: expected finite numbers")
+            return numbers
         raise TypeError(f"unsupported Arg type {self.type!r}")  # a registry bug, not user input
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def closest(name: str, candidates: list[str] | tuple[str, ...]) -> str:

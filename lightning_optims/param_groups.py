@@ -83,6 +83,35 @@ def low_rank_param_groups(
     ]
 
 
+def decay_and_target_groups(
+    model: nn.Module, target_names: list[str], target_group_kwargs: dict[str, Any], weight_decay: float
+) -> list[dict[str, Any]]:
+    """``[decay, no_decay, targets]``: the non-target parameters in the decay / no-decay groups of
+    :func:`decay_param_groups`, the targets in a group with ``weight_decay`` and ``target_group_kwargs`` (its name
+    ``targets`` unless they name it); trainable parameters only."""
+    targets = set(target_names)
+    decay = set(decay_parameter_names(model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {
+            "params": [p for n, p in named if n in decay and n not in targets],
+            "weight_decay": weight_decay,
+            "name": "decay",
+        },
+        {
+            "params": [p for n, p in named if n not in decay and n not in targets],
+            "weight_decay": 0.0,
+            "name": "no_decay",
+        },
+        {
+            "name": "targets",
+            "params": [p for n, p in named if n in targets],
+            "weight_decay": weight_decay,
+            **target_group_kwargs,
+        },
+    ]
+
+
 def all_params_group(model: nn.Module) -> list[dict[str, Any]]:
     """One group of every trainable parameter (a frozen one is in no group), named ``all``."""
     return [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
@@ -99,7 +128,7 @@ def split_added_group(group: dict[str, Any], low_rank_targets: Any) -> list[dict
     """
     params = group["params"]
     params = [params] if isinstance(params, torch.Tensor) else list(params)
-    if low_rank_targets is None or "rank" in group:
+    if low_rank_targets is None or any(key in group for key in low_rank_targets[1] if key != "name"):
         return [{**group, "params": params}]
     targets, options = low_rank_targets
     target_ids = {id(p) for p in targets}

@@ -18,6 +18,7 @@ from lightning_optims.families import (
     galore,
     grokadamw,
     lomo,
+    muon,
     optimi,
     schedule_free,
     torch_native,
@@ -36,7 +37,19 @@ __all__ = [
 ]
 
 #: the family modules whose ``SPECS`` are registered
-FAMILIES = (torch_native, adafactor, apollo, galore, grokadamw, lomo, optimi, schedule_free, bitsandbytes, torchao)
+FAMILIES = (
+    torch_native,
+    adafactor,
+    apollo,
+    galore,
+    grokadamw,
+    lomo,
+    muon,
+    optimi,
+    schedule_free,
+    bitsandbytes,
+    torchao,
+)
 
 _REGISTRY: dict[str, OptimizerSpec] = {}
 _loaded = False

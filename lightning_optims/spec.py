@@ -97,7 +97,9 @@ class OptimizerSpec:
         kwargs: optimizer keyword arguments (besides ``lr``) from the settings, as transformers' handler builds them.
         target_group_kwargs: for low-rank optimizers, the keyword arguments of the target-module group.
         params: how parameters are handed over: ``decay_groups`` (transformers' decay / no-decay groups),
-            ``low_rank`` (``[non-target, target + target_group_kwargs]``) or ``model`` (LOMO takes the model).
+            ``low_rank`` (``[non-target, target + target_group_kwargs]``), ``decay_and_targets`` (the decay / no-decay
+            groups of the non-target parameters, then ``target + target_group_kwargs``) or ``model`` (LOMO takes the
+            model).
         uses: the general settings (``adam_beta1`` ... ``weight_decay``) that reach this optimizer in transformers;
             a non-default value of any other one is refused instead of being silently dropped.
         packages: import names that must be importable.
@@ -112,6 +114,8 @@ class OptimizerSpec:
             ``(name, shape)`` of each target matrix when the optimizer is built (when ``fit`` starts): a message where
             upstream's step cannot take these options on one of them (a shape error at its first step), else ``None``;
             the message is raised as an :class:`~lightning_optims.optim_args.OptimizerSettingError`.
+        refine_targets: called with the model and the names of the parameters ``optim_target_modules`` selected;
+            returns those the optimizer takes (a warning names any it leaves to the other groups).
         post_build: called with the new optimizer, for set-up transformers does after construction.
         callbacks: ``"module:Class"`` of the Lightning callbacks this optimizer needs at run time (the mixin adds
             each one unless the Trainer already has one of that class).
@@ -125,7 +129,7 @@ class OptimizerSpec:
     optim_args_need: str | None = None
     kwargs: Callable[[BuildContext], dict[str, Any]] = _no_kwargs
     target_group_kwargs: Callable[[BuildContext], dict[str, Any]] | None = None
-    params: Literal["decay_groups", "low_rank", "model"] = "decay_groups"
+    params: Literal["decay_groups", "low_rank", "decay_and_targets", "model"] = "decay_groups"
     uses: frozenset[str] = field(default_factory=frozenset)
     packages: tuple[str, ...] = ()
     extra: str | None = None
@@ -135,6 +139,7 @@ class OptimizerSpec:
     layerwise: bool = False
     sharding: Sharding | None = None
     check_targets: Callable[[dict[str, Any], list[tuple[str, tuple[int, ...]]]], str | None] | None = None
+    refine_targets: Callable[[nn.Module, list[str]], list[str]] | None = None
     post_build: Callable[[Any, BuildContext], None] | None = None
     callbacks: tuple[str, ...] = ()
     description: str = ""
@@ -157,7 +162,7 @@ class OptimizerSpec:
 
     @property
     def needs_target_modules(self) -> bool:
-        return self.params == "low_rank"
+        return self.params in ("low_rank", "decay_and_targets")
 
     @property
     def needs_model(self) -> bool:

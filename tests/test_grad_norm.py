@@ -107,7 +107,9 @@ def test_grad_norm_equals_a_plain_backward(tmp_path, name, max_grad_norm):
     settings = {"optim": name, "learning_rate": 1e-2, "max_grad_norm": max_grad_norm}
     spec = get_spec(name)
     if spec.needs_target_modules:
-        settings.update(optim_target_modules="all-linear", optim_args="rank=2,update_proj_gap=2")
+        settings.update(optim_target_modules="all-linear")
+    if spec.params == "low_rank":
+        settings.update(optim_args="rank=2,update_proj_gap=2")
     record = PlainBackwardNorm()
     module = fit_ours(settings, record)
     assert len(record.logged) == len(record.expected) == STEPS

@@ -29,7 +29,9 @@ from tests.helpers import (
     tiny_llama,
 )
 
-USABLE = [r.name for r in available_optimizers() if r.usable]
+# names of this package alone: transformers' Trainer has no such optim (tests/test_muon.py compares with torch's)
+OURS_ONLY = {"muon"}
+USABLE = [r.name for r in available_optimizers() if r.usable and r.name not in OURS_ONLY]
 MISSING = [r for r in available_optimizers() if not r.usable]
 
 OPTIM_ARGS = {
@@ -113,13 +115,22 @@ def test_every_transformers_name_is_registered_or_explained():
         assert member.value in registered or member.value in not_here, member.value
 
 
+def test_the_names_of_this_package_alone_are_not_transformers_names():
+    """``muon`` is a name of this package: the day transformers' ``OptimizerNames`` has it, this fails, and the
+    package follows the Trainer's semantics for it (its parity tests then cover it)."""
+    from transformers.training_args import OptimizerNames
+
+    registered = {r.name for r in available_optimizers()}
+    assert registered - {member.value for member in OptimizerNames} == OURS_ONLY
+
+
 def test_missing_packages_are_listed():
     """The names these parity tests cannot check here are listed (in the output) with a reason, and the reason is
     true: the package it names is not importable, or it needs CUDA and there is none; every other name is checked."""
     print("optimizers not usable here:", [(r.name, r.reason) for r in MISSING] or "none")
     for row in MISSING:
         assert_unavailable_for_its_reason(row.name, row.reason)
-    assert {r.name for r in available_optimizers()} == set(USABLE) | {r.name for r in MISSING}
+    assert {r.name for r in available_optimizers()} == set(USABLE) | {r.name for r in MISSING} | OURS_ONLY
     assert not set(USABLE) & {r.name for r in MISSING}
 
 

@@ -53,7 +53,8 @@ def settings(name: str, **overrides) -> dict:
     s: dict = {"optim": name, "learning_rate": 1e-2}
     if spec.needs_target_modules:
         s["optim_target_modules"] = "all-linear"
-        s["optim_args"] = "rank=2,update_proj_gap=2"
+        if spec.params == "low_rank":
+            s["optim_args"] = "rank=2,update_proj_gap=2"
     if spec.layerwise:
         s["max_grad_norm"] = 0.0
     if spec.has_train_eval_modes:

@@ -1,10 +1,12 @@
 """Whole matrices on one owner: a process's block sent to the process that needs the whole matrix (a projection
-renewal's SVD, an orthogonalization), and the deal that says which process owns which matrix.
+renewal's SVD, an orthogonalization), the way back of a whole result to the processes that split it, and the deal
+that says which process owns which matrix.
 
 A :class:`ToOwner` part goes to its owner alone, the round's blocks in one ``all_to_all`` per set of mesh dimensions
 (:func:`~lightning_optims.distributed.placements.indices_at` tells any process where another's block lies): a process
 receives only the matrices it owns, so the bytes and the memory of the work divide among the processes as the work
-does. :func:`deal` assigns the matrices by cost, the same on every process.
+does. A :class:`FromOwner` part goes the other way: the owner sends each process its block of a whole matrix, in one
+``all_to_all`` too. :func:`deal` assigns the matrices by cost, the same on every process.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_optims.distributed.placements import indices_at, reduction_key, shard_coordinate, sharding
 
-__all__ = ["ToOwner", "deal", "gather_to_owners"]
+__all__ = ["FromOwner", "ToOwner", "deal", "gather_to_owners", "scatter_from_owners"]
 
 
 class ToOwner(NamedTuple):
@@ -31,6 +33,18 @@ class ToOwner(NamedTuple):
     tensor: torch.Tensor
     param: Any
     owner: int
+
+
+class FromOwner(NamedTuple):
+    """The matrix ``param``'s whole ``tensor`` on its ``owner`` (``None`` on the other processes), of which each
+    process that splits ``param`` receives its own block (:func:`local_indices`), in ``dtype``: the way back of a
+    whole-matrix result (an orthogonalized update) to the processes that step its parts. Exact: the owner's values,
+    sent."""
+
+    tensor: torch.Tensor | None
+    param: Any
+    owner: int
+    dtype: torch.dtype
 
 
 def gather_to_owners(parts: list[ToOwner], indices: list[int], results: list[Any]) -> None:
@@ -64,6 +78,44 @@ def gather_to_owners(parts: list[ToOwner], indices: list[int], results: list[Any
             whole[rows.unsqueeze(1), cols] = received[start : start + len(rows) * len(cols)].view(len(rows), len(cols))
         results[indices[k]] = whole
         at += widths[k]
+
+
+def scatter_from_owners(parts: list[FromOwner], indices: list[int], results: list[Any]) -> None:
+    """Each process's block of each :class:`FromOwner` part's matrix, from its owner (``results[i]``), for parts split
+    over the same mesh dimensions, in one ``all_to_all``: each owner sends each process that process's blocks of the
+    matrices it owns (each padded to the largest of the processes' blocks of its matrix, as
+    :func:`gather_to_owners` sends them), in the order of the parts; every process knows the layout from the shapes
+    and placements alone."""
+    p = parts[0].param
+    group, members = _group_over(p, sharding(p))
+    me, size = shard_coordinate(p)
+    places = [[(indices_at(part.param, 0, c), indices_at(part.param, 1, c)) for c in members] for part in parts]
+    widths = [max(len(rows) * len(cols) for rows, cols in where) for where in places]
+    order = sorted(range(len(parts)), key=lambda k: parts[k].owner)
+    mine = [k for k in order if parts[k].owner == me]
+    device = p.device if not isinstance(p, DTensor) else p.to_local().device
+    chunks = []
+    for member in range(size):  # (to each process in turn: its blocks of the matrices this one owns)
+        for k in mine:
+            whole = parts[k].tensor
+            assert whole is not None, "the owner of a FromOwner part holds its whole matrix"
+            rows, cols = places[k][member]
+            block = whole[rows.unsqueeze(1), cols].reshape(-1).to(parts[k].dtype)
+            chunks.append(torch.nn.functional.pad(block, (0, widths[k] - block.numel())))
+    dtype = parts[0].dtype
+    send = torch.cat(chunks) if chunks else torch.empty(0, dtype=dtype, device=device)
+    each = sum(widths[k] for k in mine)
+    received_from = [sum(widths[k] for k in order if parts[k].owner == owner) for owner in range(size)]
+    received = torch.empty(sum(received_from), dtype=dtype, device=device)
+    dist.all_to_all_single(
+        received, send, output_split_sizes=received_from, input_split_sizes=[each] * size, group=group
+    )
+    at = [sum(received_from[:owner]) for owner in range(size)]
+    for k in order:  # (from each owner, its matrices in order)
+        rows, cols = places[k][me]
+        owner = parts[k].owner
+        results[indices[k]] = received[at[owner] : at[owner] + len(rows) * len(cols)].view(len(rows), len(cols))
+        at[owner] += widths[k]
 
 
 def _group_over(p: DTensor, dims: list[int]) -> tuple[Any, list[tuple[int, ...]]]:

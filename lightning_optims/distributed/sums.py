@@ -3,12 +3,13 @@ numbers of the whole tensor.
 
 A statistic along a tensor dimension (a row mean sums along dim 1, a column sum along dim 0, a norm or an RMS along
 all) is a sum of the processes' parts over exactly the mesh dimensions that shard that tensor dimension
-(:func:`~lightning_optims.distributed.placements.sharding`). :class:`ShardSums` completes many such parts at once (an
-:class:`Along` each), flattened into one all-reduce per mesh dimension involved, so a step issues a fixed, small
+(:func:`~lightning_optims.distributed.placements.sharding`). :class:`ShardSums` completes many such parts at once
+(an :class:`Along` each), flattened into one all-reduce per mesh dimension involved, so a step issues a fixed, small
 number of collectives whatever the number of parameters; :class:`~lightning_optims.distributed.owners.ToOwner` parts
-go to their owner in the same call. ``lockstep`` batches the rounds of steps written as generators (:data:`Sums`),
-and :class:`Rounds` spreads such rounds over several calls (the layer-wise engine starts an FSDP2 group's steps in the
-round that continues the previous group's). On one process nothing is communicated.
+go to their owner in the same call, and :class:`~lightning_optims.distributed.owners.FromOwner` parts from it.
+``lockstep`` batches the rounds of steps written as generators (:data:`Sums`), and :class:`Rounds` spreads such
+rounds over several calls (the layer-wise engine starts an FSDP2 group's steps in the round that continues the
+previous group's). On one process nothing is communicated.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_optims.compat import flatten_dense, unflatten_dense
-from lightning_optims.distributed.owners import ToOwner, gather_to_owners
+from lightning_optims.distributed.owners import FromOwner, ToOwner, gather_to_owners, scatter_from_owners
 from lightning_optims.distributed.placements import mesh_dim_key, reduction_key, sharding
 
 __all__ = ["Along", "Rounds", "ShardSums", "Sums"]
@@ -50,8 +51,15 @@ class ShardSums:
         results = [part.tensor if isinstance(part, (Along, ToOwner)) else part for part in parts]
         rounds: dict[str, tuple[Any, list[int]]] = {}
         owned: dict[tuple[str, ...], list[int]] = {}
+        returned: dict[tuple[str, ...], list[int]] = {}
         for index, part in enumerate(parts):
-            if isinstance(part, ToOwner):
+            if isinstance(part, FromOwner):
+                if sharding(part.param):
+                    returned.setdefault(reduction_key(part.param), []).append(index)
+                else:  # (a plain tensor: its owner is this process)
+                    assert part.tensor is not None
+                    results[index] = part.tensor.to(part.dtype)
+            elif isinstance(part, ToOwner):
                 if sharding(part.param):
                     owned.setdefault(reduction_key(part.param), []).append(index)
             elif isinstance(part, Along):
@@ -67,6 +75,8 @@ class ShardSums:
                 results[i] = summed
         for mesh_dims in sorted(owned):
             gather_to_owners([parts[i] for i in owned[mesh_dims]], owned[mesh_dims], results)
+        for mesh_dims in sorted(returned):
+            scatter_from_owners([parts[i] for i in returned[mesh_dims]], returned[mesh_dims], results)
         return results
 
     def lockstep(self, steps: list[Generator[list[Any], list[torch.Tensor], None]]) -> None:
