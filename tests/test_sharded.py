@@ -293,17 +293,17 @@ def reference(
     as the reference's."""
     if optim != "apollo_svd":
         return single_process(optim, norm, out, option, processes=processes, layout=layout)
-    with mock.patch.dict(os.environ, {"SHARDED_TEST_REPLAY_SVDS": str(folder / name)}):
+    with mock.patch.dict(os.environ, {"SHARDED_TEST_REPLAY": str(folder / name)}):
         single = single_process(optim, norm, out, option, processes=processes, layout=layout)
     records = [
-        record for rank in range(processes) for record in torch.load(folder / f"{name}.svd-io.rank{rank}.pt")
+        record for rank in range(processes) for record in torch.load(folder / f"{name}.taken.rank{rank}.pt")["svd"]
     ]
     for record in records:
         matrix, (u, s, vh) = record["input"], record["output"]
         assert torch.all(s[:-1] >= s[1:]), s
         torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=SVD_WITHIN, rtol=0)
         assert float(((u * s) @ vh - matrix).norm() / matrix.norm()) < SVD_WITHIN
-    replayed = json.loads((out / "single.replayed").read_text())
+    replayed = json.loads((out / "single.replayed").read_text())["svd"]
     # (a matrix no process splits, the head under tensor parallelism, and HSDP's replicas: the same input's SVD on
     # several processes)
     distinct = {(tuple(r["input"].shape), r["input"].numpy().tobytes()) for r in records}

@@ -20,7 +20,9 @@ control of the collective counter) all-gathers the whole gradient of each matrix
 ``SHARDED_TEST_LAYOUT=hsdp`` shards on a replicate x shard mesh instead (HSDP), but for the runs with OPTION ``flat``
 (FSDP2 on the 1-D mesh of every process, in the same launch); ``ddp`` runs DDP (nothing sharded:
 the non-finite cases under plain data parallelism). Every fit writes the digest of each process's full weights to
-``NAME.digests``, and the shapes of the matrices whose SVD each process took to ``NAME.svds.rankR`` (JSON). All runs
+``NAME.digests``, and the shapes of the matrices whose SVD each process took to ``NAME.svds.rankR`` (JSON), those of
+its Newton-Schulz iterations (Muon) to ``NAME.ns.rankR``, both calls' inputs and results to ``NAME.taken.rankR.pt``,
+which the reference replays with ``SHARDED_TEST_REPLAY`` (``Replay``). All runs
 of a launch share its processes (one launch, many fits, as Lightning allows), in the order given.
 """
 
@@ -31,6 +33,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -79,8 +82,8 @@ PLAN = {
 }
 MINI = "proj=random,rank=1,scale=128.0,scale_type=tensor,update_proj_gap=2"
 LOSS_SCALE = float(os.environ.get("SHARDED_TEST_LOSS_SCALE", "1"))
-# the reference of a run (OUT/NAME) replays its SVDs (Replay)
-REPLAY_SVDS = os.environ.get("SHARDED_TEST_REPLAY_SVDS", "")
+# the reference of a run (OUT/NAME) replays its SVDs and Newton-Schulz iterations (Replay)
+REPLAY = os.environ.get("SHARDED_TEST_REPLAY", "")
 SVD = "proj=svd,rank=2,update_proj_gap=2"  # APOLLO with GaLore's projections (the SVD of the gradient)
 
 
@@ -428,34 +431,90 @@ def alone(part) -> torch.Tensor:
 
 
 class Replay:
-    """The one-process reference of a run whose SVDs it replays (``SHARDED_TEST_REPLAY_SVDS``: that run's
-    ``OUT/NAME``): each SVD this process would take returns instead the one a process of that run took of the nearest
-    matrix of the same shape (its ``NAME.svd-io.rankR.pt``), and notes the distance between the two matrices (the
-    Frobenius norm of the difference over the recorded matrix's). The SVD of a gradient whose singular values lie
-    close amplifies a difference of rounding in its input into one of its singular vectors; with the same
-    projections, the reference and the run differ by their rounding alone, whatever the machine's kernels."""
+    """The one-process reference of a run whose whole-matrix results it replays (``SHARDED_TEST_REPLAY``: that run's
+    ``OUT/NAME``): each SVD, and each Newton-Schulz iteration (Muon), this process would take returns instead the one
+    a process of that run took of the nearest matrix of the same shape (its ``NAME.taken.rankR.pt``), and notes the
+    distance between the two matrices (the Frobenius norm of the difference over the recorded matrix's, the
+    reference's matrix in the recorded one's dtype). Both amplify a difference of rounding in their input (the
+    layouts add the gradients in another order): an SVD whose singular values lie close turns it into one of its
+    singular vectors, and Muon's bfloat16 rounds a float32 value that moved by one unit to the next bfloat16 (2**16
+    float32 units) at times. With the same results, the reference and the run differ by their rounding alone,
+    whatever the machine's kernels."""
 
     def __init__(self, run: Path) -> None:
-        self.records = [
-            record
-            for path in sorted(run.parent.glob(f"{run.name}.svd-io.rank*.pt"))
-            for record in torch.load(path, weights_only=True)
-        ]
-        self.distances: list[float] = []
+        self.records: dict[str, list[dict]] = {}
+        for path in sorted(run.parent.glob(f"{run.name}.taken.rank*.pt")):
+            for kind, records in torch.load(path, weights_only=True).items():
+                self.records.setdefault(kind, []).extend(records)
+        self.distances: dict[str, list[float]] = {kind: [] for kind in WHOLE_MATRIX}
 
-    def svd(self, matrix: torch.Tensor):
-        mine = matrix.detach().cpu()
-        same = [r for r in self.records if r["input"].shape == mine.shape]
-        assert same, f"no SVD of a {tuple(mine.shape)} matrix was recorded"
-        gaps = [float((r["input"] - mine).norm() / r["input"].norm()) for r in same]
+    def result(self, kind: str, matrix: torch.Tensor):
+        same = [r for r in self.records.get(kind, []) if r["input"].shape == matrix.shape]
+        assert same, f"no {kind} of a {tuple(matrix.shape)} matrix was recorded"
+        mine = matrix.detach().cpu().to(same[0]["input"].dtype).float()
+        gaps = [float((r["input"].float() - mine).norm() / r["input"].float().norm()) for r in same]
         nearest = min(range(len(same)), key=gaps.__getitem__)
-        self.distances.append(gaps[nearest])
-        return torch.return_types.linalg_svd([t.to(matrix.device) for t in same[nearest]["output"]])
+        self.distances[kind].append(gaps[nearest])
+        return [t.to(matrix.device) for t in same[nearest]["output"]]
+
+
+#: the whole-matrix functions a sharded run records and its reference may replay, and the file of the shapes each
+#: process took them of (NAME.SUFFIX.rankR)
+WHOLE_MATRIX = {"svd": "svds", "newton_schulz": "ns"}
+
+
+def recording(out: Path, name: str, sharded: bool, rank: Callable[[], int]):
+    """Wrap the functions of :data:`WHOLE_MATRIX` for one fit: each call's shape noted, its input and result kept
+    (a sharded run), or its result replayed (a reference with ``SHARDED_TEST_REPLAY``). Returns the function that
+    undoes it and writes the files."""
+    from lightning_optims.families import muon
+
+    homes = {"svd": torch.linalg, "newton_schulz": muon}
+    replay = Replay(Path(REPLAY)) if REPLAY and not sharded else None
+    shapes: dict[str, list] = {kind: [] for kind in WHOLE_MATRIX}
+    taken: dict[str, list] = {kind: [] for kind in WHOLE_MATRIX}
+    originals = {kind: getattr(homes[kind], kind) for kind in WHOLE_MATRIX}
+
+    def wrapped(kind: str):
+        def call(matrix, *args, **kwargs):
+            shapes[kind].append(list(matrix.shape))
+            if replay is not None:
+                result = replay.result(kind, matrix)
+                return torch.return_types.linalg_svd(result) if kind == "svd" else result[0]
+            result = originals[kind](matrix, *args, **kwargs)
+            outputs = list(result) if kind == "svd" else [result]
+            taken[kind].append(
+                {"input": matrix.detach().cpu().clone(), "output": [t.detach().cpu().clone() for t in outputs]}
+            )
+            return result
+
+        return call
+
+    for kind in WHOLE_MATRIX:
+        setattr(homes[kind], kind, wrapped(kind))
+
+    def undo() -> None:
+        for kind, suffix in WHOLE_MATRIX.items():
+            setattr(homes[kind], kind, originals[kind])
+            (out / f"{name}.{suffix}.rank{rank()}").write_text(json.dumps(shapes[kind]))
+        if any(taken.values()):
+            torch.save(taken, out / f"{name}.taken.rank{rank()}.pt")
+        if replay is not None:
+            (out / f"{name}.replayed").write_text(json.dumps(replay.distances))
+
+    return undo
+
+
+def my_block(part) -> torch.Tensor:
+    """The control's way back: this process's block of a ``FromOwner`` part's matrix, which it computed itself
+    (``alone``: from its own block only)."""
+    block = part.tensor[local_indices(part.param, 0).unsqueeze(1), local_indices(part.param, 1)]
+    return block.to(part.dtype)
 
 
 def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, option: str = "") -> None:
     from lightning_optims import get_spec, mixin
-    from lightning_optims.distributed.owners import ToOwner
+    from lightning_optims.distributed.owners import FromOwner, ToOwner
     from lightning_optims.distributed.sums import Along, ShardSums
     from lightning_optims.engines.sharded import ShardedStepOptimizer
     from lightning_optims.errors import NonFiniteGradientError, NonFiniteLossError
@@ -468,7 +527,14 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
     if option == "local":  # the control: each process uses its shard's statistics only
         ShardedStepOptimizer._step = shard_local_step
         ShardSums.sums = lambda self, parts: [
-            p.tensor if isinstance(p, Along) else alone(p) if isinstance(p, ToOwner) else p for p in parts
+            p.tensor
+            if isinstance(p, Along)
+            else alone(p)
+            if isinstance(p, ToOwner)
+            else my_block(p)
+            if isinstance(p, FromOwner)
+            else p
+            for p in parts
         ]
     if option == "gathered":  # the control of the collective counter: each family's step gathers its gradient first
 
@@ -543,30 +609,14 @@ def fit(out: Path, sharded: bool, name: str, optim: str, max_grad_norm: str, opt
             sampler=DataParallelSampler(n),
             collate_fn=default_data_collator,
         )
-    svd, svds, taken = torch.linalg.svd, [], []
-    replay = Replay(Path(REPLAY_SVDS)) if REPLAY_SVDS and not sharded else None
-
-    def counted_svd(matrix, *args, **kwargs):  # (the SVDs this process takes, their shapes: a renewal's)
-        svds.append(list(matrix.shape))
-        if replay is not None:
-            return replay.svd(matrix)
-        result = svd(matrix, *args, **kwargs)
-        taken.append({"input": matrix.detach().cpu().clone(), "output": [t.detach().cpu().clone() for t in result]})
-        return result
-
-    torch.linalg.svd = counted_svd
+    undo_recording = recording(out, name, sharded, lambda: trainer.global_rank)
     try:
         trainer.fit(module, data, ckpt_path=resume)
     except (NonFiniteGradientError, NonFiniteLossError):
         if not option.startswith("nan-"):
             raise
     finally:
-        torch.linalg.svd = svd
-        (out / f"{name}.svds.rank{trainer.global_rank}").write_text(json.dumps(svds))
-        if taken:
-            torch.save(taken, out / f"{name}.svd-io.rank{trainer.global_rank}.pt")
-        if replay is not None:
-            (out / f"{name}.replayed").write_text(json.dumps(replay.distances))
+        undo_recording()
         mixin.sync_unused_parameters = sync_unused
         ShardedStepOptimizer._step, ShardSums.sums = step_param, shard_sums
         if part_step_cls is not None:
