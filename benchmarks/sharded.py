@@ -286,12 +286,14 @@ def one_device_state_bytes(label: str, size_name: str) -> tuple[int, float]:
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
-def run_config(label: str, size_name: str, processes: int = 2) -> dict:
+def run_config(label: str, size_name: str, processes: int = 2, script: str = __file__) -> dict:
+    """Fit ``label`` on ``processes`` processes (``script --worker``: this file, or one that adds configurations and
+    sizes before calling :func:`worker`); returns the processes' figures."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(FIXED_MALLOC if size_name == "memory" else {})}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", label, size_name, out, str(processes)],
+            [sys.executable, script, "--worker", label, size_name, out, str(processes)],
             capture_output=True,
             text=True,
             timeout=900,

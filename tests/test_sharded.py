@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from lightning_optims import compat
+from lightning_optims.families.muon import NS_COEFFICIENTS, newton_schulz
 from lightning_optims.families.projection import svd_cost
 from tests.helpers import launch_failure, needs, tiny_llama
 
@@ -272,43 +273,55 @@ def assert_equals_one_process(
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(single_norms), rtol=1e-5, atol=0)
 
 
-# the SVDs that a reference of APOLLO proj=svd replays: each within this distance of the matrix the reference would
-# decompose (relative, Frobenius; measured at most 7.9e-7 under 2-D, 3.2e-6 with the reference's loss scaled by
-# 1 -/+ 1e-7 to round otherwise), and a true SVD of the matrix its process decomposed
-REPLAYED_WITHIN, SVD_WITHIN = 1e-4, 1e-5
+# what a reference replays (tests/scripts/sharded_llama_fit.py ``Replay``): APOLLO proj=svd its SVDs, Muon its
+# Newton-Schulz iterations; each replayed result's input within REPLAYED_WITHIN of the matrix the reference would
+# take it of (relative, Frobenius). SVD: measured at most 7.9e-7 under 2-D, 3.2e-6 with the reference's loss scaled
+# by 1 -/+ 1e-7 to round otherwise. Newton-Schulz: the input is the float32 update rounded to bfloat16, where a
+# float32 difference of rounding moves an element by one bfloat16 unit at most, at most 2**-7 of it (8 significant
+# bits): so at most 2**-7 of the matrix's norm (measured at most 3.3e-4)
+REPLAYED = {"apollo_svd": "svd", "muon": "newton_schulz"}
+REPLAYED_WITHIN = {"svd": 1e-4, "newton_schulz": 2**-7}
+SVD_WITHIN = 1e-5  # a recorded SVD reproduces its matrix (relative, Frobenius), its U orthonormal
 
 
 def reference(
     optim: str, norm: str, out: Path, option: str, processes: int, layout: str, folder: Path, name: str
 ) -> dict[str, torch.Tensor]:
-    """The one-process reference of run ``name`` (``single_process``). For APOLLO ``proj=svd`` it replays the run's
-    SVDs (``Replay`` in the script): the SVD of a gradient whose singular values lie close turns a difference of
-    rounding in its input (the layouts add the gradients in another order) into a larger one of its singular
-    vectors, by a factor that depends on the machine's kernels: a tolerance measured on one machine failed on
-    another. Replayed, the comparison is deterministic: the reference's weights end within 1e-5 of the run's
-    (measured 1.2e-7 to 1.6e-7 under 2-D; 5.8e-7 with its loss scaled by 1 -/+ 1e-7, where the SVDs of its own end
-    1.8e-5 away), after checking what it replayed: each SVD a process took is a true SVD of the matrix it took it of,
-    and each matrix the reference would decompose is, within ``REPLAYED_WITHIN``, one a process of the run did (so a
-    wrong block sent to an owner, or an owner's SVD of the wrong matrix, still fails), the run's distinct SVDs as many
-    as the reference's."""
-    if optim != "apollo_svd":
+    """The one-process reference of run ``name`` (``single_process``). For APOLLO ``proj=svd`` and Muon it replays
+    the run's whole-matrix results (``Replay`` in the script): the SVD of a gradient whose singular values lie close
+    turns a difference of rounding in its input (the layouts add the gradients in another order) into a larger one
+    of its singular vectors, and Muon rounds its input to bfloat16, where a float32 value that moved by one unit
+    moves by 2**16 of them at times, by factors that depend on the machine's kernels: a tolerance measured on one
+    machine failed on another. Replayed, the comparison is deterministic: the reference's weights end within 1e-5 of
+    the run's (APOLLO measured 1.2e-7 to 1.6e-7 under 2-D, 5.8e-7 with its loss scaled by 1 -/+ 1e-7, where the
+    SVDs of its own end 1.8e-5 away; Muon 6e-8 to 1.2e-7, its own iterations 1.2e-7 to 1.9e-4), after checking what
+    it replayed: each result a process took is a true one of the matrix it took it of (an SVD reproduces its matrix;
+    an iteration equals ``newton_schulz`` of its input computed here), each matrix the reference would take it of is
+    one a process of the run did, within ``REPLAYED_WITHIN`` (so a wrong block sent to an owner, or an owner's result
+    of the wrong matrix, still fails), and the run's distinct results are as many as the reference's."""
+    kind = REPLAYED.get(optim.split("+")[0])
+    if kind is None:
         return single_process(optim, norm, out, option, processes=processes, layout=layout)
     with mock.patch.dict(os.environ, {"SHARDED_TEST_REPLAY": str(folder / name)}):
         single = single_process(optim, norm, out, option, processes=processes, layout=layout)
     records = [
-        record for rank in range(processes) for record in torch.load(folder / f"{name}.taken.rank{rank}.pt")["svd"]
+        record for rank in range(processes) for record in torch.load(folder / f"{name}.taken.rank{rank}.pt")[kind]
     ]
     for record in records:
-        matrix, (u, s, vh) = record["input"], record["output"]
-        assert torch.all(s[:-1] >= s[1:]), s
-        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=SVD_WITHIN, rtol=0)
-        assert float(((u * s) @ vh - matrix).norm() / matrix.norm()) < SVD_WITHIN
-    replayed = json.loads((out / "single.replayed").read_text())["svd"]
-    # (a matrix no process splits, the head under tensor parallelism, and HSDP's replicas: the same input's SVD on
-    # several processes)
-    distinct = {(tuple(r["input"].shape), r["input"].numpy().tobytes()) for r in records}
+        matrix = record["input"]
+        if kind == "svd":
+            u, s, vh = record["output"]
+            assert torch.all(s[:-1] >= s[1:]), s
+            torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=SVD_WITHIN, rtol=0)
+            assert float(((u * s) @ vh - matrix).norm() / matrix.norm()) < SVD_WITHIN
+        else:  # (the script's Muon settings: torch's defaults)
+            torch.testing.assert_close(record["output"][0], newton_schulz(matrix, NS_COEFFICIENTS, 5, 1e-7))
+    replayed = json.loads((out / "single.replayed").read_text())[kind]
+    # (a matrix no process splits, the head under tensor parallelism, and HSDP's replicas: the same input's result
+    # on several processes)
+    distinct = {(tuple(r["input"].shape), r["input"].float().numpy().tobytes()) for r in records}
     assert len(replayed) == len(distinct) > 0, (len(replayed), len(distinct))
-    assert max(replayed) < REPLAYED_WITHIN, replayed
+    assert max(replayed) < REPLAYED_WITHIN[kind], replayed
     return single
 
 

@@ -82,10 +82,10 @@ def gather_to_owners(parts: list[ToOwner], indices: list[int], results: list[Any
 
 def scatter_from_owners(parts: list[FromOwner], indices: list[int], results: list[Any]) -> None:
     """Each process's block of each :class:`FromOwner` part's matrix, from its owner (``results[i]``), for parts split
-    over the same mesh dimensions, in one ``all_to_all``: each owner sends each process that process's blocks of the
-    matrices it owns (each padded to the largest of the processes' blocks of its matrix, as
-    :func:`gather_to_owners` sends them), in the order of the parts; every process knows the layout from the shapes
-    and placements alone."""
+    over the same mesh dimensions, in one ``all_to_all``: each owner sends each other process that process's blocks
+    of the matrices it owns (each padded to the largest of the processes' blocks of its matrix, as
+    :func:`gather_to_owners` sends them), in the order of the parts, and keeps its own blocks without sending them;
+    every process knows the layout from the shapes and placements alone."""
     p = parts[0].param
     group, members = _group_over(p, sharding(p))
     me, size = shard_coordinate(p)
@@ -93,27 +93,36 @@ def scatter_from_owners(parts: list[FromOwner], indices: list[int], results: lis
     widths = [max(len(rows) * len(cols) for rows, cols in where) for where in places]
     order = sorted(range(len(parts)), key=lambda k: parts[k].owner)
     mine = [k for k in order if parts[k].owner == me]
-    device = p.device if not isinstance(p, DTensor) else p.to_local().device
-    chunks = []
-    for member in range(size):  # (to each process in turn: its blocks of the matrices this one owns)
-        for k in mine:
-            whole = parts[k].tensor
-            assert whole is not None, "the owner of a FromOwner part holds its whole matrix"
-            rows, cols = places[k][member]
-            block = whole[rows.unsqueeze(1), cols].reshape(-1).to(parts[k].dtype)
-            chunks.append(torch.nn.functional.pad(block, (0, widths[k] - block.numel())))
     dtype = parts[0].dtype
-    send = torch.cat(chunks) if chunks else torch.empty(0, dtype=dtype, device=device)
+
+    def block(k: int, member: int) -> torch.Tensor:
+        whole = parts[k].tensor
+        assert whole is not None, "the owner of a FromOwner part holds its whole matrix"
+        rows, cols = places[k][member]
+        return whole[rows.unsqueeze(1), cols].to(dtype)
+
+    chunks = [
+        torch.nn.functional.pad(
+            block(k, member).reshape(-1), (0, widths[k] - len(places[k][member][0]) * len(places[k][member][1]))
+        )
+        for member in range(size)
+        if member != me
+        for k in mine
+    ]
+    local_device = (p.to_local() if isinstance(p, DTensor) else p).device
+    send = torch.cat(chunks) if chunks else torch.empty(0, dtype=dtype, device=local_device)
     each = sum(widths[k] for k in mine)
-    received_from = [sum(widths[k] for k in order if parts[k].owner == owner) for owner in range(size)]
-    received = torch.empty(sum(received_from), dtype=dtype, device=device)
-    dist.all_to_all_single(
-        received, send, output_split_sizes=received_from, input_split_sizes=[each] * size, group=group
-    )
+    sent = [0 if member == me else each for member in range(size)]
+    received_from = [0 if o == me else sum(widths[k] for k in order if parts[k].owner == o) for o in range(size)]
+    received = torch.empty(sum(received_from), dtype=dtype, device=local_device)
+    dist.all_to_all_single(received, send, output_split_sizes=received_from, input_split_sizes=sent, group=group)
     at = [sum(received_from[:owner]) for owner in range(size)]
     for k in order:  # (from each owner, its matrices in order)
-        rows, cols = places[k][me]
         owner = parts[k].owner
+        if owner == me:
+            results[indices[k]] = block(k, me)
+            continue
+        rows, cols = places[k][me]
         results[indices[k]] = received[at[owner] : at[owner] + len(rows) * len(cols)].view(len(rows), len(cols))
         at[owner] += widths[k]
 
