@@ -46,8 +46,8 @@ def _run(layout: str, optim: str, norm: str, kind: str = "") -> str:
 def muon_runs(tmp_path_factory) -> Path:
     """One launch per layout, every run in one folder (so that a later launch resumes an earlier one's checkpoint):
     Muon with max_grad_norm 1.0 and 0 and AdamW beside it (the collectives' reference); under FSDP2 on 2 the
-    epoch-boundary resume and the control; under HSDP the resume of FSDP2's checkpoint on 4; under tensor
-    parallelism the control; under 2-D the resume and the resume of FSDP2's checkpoint."""
+    epoch-boundary resume and the control; under HSDP the resume and the resume of FSDP2's checkpoint on 4; under
+    tensor parallelism the resume and the control; under 2-D the resume and the resume of FSDP2's checkpoint."""
     if needs := compat.missing("fsdp2_on_gloo"):
         pytest.skip(needs)
     out = tmp_path_factory.mktemp("muon")
@@ -59,8 +59,11 @@ def muon_runs(tmp_path_factory) -> Path:
                 extra = ":flat" if layout == "fsdp2x4" else ":ckpt" if optim == "muon" and norm == "1.0" else ""
                 fits[launch].append(f"{_run(layout, optim, norm)}:{optim}:{norm}{extra}")
     fits["fsdp2"] += ["muon-1_0-resumed:muon:1.0:resume=muon-1_0", "muon-0-local:muon:0:local"]
-    fits["hsdp"].append("hsdp-muon-1_0-2to4:muon:1.0:resume=muon-1_0")
-    fits["tp"].append("tp-muon-0-local:muon:0:local")
+    fits["hsdp"] += [
+        "hsdp-muon-1_0-resumed:muon:1.0:resume=hsdp-muon-1_0",
+        "hsdp-muon-1_0-2to4:muon:1.0:resume=muon-1_0",
+    ]
+    fits["tp"] += ["tp-muon-1_0-resumed:muon:1.0:resume=tp-muon-1_0", "tp-muon-0-local:muon:0:local"]
     fits["2d"] += ["2d-muon-1_0-resumed:muon:1.0:resume=2d-muon-1_0", "2d-muon-1_0-from-fsdp2:muon:1.0:resume=muon-1_0"]
     for launch, runs in fits.items():
         _launch(out, runs, processes=LAYOUTS[launch][0], layout=launch)
@@ -150,7 +153,7 @@ def test_collectives_within_the_bound_of_adamw(muon_runs, layout, norm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["fsdp2", "2d"])
+@pytest.mark.parametrize("layout", ["fsdp2", "hsdp", "tp", "2d"])
 def test_resume_from_epoch_boundary_equals_uninterrupted(muon_runs, layout):
     """Lightning's distributed checkpoint: the momentum sharded like its parameter (by name), loaded by a new Trainer:
     the restored state bit for bit, the run bit-identical to the uninterrupted one."""
