@@ -91,6 +91,12 @@ def test_backbone_finetuning_trains_the_unfrozen_backbone(name):
         assert [float(g["lr"]) for g in optimizer.param_groups[: len(built)]] == pytest.approx(built)
     if name.startswith(("lomo", "adalomo")):
         assert all(p.grad is None for p in module.parameters())  # updated in backward, as the rest
+    if name == "muon":  # the unfrozen hidden matrices step with Muon, the rest of the backbone with AdamW
+        q_proj = module.model.model.layers[0].self_attn.q_proj.weight
+        assert "momentum_buffer" in optimizer.state[q_proj]
+        assert next(g for g in optimizer.param_groups if any(p is q_proj for p in g["params"]))["muon"]
+        norm = module.model.model.layers[0].input_layernorm.weight
+        assert not next(g for g in optimizer.param_groups if any(p is norm for p in g["params"])).get("muon")
     if name == "apollo_adamw":  # the unfrozen target matrices are projected like the others
         q_proj = module.model.model.layers[0].self_attn.q_proj.weight
         assert "projector" in optimizer.state[q_proj]

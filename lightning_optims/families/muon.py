@@ -28,6 +28,7 @@ from lightning_optims.distributed.owners import FromOwner, ToOwner
 from lightning_optims.distributed.placements import local
 from lightning_optims.engines.sharded import PartStep, ShardedStepOptimizer, grad_of
 from lightning_optims.optim_args import Arg, OptimizerSettingError
+from lightning_optims.param_groups import follow_leader_lrs, split_added_group
 from lightning_optims.spec import ADAM, WEIGHT_DECAY, BuildContext, OptimizerSpec, Sharding
 from lightning_optims.warn import warn_user
 
@@ -108,7 +109,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """One optimizer: torch's Muon on the groups marked ``muon`` (2-D parameters), torch's AdamW on the others (its
     defaults the optimizer's: ``lr``, ``betas``, ``eps``, ``weight_decay``). The AdamW groups step in one
     ``torch.optim.AdamW`` sharing this optimizer's groups and state (the same kernels and numbers as AdamW built on
-    them); a Muon group's options are torch's Muon's (:data:`MUON_ARGUMENTS`)."""
+    them); a Muon group's options are torch's Muon's (:data:`MUON_ARGUMENTS`). A param group added during training
+    (``BaseFinetuning`` unfreezing a backbone) is split as the build splits the model: its target matrices into a
+    Muon group, the rest AdamW (:func:`~lightning_optims.param_groups.split_added_group`)."""
+
+    low_rank_targets: Any = None  # (target parameters, Muon group options), set by create_optimizer
 
     def __init__(
         self,
@@ -126,12 +131,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 if flat:
                     raise ValueError(f"Muon steps 2-D parameters only; its group holds parameters of shape {flat[0]}")
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for part in split_added_group(param_group, self.low_rank_targets):
+            if "follows_group" in part:
+                part["follows_group"] = len(self.param_groups) + 1  # the part added right after it
+            super().add_param_group(part)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        follow_leader_lrs(self.param_groups)
         others = [group for group in self.param_groups if not group.get("muon")]
         if others:  # (AdamW over this optimizer's own groups and state)
             self._adamw.param_groups, self._adamw.state = others, self.state
