@@ -27,9 +27,9 @@ IN_BACKWARD = ["lomo", "adalomo"]
 LAYERWISE = [
     n for n in ("apollo_adamw_layerwise", "galore_adamw_layerwise", "galore_adafactor_layerwise") if n in USABLE
 ]
-# one name of each other family (GaLore, bitsandbytes, torchao, optimi): stepped after backward, compared with a
+# one name of each other family (GaLore, bitsandbytes, torchao, optimi, Muon): stepped after backward, compared with a
 # plain backward as the Trainer's own number would be
-OTHER_FAMILIES = [n for n in ("galore_adamw", "lion_32bit", "adamw_torch_8bit", "stable_adamw") if n in USABLE]
+OTHER_FAMILIES = [n for n in ("galore_adamw", "lion_32bit", "adamw_torch_8bit", "stable_adamw", "muon") if n in USABLE]
 
 
 class RecordGradNorm(Callback):
