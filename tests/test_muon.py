@@ -184,8 +184,7 @@ def test_a_bfloat16_parameter_without_nesterov_keeps_its_momentum():
             for p in optimizer.param_groups[0]["params"]:
                 p.grad = grad.clone()
             optimizer.step()
-    expected = grads[0].lerp(torch.zeros_like(grads[0]), 0.95)  # (after step 1: 0.05 * g0; then the lerp with g1)
-    expected = torch.zeros_like(grads[0]).lerp_(grads[0], 0.05).lerp_(grads[1], 0.05)
+    expected = torch.zeros_like(grads[0]).lerp_(grads[0], 0.05).lerp_(grads[1], 0.05)  # (B_t, momentum 0.95)
     assert torch.equal(ours_.state[weight]["momentum_buffer"], expected)
     (other,) = theirs.param_groups[0]["params"]
     assert not torch.equal(theirs.state[other]["momentum_buffer"], expected)
