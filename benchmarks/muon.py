@@ -73,6 +73,8 @@ def loss_curves(steps: int) -> dict[str, list[float]]:
     from lightning.pytorch.callbacks import Callback
     from lm import CausalLM, TextDataModule
 
+    from tests.helpers import lightning_trainer
+
     curves: dict[str, list[float]] = {}
 
     class Losses(Callback):
@@ -86,17 +88,7 @@ def loss_curves(steps: int) -> dict[str, list[float]]:
         L.seed_everything(0, verbose=False)
         record = Losses()
         module = CausalLM(learning_rate=3e-3, warmup_steps=10, **settings)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=[record],
-        )
+        trainer = lightning_trainer(steps, callbacks=[record])  # (one CPU device, no logger, no validation)
         trainer.fit(module, TextDataModule(path=str(ROOT / "examples" / "data" / "corpus.txt")))
         curves[label] = record.losses
     return curves

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
 from lightning_optims import compat
-from lightning_optims.families.muon import orthogonalization_cost
+from lightning_optims.distributed.owners import whole_matrix_cost
 from tests.helpers import LlamaModule, TokenDataset, ddp_loader, lightning_trainer, tiny_llama
 from tests.test_sharded import (
     FSDP_GROUPS,
@@ -116,7 +116,7 @@ def test_orthogonalizing_each_block_alone_would_differ(muon_runs, tmp_path, layo
 def _ns_work(folder: Path, name: str, processes: int) -> list[int]:
     """Each process's Newton-Schulz work in run ``name``: the cost of the matrices it orthogonalized."""
     shapes = [json.loads((folder / f"{name}.ns.rank{r}").read_text()) for r in range(processes)]
-    return [sum(orthogonalization_cost(tuple(s)) for s in mine) for mine in shapes]
+    return [sum(whole_matrix_cost(tuple(s)) for s in mine) for mine in shapes]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_optims.distributed.placements import indices_at, reduction_key, shard_coordinate, sharding
 
-__all__ = ["FromOwner", "ToOwner", "deal", "gather_to_owners", "scatter_from_owners"]
+__all__ = ["FromOwner", "ToOwner", "deal", "gather_to_owners", "scatter_from_owners", "whole_matrix_cost"]
 
 
 class ToOwner(NamedTuple):
@@ -53,13 +53,7 @@ def gather_to_owners(parts: list[ToOwner], indices: list[int], results: list[Any
     of the matrices that owner takes (each block padded to the largest of the processes' blocks of its matrix, so
     that every process sends an owner the same number of elements), and receives the blocks of the matrices it
     takes; where each process's block goes, every process computes (:func:`indices_at`)."""
-    p = parts[0].param
-    dims = sharding(p)
-    group, members = _group_over(p, dims)
-    me, size = shard_coordinate(p)
-    places = [[(indices_at(part.param, 0, c), indices_at(part.param, 1, c)) for c in members] for part in parts]
-    widths = [max(len(rows) * len(cols) for rows, cols in where) for where in places]
-    order = sorted(range(len(parts)), key=lambda k: parts[k].owner)  # (by owner: what goes to each, in turn)
+    group, me, size, places, widths, order = _exchange(parts)
     send = torch.cat(
         [torch.nn.functional.pad(parts[k].tensor.reshape(-1), (0, widths[k] - parts[k].tensor.numel())) for k in order]
     )
@@ -87,11 +81,7 @@ def scatter_from_owners(parts: list[FromOwner], indices: list[int], results: lis
     :func:`gather_to_owners` sends them), in the order of the parts, and keeps its own blocks without sending them;
     every process knows the layout from the shapes and placements alone."""
     p = parts[0].param
-    group, members = _group_over(p, sharding(p))
-    me, size = shard_coordinate(p)
-    places = [[(indices_at(part.param, 0, c), indices_at(part.param, 1, c)) for c in members] for part in parts]
-    widths = [max(len(rows) * len(cols) for rows, cols in where) for where in places]
-    order = sorted(range(len(parts)), key=lambda k: parts[k].owner)
+    group, me, size, places, widths, order = _exchange(parts)
     mine = [k for k in order if parts[k].owner == me]
     dtype = parts[0].dtype
 
@@ -125,6 +115,28 @@ def scatter_from_owners(parts: list[FromOwner], indices: list[int], results: lis
         rows, cols = places[k][me]
         results[indices[k]] = received[at[owner] : at[owner] + len(rows) * len(cols)].view(len(rows), len(cols))
         at[owner] += widths[k]
+
+
+def _exchange(
+    parts: list[Any],
+) -> tuple[Any, int, int, list[list[tuple[torch.Tensor, torch.Tensor]]], list[int], list[int]]:
+    """What an exchange with the owners of ``parts`` (split over the same mesh dimensions) needs, the same on every
+    process: the process group, this process's coordinate in it and its size, where each member's block of each
+    part's matrix lies (rows, columns), each part's padded width (its largest block) and the parts in owner order."""
+    p = parts[0].param
+    group, members = _group_over(p, sharding(p))
+    me, size = shard_coordinate(p)
+    places = [[(indices_at(part.param, 0, c), indices_at(part.param, 1, c)) for c in members] for part in parts]
+    widths = [max(len(rows) * len(cols) for rows, cols in where) for where in places]
+    order = sorted(range(len(parts)), key=lambda k: parts[k].owner)  # (by owner: what goes to each, in turn)
+    return group, me, size, places, widths, order
+
+
+def whole_matrix_cost(shape: tuple[int, ...]) -> int:
+    """The work of a whole-matrix factorization or iteration on ``[m, n]`` (a reduced SVD, a Newton-Schulz
+    iteration), up to a constant: ``m * n * min(m, n)``; what :func:`deal` balances."""
+    m, n = shape
+    return m * n * min(m, n)
 
 
 def _group_over(p: DTensor, dims: list[int]) -> tuple[Any, list[tuple[int, ...]]]:

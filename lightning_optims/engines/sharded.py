@@ -228,8 +228,6 @@ class ShardedStepOptimizer(torch.optim.Optimizer):
 
     # -- the step -------------------------------------------------------------------------------------------------
 
-    # -- the step -------------------------------------------------------------------------------------------------
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_optims.distributed.owners import FromOwner, ToOwner
+from lightning_optims.distributed.owners import FromOwner, ToOwner, whole_matrix_cost
 from lightning_optims.distributed.placements import local
 from lightning_optims.engines.sharded import PartStep, ShardedStepOptimizer, grad_of
 from lightning_optims.optim_args import Arg, OptimizerSettingError
@@ -32,7 +32,7 @@ from lightning_optims.param_groups import follow_leader_lrs, split_added_group
 from lightning_optims.spec import ADAM, WEIGHT_DECAY, BuildContext, OptimizerSpec, Sharding
 from lightning_optims.warn import warn_user
 
-__all__ = ["MUON_ARGUMENTS", "SPECS", "MuonPartStep", "MuonWithAdamW", "newton_schulz", "orthogonalization_cost"]
+__all__ = ["MUON_ARGUMENTS", "SPECS", "MuonPartStep", "MuonWithAdamW", "newton_schulz"]
 
 # torch.optim.Muon's defaults (torch/optim/_muon.py: Keller Jordan's constants)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -97,12 +97,6 @@ def apply_update(param: torch.Tensor, update: torch.Tensor, group: dict[str, Any
     lr = float(group["lr"])
     param.mul_(1 - lr * group["weight_decay"])
     param.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape))
-
-
-def orthogonalization_cost(shape: tuple[int, ...]) -> int:
-    """The work of a Newton-Schulz iteration on a matrix ``[m, n]``, up to a constant: ``m * n * min(m, n)``."""
-    m, n = shape
-    return m * n * min(m, n)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -181,7 +175,7 @@ class MuonPartStep(PartStep):
         return bool(group.get("muon")) and p.dim() == 2
 
     def cost(self, shape: tuple[int, ...]) -> int:
-        return orthogonalization_cost(shape)
+        return whole_matrix_cost(shape)
 
     def step(self, parts: ShardedStepOptimizer, p: Any, group: dict[str, Any]) -> Generator[list[Any], list[Any], None]:
         state = parts.state_of(p)
@@ -201,17 +195,16 @@ class MuonPartStep(PartStep):
 
 
 def _muon_group(ctx: BuildContext) -> dict[str, Any]:
-    return {"muon": True, **ctx.optim_args, "ns_coefficients": tuple(ctx.optim_args["ns_coefficients"]), "name": "muon"}
+    return {"muon": True, **ctx.optim_args, "name": "muon"}
 
 
 def _check(options: dict[str, Any], targets: list[tuple[str, tuple[int, ...]]]) -> str | None:
-    """torch's Muon refuses these when built or at its first step; here when ``fit`` starts, naming the setting."""
+    """torch's Muon refuses these when built or at its first step; here when ``fit`` starts, naming the setting (the
+    number of ``ns_coefficients`` is checked when ``optim_args`` are parsed)."""
     if not 0 <= options["ns_steps"] < 100:
         return f"optim_args ns_steps={options['ns_steps']} for muon: accepted values are 0 to 99"
     if options["momentum"] < 0:
         return f"optim_args momentum={options['momentum']} for muon: accepted values are 0 or more"
-    if len(options["ns_coefficients"]) != 3:
-        return f"optim_args ns_coefficients={options['ns_coefficients']} for muon: expected three numbers a:b:c"
     return None
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_optims.distributed.owners import ToOwner
+from lightning_optims.distributed.owners import ToOwner, whole_matrix_cost
 from lightning_optims.distributed.sums import Along
 from lightning_optims.engines.sharded import PartStep, Unsupported
 from lightning_optims.param_groups import follow_leader_lrs, split_added_group
@@ -186,10 +186,8 @@ class ProjectedPartStep(PartStep):
         return {**state, "projector": projector_from_state({_MARK: name, **fields})}
 
 
-def svd_cost(shape: tuple[int, ...]) -> int:
-    """The work of the reduced SVD of a matrix of ``shape`` ``[m, n]``, up to a constant: ``m * n * min(m, n)``."""
-    m, n = shape
-    return m * n * min(m, n)
+#: the work of a renewal's reduced SVD of a matrix ``[m, n]``, up to a constant: ``m * n * min(m, n)``
+svd_cost = whole_matrix_cost
 
 
 def renew(
